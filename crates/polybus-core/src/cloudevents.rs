@@ -1,0 +1,389 @@
+//! CloudEvents 1.0 mapping shared by every broker binding.
+//!
+//! An [`Event`] maps onto CloudEvents like this: `id` → `id`, `source` → `source`, `kind` →
+//! `type`, `time` → `time`, `content_type` → `datacontenttype`, `key` (when UTF-8) →
+//! `partitionkey`, and each header whose name is a legal extension name (lowercase ASCII
+//! letters and digits, at most 20 characters) → that extension. Other headers, and the W3C
+//! trace headers `traceparent`/`tracestate`, travel as plain broker headers.
+//!
+//! Bindings call [`write_binary`] to emit attributes in binary mode and feed what they receive
+//! into a [`BinaryDecoder`]; [`to_structured`] and [`from_structured`] handle structured mode
+//! (`application/cloudevents+json`).
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::{Error, ErrorKind, Event, Headers, Result, time};
+
+/// The CloudEvents spec version polybus writes and reads.
+pub const SPECVERSION: &str = "1.0";
+/// The content type of a structured-mode JSON CloudEvent.
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+/// Headers that stay plain broker headers even though their names are legal extension names:
+/// W3C trace context is propagated under its own names on every broker.
+pub const PLAIN_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
+/// Which CloudEvents content mode a binding writes.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Attributes in broker headers, payload as the message body (the default).
+    #[default]
+    Binary,
+    /// The whole event as one `application/cloudevents+json` document.
+    Structured,
+}
+
+/// Whether `name` is a legal CloudEvents extension attribute name that polybus maps
+/// (lowercase ASCII letters and digits, 1 to 20 characters, not a trace header).
+pub fn is_extension_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 20
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && !PLAIN_HEADERS.contains(&name)
+        && !is_context_attribute(name)
+}
+
+fn is_context_attribute(name: &str) -> bool {
+    matches!(
+        name,
+        "id" | "source"
+            | "type"
+            | "specversion"
+            | "time"
+            | "datacontenttype"
+            | "dataschema"
+            | "subject"
+            | "partitionkey"
+            | "data"
+            | "data_base64"
+    )
+}
+
+/// Emits `ev` in binary mode: `attr(name, value)` for each CloudEvents attribute (context
+/// attributes, `datacontenttype`, `partitionkey`, extensions) and `header(name, value)` for each
+/// header that is not an extension. The binding adds its prefix and encoding.
+pub fn write_binary(ev: &Event, mut attr: impl FnMut(&str, &str), mut header: impl FnMut(&str, &str)) {
+    attr("specversion", SPECVERSION);
+    attr("id", ev.id());
+    attr("source", ev.source());
+    attr("type", ev.kind());
+    attr("time", &time::format_rfc3339(ev.time()));
+    if let Some(ct) = ev.content_type() {
+        attr("datacontenttype", ct);
+    }
+    if let Some(key) = ev.key().and_then(|k| std::str::from_utf8(k).ok()) {
+        attr("partitionkey", key);
+    }
+    for (name, value) in ev.headers().iter() {
+        if is_extension_name(name) {
+            attr(name, value);
+        } else {
+            header(name, value);
+        }
+    }
+}
+
+/// Collects attributes and headers received in binary mode and builds the [`Event`].
+///
+/// If no `specversion` attribute arrives, the message was not written as a CloudEvent (a raw
+/// client published it): it becomes an event with a fresh id, default source and kind, and
+/// every header kept as a plain header.
+#[derive(Debug, Default)]
+pub struct BinaryDecoder {
+    specversion: Option<String>,
+    id: Option<String>,
+    source: Option<String>,
+    kind: Option<String>,
+    time: Option<String>,
+    content_type: Option<String>,
+    key: Option<Bytes>,
+    headers: Headers,
+}
+
+impl BinaryDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A CloudEvents attribute (name without the binding's prefix).
+    pub fn attribute(&mut self, name: &str, value: impl Into<String>) {
+        let value = value.into();
+        match name {
+            "specversion" => self.specversion = Some(value),
+            "id" => self.id = Some(value),
+            "source" => self.source = Some(value),
+            "type" => self.kind = Some(value),
+            "time" => self.time = Some(value),
+            "datacontenttype" => self.content_type = Some(value),
+            "partitionkey" => {
+                if self.key.is_none() {
+                    self.key = Some(Bytes::from(value));
+                }
+            }
+            _ => self.headers.append_unchecked(name, value),
+        }
+    }
+
+    /// A plain broker header.
+    pub fn header(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        self.headers.append_unchecked(name, value);
+    }
+
+    /// The content type from the binding's own header (Kafka `content-type`, MQTT Content
+    /// Type property), unless an attribute already set it.
+    pub fn content_type(&mut self, value: impl Into<String>) {
+        if self.content_type.is_none() {
+            self.content_type = Some(value.into());
+        }
+    }
+
+    /// The partition key from the binding's own field (the Kafka record key); wins over the
+    /// `partitionkey` attribute.
+    pub fn key(&mut self, key: Bytes) {
+        self.key = Some(key);
+    }
+
+    /// Builds the event around `data`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Codec`] tagged with `backend` when the message claims to be a CloudEvent
+    /// (has `specversion`) but a required attribute is missing, the spec version is not 1.0,
+    /// or the time is not RFC 3339.
+    pub fn finish(self, data: Bytes, backend: &'static str) -> Result<Event> {
+        let mut ev = Event::new(data);
+        ev.set_key(self.key);
+        ev.set_content_type(self.content_type.map(Cow::Owned));
+        *ev.headers_mut() = self.headers;
+        let Some(spec) = self.specversion else {
+            return Ok(ev);
+        };
+        let codec = |msg: String| Error::new(ErrorKind::Codec, backend).with_message(msg);
+        if spec != SPECVERSION {
+            return Err(codec(format!("unsupported CloudEvents specversion {spec:?}")));
+        }
+        let required = |v: Option<String>, name: &str| {
+            v.filter(|s| !s.is_empty())
+                .ok_or_else(|| codec(format!("CloudEvent without `{name}`")))
+        };
+        ev.set_id(required(self.id, "id")?);
+        ev.set_source(required(self.source, "source")?);
+        ev.set_kind(required(self.kind, "type")?);
+        if let Some(t) = self.time {
+            let ts = time::parse_rfc3339(&t)
+                .ok_or_else(|| codec(format!("CloudEvent `time` {t:?} is not RFC 3339")))?;
+            ev.set_time(ts);
+        }
+        Ok(ev)
+    }
+}
+
+/// Encodes `ev` as a structured-mode JSON CloudEvent. JSON payloads (content type
+/// `application/json` or `*+json`) are embedded as `data`, UTF-8 text as a string `data`, and
+/// anything else as `data_base64`. Headers that are not extensions are returned for the binding
+/// to carry as broker headers.
+///
+/// # Errors
+/// [`ErrorKind::Codec`] if the payload is declared JSON but does not parse.
+pub fn to_structured<'e>(ev: &'e Event, backend: &'static str) -> Result<(Vec<u8>, Vec<(&'e str, &'e str)>)> {
+    let mut obj = Map::new();
+    write_binary(
+        ev,
+        |name, value| {
+            obj.insert(name.to_owned(), Value::String(value.to_owned()));
+        },
+        |_, _| {},
+    );
+    let plain: Vec<(&str, &str)> = ev
+        .headers()
+        .iter()
+        .filter(|(n, _)| !is_extension_name(n))
+        .collect();
+    let data = ev.data();
+    if !data.is_empty() {
+        let is_json = ev.content_type().is_some_and(is_json_content_type);
+        if is_json {
+            let v: Value = serde_json::from_slice(data).map_err(|e| {
+                Error::new(ErrorKind::Codec, backend)
+                    .with_message("payload declared JSON does not parse")
+                    .with_source(e)
+            })?;
+            obj.insert("data".into(), v);
+        } else if let (Some(true), Ok(text)) = (
+            ev.content_type().map(|ct| ct.starts_with("text/")),
+            std::str::from_utf8(data),
+        ) {
+            obj.insert("data".into(), Value::String(text.to_owned()));
+        } else {
+            obj.insert("data_base64".into(), Value::String(BASE64.encode(data)));
+        }
+    }
+    let bytes = serde_json::to_vec(&Value::Object(obj))
+        .map_err(|e| Error::new(ErrorKind::Codec, backend).with_source(e))?;
+    Ok((bytes, plain))
+}
+
+/// Decodes a structured-mode JSON CloudEvent.
+///
+/// # Errors
+/// [`ErrorKind::Codec`] tagged with `backend` for anything that is not a JSON object with
+/// `specversion` 1.0, `id`, `source` and `type`, or whose `data_base64` is not base64.
+pub fn from_structured(bytes: &[u8], backend: &'static str) -> Result<Event> {
+    let codec = |msg: &str| Error::new(ErrorKind::Codec, backend).with_message(msg.to_owned());
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| codec("structured CloudEvent is not JSON").with_source(e))?;
+    let Value::Object(obj) = value else {
+        return Err(codec("structured CloudEvent is not a JSON object"));
+    };
+    let mut dec = BinaryDecoder::new();
+    let mut data = Bytes::new();
+    for (name, value) in obj {
+        match (name.as_str(), value) {
+            ("data", Value::String(s)) => data = Bytes::from(s),
+            ("data", Value::Null) => {}
+            ("data", v) => data = Bytes::from(v.to_string()),
+            ("data_base64", Value::String(s)) => {
+                data = Bytes::from(
+                    BASE64
+                        .decode(s.as_bytes())
+                        .map_err(|e| codec("`data_base64` is not base64").with_source(e))?,
+                );
+            }
+            ("data_base64", _) => return Err(codec("`data_base64` is not a string")),
+            (_, Value::String(s)) => dec.attribute(&name, s),
+            (_, Value::Null) => {}
+            (_, v @ (Value::Number(_) | Value::Bool(_))) => dec.attribute(&name, v.to_string()),
+            (_, _) => return Err(codec("a CloudEvents attribute is not a scalar")),
+        }
+    }
+    if dec.specversion.is_none() {
+        return Err(codec("structured CloudEvent without `specversion`"));
+    }
+    dec.finish(data, backend)
+}
+
+/// Whether `ct` is a JSON media type (`application/json`, `*/*+json`, with parameters).
+pub fn is_json_content_type(ct: &str) -> bool {
+    let media = ct.split(';').next().unwrap_or("").trim();
+    media.eq_ignore_ascii_case("application/json") || media.to_ascii_lowercase().ends_with("+json")
+}
+
+/// Whether `ct` announces a structured-mode CloudEvent.
+pub fn is_structured_content_type(ct: &str) -> bool {
+    ct.split(';')
+        .next()
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case(STRUCTURED_CONTENT_TYPE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Event {
+        Event::builder()
+            .id("id-1")
+            .source("urn:test")
+            .kind("order.created")
+            .key("k1")
+            .content_type("application/json")
+            .header("tenant", "eu")
+            .header("X-Custom", "v")
+            .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .data(&br#"{"a":1}"#[..])
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn binary_round_trip_keeps_every_attribute() {
+        let ev = sample();
+        let mut dec = BinaryDecoder::new();
+        let mut plain = Vec::new();
+        write_binary(&ev, |n, v| dec.attribute(n, v), |n, v| plain.push((n.to_owned(), v.to_owned())));
+        assert_eq!(
+            plain,
+            [
+                ("X-Custom".to_owned(), "v".to_owned()),
+                ("traceparent".to_owned(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned())
+            ]
+        );
+        for (n, v) in plain {
+            dec.header(n, v);
+        }
+        let back = dec.finish(ev.data().clone(), "t").unwrap();
+        assert_eq!(back.id(), "id-1");
+        assert_eq!(back.source(), "urn:test");
+        assert_eq!(back.kind(), "order.created");
+        assert_eq!(back.key(), Some(&b"k1"[..]));
+        assert_eq!(back.content_type(), Some("application/json"));
+        assert_eq!(back.headers().get("tenant"), Some("eu"));
+        assert_eq!(back.headers().get("x-custom"), Some("v"));
+        assert_eq!(
+            time::format_rfc3339(back.time()),
+            time::format_rfc3339(ev.time())
+        );
+    }
+
+    #[test]
+    fn structured_round_trip_embeds_json_and_base64() {
+        let ev = sample();
+        let (bytes, plain) = to_structured(&ev, "t").unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["data"]["a"], 1);
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(plain.len(), 2);
+        let back = from_structured(&bytes, "t").unwrap();
+        assert_eq!(back.id(), "id-1");
+        assert_eq!(back.data(), &Bytes::from_static(br#"{"a":1}"#));
+
+        let mut bin = Event::new(vec![0u8, 159, 146, 150]);
+        bin.set_content_type(Some("application/octet-stream".into()));
+        let (bytes, _) = to_structured(&bin, "t").unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(v.get("data_base64").is_some());
+        assert_eq!(from_structured(&bytes, "t").unwrap().data(), bin.data());
+    }
+
+    #[test]
+    fn raw_messages_without_specversion_are_plain_events() {
+        let mut dec = BinaryDecoder::new();
+        dec.header("X-Any", "1");
+        let ev = dec.finish(Bytes::from_static(b"raw"), "t").unwrap();
+        assert_eq!(ev.kind(), crate::event::DEFAULT_KIND);
+        assert_eq!(ev.headers().get("x-any"), Some("1"));
+    }
+
+    #[test]
+    fn malformed_cloudevents_are_codec_errors() {
+        let mut dec = BinaryDecoder::new();
+        dec.attribute("specversion", "1.0");
+        dec.attribute("id", "x");
+        let e = dec.finish(Bytes::new(), "t").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Codec);
+        for bad in [
+            &b"not json"[..],
+            b"[1]",
+            b"{\"id\":\"1\"}",
+            b"{\"specversion\":\"0.3\",\"id\":\"1\",\"source\":\"s\",\"type\":\"t\"}",
+            b"{\"specversion\":\"1.0\",\"id\":\"1\",\"source\":\"s\",\"type\":\"t\",\"data_base64\":\"!!\"}",
+            b"{\"specversion\":\"1.0\",\"id\":\"1\",\"source\":\"s\",\"type\":\"t\",\"time\":\"noon\"}",
+        ] {
+            assert_eq!(from_structured(bad, "t").unwrap_err().kind(), ErrorKind::Codec);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn structured_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = from_structured(&bytes, "t");
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! What a publish returns ([`Receipt`]) and what a consumer yields ([`Delivery`]).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+
+use crate::{Error, Event, Result};
+
+/// What the broker said about a publish.
+///
+/// ```
+/// use polybus_core::Receipt;
+/// let r = Receipt::new("orders").with_partition(3).with_sequence(42);
+/// assert_eq!((r.topic(), r.partition(), r.sequence()), ("orders", Some(3), Some(42)));
+/// assert!(!r.is_duplicate());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    topic: String,
+    partition: Option<i32>,
+    sequence: Option<u64>,
+    duplicate: bool,
+}
+
+impl Receipt {
+    /// A receipt for `topic` with no position.
+    pub fn new(topic: impl Into<String>) -> Self {
+        Receipt {
+            topic: topic.into(),
+            partition: None,
+            sequence: None,
+            duplicate: false,
+        }
+    }
+    /// Sets the partition (Kafka).
+    pub fn with_partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+    /// Sets the sequence or offset (JetStream stream sequence, Kafka offset).
+    pub fn with_sequence(mut self, sequence: u64) -> Self {
+        self.sequence = Some(sequence);
+        self
+    }
+    /// Marks the publish as a duplicate the broker recognised and did not store again.
+    pub fn with_duplicate(mut self, duplicate: bool) -> Self {
+        self.duplicate = duplicate;
+        self
+    }
+    /// The topic or subject published to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// The partition, where the broker has partitions.
+    pub fn partition(&self) -> Option<i32> {
+        self.partition
+    }
+    /// The stream sequence or offset, where the broker assigns one.
+    pub fn sequence(&self) -> Option<u64> {
+        self.sequence
+    }
+    /// Whether the broker reported this publish as a duplicate (JetStream `Nats-Msg-Id`).
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
+}
+
+/// The future an [`Acker`] returns: either already finished (no allocation) or boxed.
+pub enum AckFuture<'a> {
+    /// The settlement already finished.
+    Ready(Option<Result<()>>),
+    /// The settlement needs I/O.
+    Pending(BoxFuture<'a, Result<()>>),
+}
+
+impl AckFuture<'_> {
+    /// An already finished settlement.
+    pub fn ready(result: Result<()>) -> Self {
+        AckFuture::Ready(Some(result))
+    }
+}
+
+impl fmt::Debug for AckFuture<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AckFuture::Ready(r) => f.debug_tuple("Ready").field(r).finish(),
+            AckFuture::Pending(_) => f.write_str("Pending"),
+        }
+    }
+}
+
+impl Future for AckFuture<'_> {
+    type Output = Result<()>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        match self.get_mut() {
+            AckFuture::Ready(r) => Poll::Ready(r.take().unwrap_or(Ok(()))),
+            AckFuture::Pending(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// How a backend settles one delivery. Adapters implement it; users call the methods on
+/// [`Delivery`].
+///
+/// Each method is called at most once per delivery, except that a failed call may be retried
+/// through [`AckError::into_delivery`]. A backend that cannot honour an operation returns
+/// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) (the defaults do exactly that).
+/// What happens to a delivery dropped unsettled is the backend's choice and is documented by
+/// its `Capabilities::redelivery_on_drop`.
+pub trait Acker: Send + Sync + 'static {
+    /// The backend name used in errors.
+    fn backend(&self) -> &'static str;
+    /// Confirms processing.
+    fn ack(&mut self) -> AckFuture<'_>;
+    /// Asks for redelivery after `delay`.
+    fn nack(&mut self, delay: Duration) -> AckFuture<'_> {
+        let _ = delay;
+        AckFuture::ready(Err(Error::unsupported(
+            self.backend(),
+            "nack: this broker cannot redeliver on request",
+        )))
+    }
+    /// Never deliver this message again (poison message).
+    fn term(&mut self) -> AckFuture<'_> {
+        AckFuture::ready(Err(Error::unsupported(
+            self.backend(),
+            "term: this broker cannot terminate a delivery",
+        )))
+    }
+    /// Tells the broker that processing goes on, so it does not redeliver yet.
+    fn in_progress(&mut self) -> AckFuture<'_> {
+        AckFuture::ready(Err(Error::unsupported(
+            self.backend(),
+            "in_progress: this broker has no ack deadline to extend",
+        )))
+    }
+}
+
+/// An acker for brokers where delivery is already final (core NATS, MQTT QoS 0): `ack` and
+/// `term` succeed without doing anything, `nack` is unsupported.
+#[derive(Debug, Clone, Copy)]
+pub struct NoopAcker(pub &'static str);
+
+impl Acker for NoopAcker {
+    fn backend(&self) -> &'static str {
+        self.0
+    }
+    fn ack(&mut self) -> AckFuture<'_> {
+        AckFuture::ready(Ok(()))
+    }
+    fn term(&mut self) -> AckFuture<'_> {
+        AckFuture::ready(Ok(()))
+    }
+}
+
+/// One received event with its position and a settlement handle.
+///
+/// Settle it with [`ack`](Self::ack), [`nack`](Self::nack) or [`term`](Self::term); each
+/// consumes the delivery and on failure hands it back inside the [`AckError`].
+///
+/// ```
+/// # use polybus_core::{Delivery, Event, NoopAcker};
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> anyhow::Result<()> {
+/// let d = Delivery::new(Event::new(b"hello"), "t", NoopAcker("doc"));
+/// assert_eq!(d.payload(), b"hello");
+/// d.ack().await?; // AckError converts into anyhow::Error
+/// # Ok(()) }
+/// ```
+pub struct Delivery {
+    event: Event,
+    topic: String,
+    partition: Option<i32>,
+    sequence: Option<u64>,
+    delivery_count: u32,
+    acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    /// A delivery of `event` received on `topic`, settled through `acker`.
+    pub fn new(event: Event, topic: impl Into<String>, acker: impl Acker) -> Self {
+        Delivery {
+            event,
+            topic: topic.into(),
+            partition: None,
+            sequence: None,
+            delivery_count: 1,
+            acker: Box::new(acker),
+        }
+    }
+    /// Sets the partition.
+    pub fn with_partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+    /// Sets the sequence / offset.
+    pub fn with_sequence(mut self, sequence: u64) -> Self {
+        self.sequence = Some(sequence);
+        self
+    }
+    /// Sets how many times this message has been delivered (1 = first time).
+    pub fn with_delivery_count(mut self, count: u32) -> Self {
+        self.delivery_count = count.max(1);
+        self
+    }
+
+    /// The event.
+    pub fn event(&self) -> &Event {
+        &self.event
+    }
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        self.event.data()
+    }
+    /// The payload as `Bytes` (cheap clone).
+    pub fn data(&self) -> &Bytes {
+        self.event.data()
+    }
+    /// The topic or subject the message arrived on.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// The partition, where the broker has partitions.
+    pub fn partition(&self) -> Option<i32> {
+        self.partition
+    }
+    /// The sequence or offset, where the broker has one.
+    pub fn sequence(&self) -> Option<u64> {
+        self.sequence
+    }
+    /// How many times this message has been delivered, 1 for the first time.
+    pub fn delivery_count(&self) -> u32 {
+        self.delivery_count
+    }
+    /// Whether this is a redelivery.
+    pub fn is_redelivered(&self) -> bool {
+        self.delivery_count > 1
+    }
+    /// The backend that delivered this message.
+    pub fn backend(&self) -> &'static str {
+        self.acker.backend()
+    }
+
+    /// Confirms processing; the broker will not deliver it again to this group.
+    ///
+    /// # Errors
+    /// The broker did not take the ack; the error hands the delivery back for a retry.
+    pub async fn ack(mut self) -> Result<(), AckError> {
+        match self.acker.ack().await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(AckError::new(error, self)),
+        }
+    }
+
+    /// Asks for redelivery after `delay` (`Duration::ZERO` for at once).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) where the broker has no
+    /// nack (core NATS, MQTT), or a broker error; the delivery comes back in the error.
+    pub async fn nack(mut self, delay: Duration) -> Result<(), AckError> {
+        match self.acker.nack(delay).await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(AckError::new(error, self)),
+        }
+    }
+
+    /// Drops the message for good: it is not redelivered.
+    ///
+    /// # Errors
+    /// As for [`ack`](Self::ack).
+    pub async fn term(mut self) -> Result<(), AckError> {
+        match self.acker.term().await {
+            Ok(()) => Ok(()),
+            Err(error) => Err(AckError::new(error, self)),
+        }
+    }
+
+    /// Extends the ack deadline where the broker has one (JetStream `+WPI`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) where there is no deadline.
+    pub async fn in_progress(&mut self) -> Result<()> {
+        self.acker.in_progress().await
+    }
+
+    /// Splits the delivery into its event and its settlement handle.
+    pub fn into_parts(self) -> (Event, Box<dyn Acker>) {
+        (self.event, self.acker)
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("backend", &self.acker.backend())
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("sequence", &self.sequence)
+            .field("delivery_count", &self.delivery_count)
+            .field("event", &self.event)
+            .finish()
+    }
+}
+
+/// A failed settlement: the error and the delivery, so the caller can retry or nack instead.
+///
+/// Implements `std::error::Error`, so `?` converts it into `anyhow::Error` or a boxed error.
+pub struct AckError {
+    error: Error,
+    delivery: Box<Delivery>,
+}
+
+impl AckError {
+    /// Wraps `error` with the delivery it failed to settle.
+    pub fn new(error: Error, delivery: Delivery) -> Self {
+        AckError {
+            error,
+            delivery: Box::new(delivery),
+        }
+    }
+    /// The error.
+    pub fn error(&self) -> &Error {
+        &self.error
+    }
+    /// The delivery, for another attempt.
+    pub fn into_delivery(self) -> Delivery {
+        *self.delivery
+    }
+    /// The error and the delivery.
+    pub fn into_parts(self) -> (Error, Delivery) {
+        (self.error, *self.delivery)
+    }
+}
+
+impl From<AckError> for Error {
+    fn from(e: AckError) -> Error {
+        e.error
+    }
+}
+
+impl fmt::Debug for AckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AckError")
+            .field("error", &self.error)
+            .field("topic", &self.delivery.topic)
+            .field("id", &self.delivery.event.id())
+            .finish()
+    }
+}
+
+impl fmt::Display for AckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "settling event {} from {}: {}",
+            self.delivery.event.id(),
+            self.delivery.topic,
+            self.error
+        )
+    }
+}
+
+impl std::error::Error for AckError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    struct Failing(u32);
+    impl Acker for Failing {
+        fn backend(&self) -> &'static str {
+            "test"
+        }
+        fn ack(&mut self) -> AckFuture<'_> {
+            self.0 += 1;
+            if self.0 < 2 {
+                AckFuture::ready(Err(Error::new(ErrorKind::Timeout, "test")))
+            } else {
+                AckFuture::Pending(Box::pin(async { Ok(()) }))
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_ack_hands_the_delivery_back_for_a_retry() {
+        let d = Delivery::new(Event::new(b"x"), "t", Failing(0)).with_delivery_count(2);
+        let err = d.ack().await.unwrap_err();
+        assert_eq!(err.error().kind(), ErrorKind::Timeout);
+        assert!(err.to_string().contains("timed out"));
+        let d = err.into_delivery();
+        assert!(d.is_redelivered());
+        d.ack().await.expect("second attempt succeeds");
+    }
+
+    #[tokio::test]
+    async fn noop_acker_acks_and_refuses_nack() {
+        let d = Delivery::new(Event::new(b"x"), "t", NoopAcker("nats"));
+        let err = d.nack(Duration::ZERO).await.unwrap_err();
+        assert_eq!(err.error().kind(), ErrorKind::Unsupported);
+        assert_eq!(err.error().backend(), "nats");
+        let mut d = err.into_delivery();
+        assert_eq!(
+            d.in_progress().await.unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+        d.ack().await.unwrap();
+    }
+
+    #[test]
+    fn ack_error_converts_into_anyhow_and_error() {
+        fn assert_error<E: std::error::Error + Send + Sync + 'static>() {}
+        assert_error::<AckError>();
+        let e = AckError::new(Error::closed("x"), Delivery::new(Event::new(b""), "t", NoopAcker("x")));
+        let e: Error = e.into();
+        assert_eq!(e.kind(), ErrorKind::Closed);
+    }
+}

@@ -1,0 +1,399 @@
+//! The event model: one CloudEvents-shaped `Event` for every broker.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::{Error, ErrorKind, Headers, Result};
+
+/// The `source` an event gets when neither the caller nor the publisher sets one.
+pub const DEFAULT_SOURCE: &str = "urn:polybus";
+/// The `type` (CloudEvents) / `kind` an event gets when the caller sets none.
+pub const DEFAULT_KIND: &str = "polybus.event";
+
+/// One event: CloudEvents attributes, an optional partition key, headers and a payload.
+///
+/// * `id` is unique per `source` (a UUIDv7 by default); `source` + `id` is the dedup key.
+/// * `key` is the ordering/partition key (the Kafka record key; other brokers carry it in the
+///   `partitionkey` attribute).
+/// * `kind` is the CloudEvents `type`.
+/// * `data` is a [`Bytes`]: cloning an event never copies the payload.
+/// * `headers` become CloudEvents extension attributes or plain broker headers.
+///
+/// ```
+/// use polybus_core::Event;
+///
+/// let ev = Event::builder()
+///     .kind("order.created")
+///     .source("urn:shop:orders")
+///     .key("customer-42")
+///     .header("tenant", "eu")
+///     .content_type("application/json")
+///     .data(&b"{\"id\":1}"[..])
+///     .build()?;
+/// assert_eq!(ev.kind(), "order.created");
+/// assert_eq!(ev.key(), Some(&b"customer-42"[..]));
+/// assert_eq!(ev.headers().get("tenant"), Some("eu"));
+/// assert_eq!(ev.id().len(), 36); // a UUIDv7
+/// # Ok::<(), polybus_core::Error>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Event {
+    id: String,
+    source: Option<Cow<'static, str>>,
+    ts: SystemTime,
+    key: Option<Bytes>,
+    kind: Cow<'static, str>,
+    data: Bytes,
+    headers: Headers,
+    content_type: Option<Cow<'static, str>>,
+}
+
+impl Event {
+    /// An event with `data`, a fresh UUIDv7 id, the current time and default kind and source.
+    ///
+    /// ```
+    /// let ev = polybus_core::Event::new(b"hello");
+    /// assert_eq!(ev.data(), &b"hello"[..]);
+    /// ```
+    pub fn new(data: impl IntoPayload) -> Self {
+        Event {
+            id: new_id(),
+            source: None,
+            ts: SystemTime::now(),
+            key: None,
+            kind: Cow::Borrowed(DEFAULT_KIND),
+            data: data.into_payload(),
+            headers: Headers::new(),
+            content_type: None,
+        }
+    }
+
+    /// A builder that validates what it is given when [`EventBuilder::build`] runs.
+    pub fn builder() -> EventBuilder {
+        EventBuilder {
+            event: Event::new(Bytes::new()),
+            error: None,
+        }
+    }
+
+    /// The id, unique per source.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The source (CloudEvents `source`), [`DEFAULT_SOURCE`] when none was set.
+    pub fn source(&self) -> &str {
+        self.source.as_deref().unwrap_or(DEFAULT_SOURCE)
+    }
+    /// Whether a source was set explicitly.
+    pub fn has_source(&self) -> bool {
+        self.source.is_some()
+    }
+    /// When the event happened (CloudEvents `time`).
+    pub fn time(&self) -> SystemTime {
+        self.ts
+    }
+    /// The ordering / partition key.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+    /// The key as `Bytes` (cheap clone).
+    pub fn key_bytes(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+    /// The event type (CloudEvents `type`).
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+    /// The payload.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+    /// The headers (CloudEvents extensions and plain headers).
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+    /// The headers, mutably.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+    /// The content type of `data` (CloudEvents `datacontenttype`).
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
+    }
+    /// The dedup key: `source` and `id` joined by a space (which neither may contain unescaped
+    /// in a well-formed CloudEvent's id, so the join is unambiguous in practice).
+    pub fn dedup_key(&self) -> String {
+        format!("{} {}", self.source(), self.id)
+    }
+
+    /// Takes the payload out.
+    pub fn into_data(self) -> Bytes {
+        self.data
+    }
+
+    /// Sets the id. Empty ids are replaced by a fresh UUIDv7 on [`EventBuilder::build`] but
+    /// are accepted here; adapters reject them on publish.
+    pub fn set_id(&mut self, id: impl Into<String>) {
+        self.id = id.into();
+    }
+    /// Sets the source.
+    pub fn set_source(&mut self, source: impl Into<Cow<'static, str>>) {
+        self.source = Some(source.into());
+    }
+    /// Sets the source only if none was set: publishers call this with their default source.
+    pub fn set_source_if_unset(&mut self, source: &Cow<'static, str>) {
+        if self.source.is_none() {
+            self.source = Some(source.clone());
+        }
+    }
+    /// Sets the time.
+    pub fn set_time(&mut self, ts: SystemTime) {
+        self.ts = ts;
+    }
+    /// Sets or clears the key.
+    pub fn set_key(&mut self, key: Option<Bytes>) {
+        self.key = key;
+    }
+    /// Sets the kind.
+    pub fn set_kind(&mut self, kind: impl Into<Cow<'static, str>>) {
+        self.kind = kind.into();
+    }
+    /// Sets the payload.
+    pub fn set_data(&mut self, data: impl IntoPayload) {
+        self.data = data.into_payload();
+    }
+    /// Sets or clears the content type.
+    pub fn set_content_type(&mut self, ct: Option<Cow<'static, str>>) {
+        self.content_type = ct;
+    }
+
+    /// Checks the attributes every binding needs: a non-empty id, source and kind without
+    /// control characters.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Codec`] naming the bad attribute.
+    pub fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("id", self.id.as_str()),
+            ("source", self.source()),
+            ("type", self.kind()),
+        ] {
+            if value.is_empty() {
+                return Err(Error::new(ErrorKind::Codec, "core")
+                    .with_message(format!("event attribute `{name}` is empty")));
+            }
+            if value.chars().any(char::is_control) {
+                return Err(Error::new(ErrorKind::Codec, "core").with_message(format!(
+                    "event attribute `{name}` contains a control character"
+                )));
+            }
+        }
+        if let Some(ct) = self.content_type() {
+            if ct.chars().any(char::is_control) {
+                return Err(Error::new(ErrorKind::Codec, "core")
+                    .with_message("content type contains a control character"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("id", &self.id)
+            .field("source", &self.source())
+            .field("kind", &self.kind)
+            .field("key", &self.key.as_deref().map(String::from_utf8_lossy))
+            .field("content_type", &self.content_type)
+            .field("headers", &self.headers)
+            .field("data_len", &self.data.len())
+            .finish()
+    }
+}
+
+/// A fresh UUIDv7 as a lowercase hyphenated string.
+pub fn new_id() -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
+}
+
+/// Builds an [`Event`]; see [`Event::builder`].
+#[derive(Debug)]
+#[must_use = "call .build() to get the event"]
+pub struct EventBuilder {
+    event: Event,
+    error: Option<Error>,
+}
+
+impl EventBuilder {
+    /// Sets the id (default: a fresh UUIDv7).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.event.id = id.into();
+        self
+    }
+    /// Sets the source (default: the publisher's, else [`DEFAULT_SOURCE`]).
+    pub fn source(mut self, source: impl Into<Cow<'static, str>>) -> Self {
+        self.event.source = Some(source.into());
+        self
+    }
+    /// Sets the time (default: now).
+    pub fn time(mut self, ts: SystemTime) -> Self {
+        self.event.ts = ts;
+        self
+    }
+    /// Sets the partition key.
+    pub fn key(mut self, key: impl IntoPayload) -> Self {
+        self.event.key = Some(key.into_payload());
+        self
+    }
+    /// Sets the kind (CloudEvents `type`).
+    pub fn kind(mut self, kind: impl Into<Cow<'static, str>>) -> Self {
+        self.event.kind = kind.into();
+        self
+    }
+    /// Sets the payload.
+    pub fn data(mut self, data: impl IntoPayload) -> Self {
+        self.event.data = data.into_payload();
+        self
+    }
+    /// Sets the content type.
+    pub fn content_type(mut self, ct: impl Into<Cow<'static, str>>) -> Self {
+        self.event.content_type = Some(ct.into());
+        self
+    }
+    /// Appends a header; an invalid one makes [`build`](Self::build) fail.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        if self.error.is_none() {
+            if let Err(e) = self.event.headers.append(name, value) {
+                self.error = Some(e);
+            }
+        }
+        self
+    }
+    /// Finishes the event.
+    ///
+    /// # Errors
+    /// The first invalid header ([`ErrorKind::InvalidHeader`]) or attribute
+    /// ([`ErrorKind::Codec`]).
+    pub fn build(self) -> Result<Event> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let mut event = self.event;
+        if event.id.is_empty() {
+            event.id = new_id();
+        }
+        event.validate()?;
+        Ok(event)
+    }
+}
+
+/// Types that become an event payload without copying: `Bytes`, `Vec<u8>`, `String`, and
+/// `'static` byte strings such as `b"hello"`.
+pub trait IntoPayload {
+    /// Converts into `Bytes`.
+    fn into_payload(self) -> Bytes;
+}
+
+impl IntoPayload for Bytes {
+    fn into_payload(self) -> Bytes {
+        self
+    }
+}
+impl IntoPayload for Vec<u8> {
+    fn into_payload(self) -> Bytes {
+        Bytes::from(self)
+    }
+}
+impl IntoPayload for String {
+    fn into_payload(self) -> Bytes {
+        Bytes::from(self)
+    }
+}
+impl IntoPayload for &'static str {
+    fn into_payload(self) -> Bytes {
+        Bytes::from_static(self.as_bytes())
+    }
+}
+impl IntoPayload for &'static [u8] {
+    fn into_payload(self) -> Bytes {
+        Bytes::from_static(self)
+    }
+}
+impl<const N: usize> IntoPayload for &'static [u8; N] {
+    fn into_payload(self) -> Bytes {
+        Bytes::from_static(self)
+    }
+}
+impl IntoPayload for bytes::BytesMut {
+    fn into_payload(self) -> Bytes {
+        self.freeze()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_uuid_v7() {
+        let a = Event::new(b"x");
+        let b = Event::new(b"x");
+        assert_ne!(a.id(), b.id());
+        let u = uuid::Uuid::parse_str(a.id()).unwrap();
+        assert_eq!(u.get_version_num(), 7);
+    }
+
+    #[test]
+    fn payload_is_not_copied() {
+        let data = Bytes::from(vec![7u8; 1024]);
+        let ev = Event::new(data.clone());
+        assert_eq!(ev.data().as_ptr(), data.as_ptr());
+        let cloned = ev.clone();
+        assert_eq!(cloned.data().as_ptr(), data.as_ptr());
+    }
+
+    #[test]
+    fn builder_reports_the_first_bad_header() {
+        let err = Event::builder()
+            .header("ok", "1")
+            .header("bad header", "2")
+            .header("also bad", "3")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidHeader);
+        assert!(err.to_string().contains("bad header"), "{err}");
+    }
+
+    #[test]
+    fn builder_rejects_empty_kind_and_control_chars() {
+        assert_eq!(
+            Event::builder().kind("").build().unwrap_err().kind(),
+            ErrorKind::Codec
+        );
+        assert_eq!(
+            Event::builder().source("a\nb").build().unwrap_err().kind(),
+            ErrorKind::Codec
+        );
+        let ev = Event::builder().id("").build().unwrap();
+        assert_eq!(ev.id().len(), 36, "empty id replaced by a fresh one");
+    }
+
+    #[test]
+    fn source_defaults_and_is_filled_once() {
+        let mut ev = Event::new(b"x");
+        assert_eq!(ev.source(), DEFAULT_SOURCE);
+        assert!(!ev.has_source());
+        ev.set_source_if_unset(&Cow::Borrowed("urn:a"));
+        ev.set_source_if_unset(&Cow::Borrowed("urn:b"));
+        assert_eq!(ev.source(), "urn:a");
+        assert_eq!(ev.dedup_key(), format!("urn:a {}", ev.id()));
+    }
+}
