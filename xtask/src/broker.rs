@@ -138,12 +138,12 @@ pub(crate) fn up(
             Ok(false) => {}
             Err(e) => {
                 eprintln!("{}: FAILED: {e:#}", broker.name());
-                errors.push(format!("{}: {e:#}", broker.name()));
+                errors.push(broker.name());
             }
         }
     }
     if !errors.is_empty() {
-        bail!("broker up failed:\n{}", errors.join("\n"));
+        bail!("broker up failed for {} (details above)", errors.join(", "));
     }
     Ok(())
 }
@@ -326,11 +326,14 @@ pub(crate) fn down(paths: &Paths, brokers: &[Broker]) -> Result<()> {
     for &broker in brokers {
         if let Err(e) = down_one(paths, broker) {
             eprintln!("{}: FAILED: {e:#}", broker.name());
-            errors.push(format!("{}: {e:#}", broker.name()));
+            errors.push(broker.name());
         }
     }
     if !errors.is_empty() {
-        bail!("broker down failed:\n{}", errors.join("\n"));
+        bail!(
+            "broker down failed for {} (details above)",
+            errors.join(", ")
+        );
     }
     Ok(())
 }
@@ -410,7 +413,7 @@ fn status(paths: &Paths, brokers: &[Broker]) -> Result<()> {
                 }
             }
         };
-        println!("{name:<5} ({:<11}) {line}", broker.program());
+        println!("{:<19} {line}", format!("{name} ({})", broker.program()));
         let installed = if bin.exists() {
             "installed"
         } else {

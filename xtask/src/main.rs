@@ -17,6 +17,7 @@ mod test;
 use std::{
     ffi::OsString,
     path::{Path, PathBuf},
+    process::ExitCode,
 };
 
 use anyhow::{Result, bail};
@@ -47,7 +48,18 @@ Cache directory: $POLYBUS_CACHE, else ${XDG_CACHE_HOME:-$HOME/.cache}/polybus
   venv/ tansu/ run/<broker>/{pid,port,log,data,...} logs/
 ";
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    // Errors here are for people, not bug reports: no backtrace even if RUST_BACKTRACE is set.
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let sh = Shell::new()?;
     sh.change_dir(project_root());
 

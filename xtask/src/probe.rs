@@ -189,7 +189,10 @@ pub(crate) fn mqtt_connack(bytes: &[u8; 4]) -> Probe {
         [0x20, 0x02, _, code] => Probe::Unexpected(format!(
             "MQTT broker refused an anonymous connection (CONNACK return code {code})"
         )),
-        other => Probe::Unexpected(format!("not MQTT: answered {other:02x?} to CONNECT")),
+        other => Probe::Unexpected(format!(
+            "not MQTT: answered \"{}...\" to CONNECT",
+            other.escape_ascii()
+        )),
     }
 }
 
@@ -219,8 +222,8 @@ fn probe_kafka(stream: &mut TcpStream) -> Result<Probe> {
     let size = i32::from_be_bytes(size);
     if !(4..=1024 * 1024).contains(&size) {
         return Ok(Probe::Unexpected(format!(
-            "not Kafka: response size {size} (bytes {:02x?})",
-            size.to_be_bytes()
+            "not Kafka: answered \"{}...\" to ApiVersions",
+            size.to_be_bytes().escape_ascii()
         )));
     }
     let mut response = vec![0u8; size as usize];
