@@ -414,10 +414,14 @@ fn status(paths: &Paths, brokers: &[Broker]) -> Result<()> {
             }
         };
         println!("{:<19} {line}", format!("{name} ({})", broker.program()));
-        let installed = if bin.exists() {
-            "installed"
-        } else {
-            "NOT installed (`cargo xtask broker install`)"
+        let building = match broker {
+            Broker::Kafka => install::running_tansu_build(&paths.tansu_root()),
+            _ => None,
+        };
+        let installed = match (bin.exists(), building) {
+            (true, _) => "installed".to_owned(),
+            (false, Some(pid)) => format!("NOT installed yet (cargo install running, pid {pid})"),
+            (false, None) => "NOT installed (`cargo xtask broker install`)".to_owned(),
         };
         println!(
             "      binary {} {installed}; log {}",

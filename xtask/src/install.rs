@@ -28,7 +28,7 @@ pub(crate) fn ensure(sh: &Shell, paths: &Paths, broker: Broker) -> Result<PathBu
     match broker {
         Broker::Nats => ensure_nats(sh, paths),
         Broker::Mqtt => ensure_mosquitto(sh),
-        Broker::Kafka => ensure_tansu(sh, paths),
+        Broker::Kafka => ensure_tansu(paths),
     }?;
     Ok(paths.bin(broker))
 }
@@ -177,7 +177,7 @@ pub(crate) fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn ensure_tansu(sh: &Shell, paths: &Paths) -> Result<()> {
+fn ensure_tansu(paths: &Paths) -> Result<()> {
     let bin = paths.bin(Broker::Kafka);
     let root = paths.tansu_root();
     let log = paths.logs().join("tansu-build.log");
@@ -210,6 +210,7 @@ fn ensure_tansu(sh: &Shell, paths: &Paths) -> Result<()> {
     }
 
     let target_dir = paths.cache().join("build/tansu");
+    fs::create_dir_all(paths.cache())?;
     println!(
         "installing tansu {TANSU_VERSION} (Kafka-protocol broker; not packaged for Debian) with \
          `cargo install tansu --version {TANSU_VERSION} --locked --features dynostore,libsql \
@@ -228,7 +229,8 @@ fn ensure_tansu(sh: &Shell, paths: &Paths) -> Result<()> {
         .arg(&root)
         .arg("--target-dir")
         .arg(&target_dir)
-        .current_dir(sh.current_dir())
+        // Outside the workspace, so its .cargo/config.toml cannot change the build.
+        .current_dir(paths.cache())
         // Build tansu the same way whatever the caller's flags (CI sets RUSTFLAGS=-Dwarnings).
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -290,7 +292,7 @@ fn ensure_tansu(sh: &Shell, paths: &Paths) -> Result<()> {
 }
 
 /// A `cargo install tansu ... --root ROOT` already running on this machine, if any.
-fn running_tansu_build(root: &Path) -> Option<u32> {
+pub(crate) fn running_tansu_build(root: &Path) -> Option<u32> {
     let root = root.to_str()?;
     let me = std::process::id();
     for entry in fs::read_dir("/proc").ok()?.flatten() {
