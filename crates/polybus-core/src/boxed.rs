@@ -63,9 +63,8 @@ impl fmt::Debug for BoxPublisher {
 }
 
 impl Publisher for BoxPublisher {
-    fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
-        // An async block so the future captures `self` and `topic` separately.
-        async move { self.0.publish_boxed(topic, event).await }
+    async fn publish(&self, topic: &str, event: Event) -> Result<Receipt> {
+        self.0.publish_boxed(topic, event).await
     }
     fn flush(&self) -> impl Future<Output = Result<()>> + Send {
         self.0.flush_boxed()

@@ -69,7 +69,11 @@ fn is_context_attribute(name: &str) -> bool {
 /// Emits `ev` in binary mode: `attr(name, value)` for each CloudEvents attribute (context
 /// attributes, `datacontenttype`, `partitionkey`, extensions) and `header(name, value)` for each
 /// header that is not an extension. The binding adds its prefix and encoding.
-pub fn write_binary(ev: &Event, mut attr: impl FnMut(&str, &str), mut header: impl FnMut(&str, &str)) {
+pub fn write_binary(
+    ev: &Event,
+    mut attr: impl FnMut(&str, &str),
+    mut header: impl FnMut(&str, &str),
+) {
     attr("specversion", SPECVERSION);
     attr("id", ev.id());
     attr("source", ev.source());
@@ -167,7 +171,9 @@ impl BinaryDecoder {
         };
         let codec = |msg: String| Error::new(ErrorKind::Codec, backend).with_message(msg);
         if spec != SPECVERSION {
-            return Err(codec(format!("unsupported CloudEvents specversion {spec:?}")));
+            return Err(codec(format!(
+                "unsupported CloudEvents specversion {spec:?}"
+            )));
         }
         let required = |v: Option<String>, name: &str| {
             v.filter(|s| !s.is_empty())
@@ -185,6 +191,9 @@ impl BinaryDecoder {
     }
 }
 
+/// Headers a structured-mode event carries beside the JSON document, as `(name, value)`.
+pub type PlainHeaders<'e> = Vec<(&'e str, &'e str)>;
+
 /// Encodes `ev` as a structured-mode JSON CloudEvent. JSON payloads (content type
 /// `application/json` or `*+json`) are embedded as `data`, UTF-8 text as a string `data`, and
 /// anything else as `data_base64`. Headers that are not extensions are returned for the binding
@@ -192,7 +201,10 @@ impl BinaryDecoder {
 ///
 /// # Errors
 /// [`ErrorKind::Codec`] if the payload is declared JSON but does not parse.
-pub fn to_structured<'e>(ev: &'e Event, backend: &'static str) -> Result<(Vec<u8>, Vec<(&'e str, &'e str)>)> {
+pub fn to_structured<'e>(
+    ev: &'e Event,
+    backend: &'static str,
+) -> Result<(Vec<u8>, PlainHeaders<'e>)> {
     let mut obj = Map::new();
     write_binary(
         ev,
@@ -296,7 +308,10 @@ mod tests {
             .content_type("application/json")
             .header("tenant", "eu")
             .header("X-Custom", "v")
-            .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
             .data(&br#"{"a":1}"#[..])
             .build()
             .unwrap()
@@ -307,12 +322,19 @@ mod tests {
         let ev = sample();
         let mut dec = BinaryDecoder::new();
         let mut plain = Vec::new();
-        write_binary(&ev, |n, v| dec.attribute(n, v), |n, v| plain.push((n.to_owned(), v.to_owned())));
+        write_binary(
+            &ev,
+            |n, v| dec.attribute(n, v),
+            |n, v| plain.push((n.to_owned(), v.to_owned())),
+        );
         assert_eq!(
             plain,
             [
                 ("X-Custom".to_owned(), "v".to_owned()),
-                ("traceparent".to_owned(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned())
+                (
+                    "traceparent".to_owned(),
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned()
+                )
             ]
         );
         for (n, v) in plain {

@@ -419,7 +419,10 @@ mod tests {
     fn ack_error_converts_into_anyhow_and_error() {
         fn assert_error<E: std::error::Error + Send + Sync + 'static>() {}
         assert_error::<AckError>();
-        let e = AckError::new(Error::closed("x"), Delivery::new(Event::new(b""), "t", NoopAcker("x")));
+        let e = AckError::new(
+            Error::closed("x"),
+            Delivery::new(Event::new(b""), "t", NoopAcker("x")),
+        );
         let e: Error = e.into();
         assert_eq!(e.kind(), ErrorKind::Closed);
     }

@@ -144,6 +144,7 @@ impl Event {
         self.source = Some(source.into());
     }
     /// Sets the source only if none was set: publishers call this with their default source.
+    #[allow(clippy::ptr_arg)] // a `&Cow` so a borrowed default stays borrowed when cloned
     pub fn set_source_if_unset(&mut self, source: &Cow<'static, str>) {
         if self.source.is_none() {
             self.source = Some(source.clone());
@@ -191,11 +192,12 @@ impl Event {
                 )));
             }
         }
-        if let Some(ct) = self.content_type() {
-            if ct.chars().any(char::is_control) {
-                return Err(Error::new(ErrorKind::Codec, "core")
-                    .with_message("content type contains a control character"));
-            }
+        if self
+            .content_type()
+            .is_some_and(|ct| ct.chars().any(char::is_control))
+        {
+            return Err(Error::new(ErrorKind::Codec, "core")
+                .with_message("content type contains a control character"));
         }
         Ok(())
     }
@@ -270,10 +272,10 @@ impl EventBuilder {
     }
     /// Appends a header; an invalid one makes [`build`](Self::build) fail.
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        if self.error.is_none() {
-            if let Err(e) = self.event.headers.append(name, value) {
-                self.error = Some(e);
-            }
+        if self.error.is_none()
+            && let Err(e) = self.event.headers.append(name, value)
+        {
+            self.error = Some(e);
         }
         self
     }

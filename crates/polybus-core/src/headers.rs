@@ -131,7 +131,9 @@ pub fn validate(name: &str, value: &str) -> Result<()> {
         return bad(format!("header name {name:?} contains {c:?}"));
     }
     if let Some(c) = value.chars().find(|c| c.is_control() && *c != '\t') {
-        return bad(format!("value of header {name:?} contains control character {c:?}"));
+        return bad(format!(
+            "value of header {name:?} contains control character {c:?}"
+        ));
     }
     Ok(())
 }

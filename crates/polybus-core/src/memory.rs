@@ -179,7 +179,11 @@ impl MemoryBroker {
         let mut topics = lock(&self.inner.topics);
         let state = topics.entry(topic.to_owned()).or_default();
         match group {
-            Some(g) => state.groups.entry(g.to_owned()).or_insert_with(Queue::new).clone(),
+            Some(g) => state
+                .groups
+                .entry(g.to_owned())
+                .or_insert_with(Queue::new)
+                .clone(),
             None => {
                 let q = Queue::new();
                 state.private.retain(|w| w.strong_count() > 0);
@@ -221,10 +225,12 @@ impl MemoryPublisher {
         topic::validate_name(topic, BACKEND, 255)?;
         let max = self.broker.inner.config.max_payload;
         if event.data().len() > max {
-            return Err(Error::new(ErrorKind::PayloadTooLarge, BACKEND).with_message(format!(
-                "payload is {} bytes, the limit is {max}",
-                event.data().len()
-            )));
+            return Err(
+                Error::new(ErrorKind::PayloadTooLarge, BACKEND).with_message(format!(
+                    "payload is {} bytes, the limit is {max}",
+                    event.data().len()
+                )),
+            );
         }
         event.validate()?;
         if let Some(src) = &self.source {
@@ -326,22 +332,23 @@ impl Stream for MemorySubscription {
             return Poll::Ready(None);
         }
         let mut state = lock(&this.queue.state);
-        if this.in_flight.load(AtomicOrdering::Acquire) < this.max_in_flight {
-            if let Some(p) = state.ready.pop_front() {
-                wake_all(&mut state.space_waiters);
-                drop(state);
-                this.in_flight.fetch_add(1, AtomicOrdering::AcqRel);
-                let (event, topic, offset, attempt) = (p.event.clone(), p.topic.clone(), p.offset, p.attempt);
-                let acker = MemoryAcker {
-                    queue: this.queue.clone(),
-                    in_flight: this.in_flight.clone(),
-                    pending: Some(p),
-                };
-                let delivery = Delivery::new(event, topic, acker)
-                    .with_sequence(offset)
-                    .with_delivery_count(attempt);
-                return Poll::Ready(Some(Ok(delivery)));
-            }
+        if this.in_flight.load(AtomicOrdering::Acquire) < this.max_in_flight
+            && let Some(p) = state.ready.pop_front()
+        {
+            wake_all(&mut state.space_waiters);
+            drop(state);
+            this.in_flight.fetch_add(1, AtomicOrdering::AcqRel);
+            let (event, topic, offset, attempt) =
+                (p.event.clone(), p.topic.clone(), p.offset, p.attempt);
+            let acker = MemoryAcker {
+                queue: this.queue.clone(),
+                in_flight: this.in_flight.clone(),
+                pending: Some(p),
+            };
+            let delivery = Delivery::new(event, topic, acker)
+                .with_sequence(offset)
+                .with_delivery_count(attempt);
+            return Poll::Ready(Some(Ok(delivery)));
         }
         if !state.waiters.iter().any(|w| w.will_wake(cx.waker())) {
             state.waiters.push(cx.waker().clone());
@@ -375,7 +382,9 @@ impl MessageConsumer for MemoryMessageConsumer {
             let n = self.subscriptions.len();
             for i in 0..n {
                 let idx = (self.next_index + i) % n;
-                if let Poll::Ready(Some(item)) = Pin::new(&mut self.subscriptions[idx]).poll_next(cx) {
+                if let Poll::Ready(Some(item)) =
+                    Pin::new(&mut self.subscriptions[idx]).poll_next(cx)
+                {
                     self.next_index = idx + 1;
                     return Poll::Ready(item);
                 }

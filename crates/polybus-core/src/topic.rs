@@ -20,7 +20,10 @@ pub const WILDCARDS: [char; 4] = ['*', '>', '+', '#'];
 pub fn validate_name(topic: &str, backend: &'static str, max_len: usize) -> Result<()> {
     validate_common(topic, backend, max_len)?;
     if let Some(c) = topic.chars().find(|c| WILDCARDS.contains(c)) {
-        return Err(invalid(backend, format!("topic {topic:?} contains the wildcard {c:?}")));
+        return Err(invalid(
+            backend,
+            format!("topic {topic:?} contains the wildcard {c:?}"),
+        ));
     }
     Ok(())
 }
@@ -56,12 +59,24 @@ mod tests {
 
     #[test]
     fn rejects_each_bad_shape_with_invalid_topic() {
-        for t in ["", "a b", "tab\there", "nl\n", "nul\0", "a.*", "a.>", "a/+", "a/#"] {
+        for t in [
+            "",
+            "a b",
+            "tab\there",
+            "nl\n",
+            "nul\0",
+            "a.*",
+            "a.>",
+            "a/+",
+            "a/#",
+        ] {
             let e = validate_name(t, "x", 255).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidTopic, "{t:?}");
         }
         assert_eq!(
-            validate_name(&"a".repeat(256), "x", 255).unwrap_err().kind(),
+            validate_name(&"a".repeat(256), "x", 255)
+                .unwrap_err()
+                .kind(),
             ErrorKind::InvalidTopic
         );
         assert!(validate_name("ünïcode.ok-1_2", "x", 255).is_ok());

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use futures_core::Stream;
 
-use crate::{BoxPublisher, Capabilities, Delivery, Error, ErrorKind, Event, IntoPayload, Receipt, Result};
+use crate::{
+    BoxPublisher, Capabilities, Delivery, Error, ErrorKind, Event, IntoPayload, Receipt, Result,
+};
 
 /// Publishes events to topics (Kafka topics, NATS subjects, MQTT topics).
 ///
@@ -79,7 +81,11 @@ pub trait Consumer: Send + Sync {
 pub trait PublisherExt: Publisher {
     /// Publishes a payload as a new [`Event`] with default attributes, as the seed writes it:
     /// `producer.send("t", b"hello").await?`.
-    fn send(&self, topic: &str, payload: impl IntoPayload) -> impl Future<Output = Result<Receipt>> + Send {
+    fn send(
+        &self,
+        topic: &str,
+        payload: impl IntoPayload,
+    ) -> impl Future<Output = Result<Receipt>> + Send {
         self.publish(topic, Event::new(payload))
     }
 

@@ -1,0 +1,1 @@
+//! Broker processes for tests (filled in next).

@@ -1,0 +1,68 @@
+//! The polybus conformance suite and test fixtures.
+//!
+//! Every backend implements [`Fixture`] and runs the whole suite with one macro call:
+//!
+//! ```text
+//! polybus_testkit::conformance!(MemoryFixture::default());
+//! // for a real broker, the tests are ignored under plain `cargo test`:
+//! polybus_testkit::conformance!(NatsFixture::from_env().await?, #[ignore = "needs brokers: cargo xtask test"]);
+//! ```
+//!
+//! The scenarios live in [`suite`]; each one is gated by the fixture's
+//! [`Capabilities`](polybus_core::Capabilities) and checks the declared answer where a
+//! capability is off. [`MemoryFixture`] runs them against the in-memory backend.
+
+pub mod brokers;
+mod fixture;
+mod memory;
+pub mod suite;
+pub mod support;
+
+pub use fixture::Fixture;
+pub use memory::MemoryFixture;
+
+/// Generates one `#[tokio::test]` per scenario of [`suite`] for the fixture `$fixture` (an
+/// expression evaluated inside each async test, so it may `.await` and use `?` on an
+/// `anyhow::Result`). Attributes after the fixture (such as `#[ignore = "..."]`) go on every
+/// test.
+#[macro_export]
+macro_rules! conformance {
+    ($fixture:expr $(, $(#[$attr:meta])*)?) => {
+        $crate::__conformance_tests! {
+            ($fixture) { $($(#[$attr])*)? }
+            publish_subscribe headers_roundtrip topic_isolation many_publishers_many_subscribers
+            many_topics ack_consumes nack_redelivers nack_after_delay_honoured
+            term_is_not_redelivered out_of_order_ack_is_safe unsettled_delivery_returns
+            no_loss_across_subscriber_restart continue_after_errors consumer_group_fanout
+            consumer_group_balance per_key_order concurrent_close flush_on_close_loses_nothing
+            use_after_close_errors late_subscriber_backlog oversized_payload_rejected
+            invalid_topic_rejected publish_json_sets_content_type boxed_backends_work
+            spawned_tasks_work
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_tests {
+    (($fixture:expr) $attrs:tt $($name:ident)*) => {
+        $(
+            $crate::__with_attrs! {
+                $attrs
+                #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> ::anyhow::Result<()> {
+                    let fixture = $fixture;
+                    $crate::suite::$name(&fixture).await
+                }
+            }
+        )*
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __with_attrs {
+    ({ $($attr:tt)* } $($item:tt)*) => {
+        $($attr)* $($item)*
+    };
+}

@@ -1,0 +1,913 @@
+//! The conformance scenarios (CONFORMANCE.md, B.8). Each is an `async fn` over a [`Fixture`],
+//! gated by its [`Capabilities`](polybus_core::Capabilities): a scenario whose capability is
+//! off checks the backend's declared answer instead (an `Unsupported` nack, a missed backlog)
+//! where there is one to check, and says why it does not apply otherwise.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use futures_util::StreamExt as _;
+use futures_util::future::join_all;
+use polybus_core::{
+    Backlog, BoxConsumer, BoxPublisher, Consumer, ErrorKind, Event, Ordering, Publisher,
+    PublisherExt,
+};
+
+use crate::Fixture;
+use crate::support::{id_set, numbered, publish_n, subscribe};
+
+/// Every scenario's name, in the order the macro generates them.
+pub const SCENARIOS: &[&str] = &[
+    "publish_subscribe",
+    "headers_roundtrip",
+    "topic_isolation",
+    "many_publishers_many_subscribers",
+    "many_topics",
+    "ack_consumes",
+    "nack_redelivers",
+    "nack_after_delay_honoured",
+    "term_is_not_redelivered",
+    "out_of_order_ack_is_safe",
+    "unsettled_delivery_returns",
+    "no_loss_across_subscriber_restart",
+    "continue_after_errors",
+    "consumer_group_fanout",
+    "consumer_group_balance",
+    "per_key_order",
+    "concurrent_close",
+    "flush_on_close_loses_nothing",
+    "use_after_close_errors",
+    "late_subscriber_backlog",
+    "oversized_payload_rejected",
+    "invalid_topic_rejected",
+    "publish_json_sets_content_type",
+    "boxed_backends_work",
+    "spawned_tasks_work",
+];
+
+fn not_applicable(f: &impl Fixture, scenario: &str, why: &str) -> Result<()> {
+    eprintln!("{}: {scenario} does not apply: {why}", f.name());
+    Ok(())
+}
+
+/// Publish 100 events with payload, key, kind and a header after subscribing: every one
+/// arrives with its attributes intact (watermill TestPublishSubscribe).
+pub async fn publish_subscribe<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let consumer = f.consumer(None).await?;
+    let mut sub = subscribe(f, &consumer, &topic).await;
+    let publisher = f.publisher().await?;
+    let caps = f.capabilities();
+    let sent: Vec<Event> = (0..100)
+        .map(|i| {
+            let mut b = Event::builder()
+                .kind("polybus.test.created")
+                .source("urn:polybus:testkit")
+                .key(format!("key-{}", i % 7))
+                .data(format!("payload-{i}"));
+            if caps.headers {
+                b = b.header("seq", i.to_string());
+            }
+            b.build().expect("valid event")
+        })
+        .collect();
+    for ev in &sent {
+        publisher.publish(&topic, ev.clone()).await?;
+    }
+    let got = sub
+        .collect_ids(&sent.iter().map(|e| e.id().to_owned()).collect())
+        .await?;
+    let by_id: HashMap<&str, &Event> = got.iter().map(|e| (e.id(), e)).collect();
+    for ev in &sent {
+        let r = by_id[ev.id()];
+        ensure!(r.data() == ev.data(), "payload of {} changed", ev.id());
+        if caps.headers {
+            ensure!(r.kind() == ev.kind(), "kind changed: {:?}", r.kind());
+            ensure!(
+                r.source() == ev.source(),
+                "source changed: {:?}",
+                r.source()
+            );
+            ensure!(r.key() == ev.key(), "key changed: {:?}", r.key());
+            ensure!(
+                r.headers().get("seq") == ev.headers().get("seq"),
+                "header changed: {:?}",
+                r.headers()
+            );
+        }
+    }
+    publisher.close().await?;
+    Ok(())
+}
+
+/// Headers survive the trip: case-insensitive lookup, several values, content type, and the
+/// trace header (RustStream headers_propagate).
+pub async fn headers_roundtrip<F: Fixture>(f: &F) -> Result<()> {
+    if !f.capabilities().headers {
+        return not_applicable(f, "headers_roundtrip", "the backend carries no headers");
+    }
+    let topic = f.topic();
+    let consumer = f.consumer(None).await?;
+    let mut sub = subscribe(f, &consumer, &topic).await;
+    let publisher = f.publisher().await?;
+    let ev = Event::builder()
+        .content_type("text/plain; charset=utf-8")
+        .header("tenant", "eu-1")
+        .header("X-Request-Id", "r-42")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .data("hello")
+        .build()?;
+    publisher.publish(&topic, ev.clone()).await?;
+    let d = sub.next("the event with headers").await?;
+    let r = d.event();
+    ensure!(r.id() == ev.id(), "id changed");
+    ensure!(
+        r.content_type() == Some("text/plain; charset=utf-8"),
+        "content type: {:?}",
+        r.content_type()
+    );
+    ensure!(
+        r.headers().get("TENANT") == Some("eu-1"),
+        "tenant: {:?}",
+        r.headers()
+    );
+    ensure!(
+        r.headers().get("x-request-id") == Some("r-42"),
+        "x-request-id: {:?}",
+        r.headers()
+    );
+    ensure!(
+        r.headers().get("traceparent") == ev.headers().get("traceparent"),
+        "traceparent: {:?}",
+        r.headers()
+    );
+    d.ack().await?;
+    Ok(())
+}
+
+/// Two topics, one event each: each subscription sees only its own (watermill TestTopic).
+pub async fn topic_isolation<F: Fixture>(f: &F) -> Result<()> {
+    let (t1, t2) = (f.topic(), f.topic());
+    let (c1, c2) = (f.consumer(None).await?, f.consumer(None).await?);
+    let mut s1 = subscribe(f, &c1, &t1).await;
+    let mut s2 = subscribe(f, &c2, &t2).await;
+    let p = f.publisher().await?;
+    let e1 = Event::new("one");
+    let e2 = Event::new("two");
+    p.publish(&t1, e1.clone()).await?;
+    p.publish(&t2, e2.clone()).await?;
+    let d1 = s1.next("the event on topic 1").await?;
+    ensure!(d1.event().id() == e1.id(), "topic 1 got {:?}", d1.event());
+    d1.ack().await?;
+    let d2 = s2.next("the event on topic 2").await?;
+    ensure!(d2.event().id() == e2.id(), "topic 2 got {:?}", d2.event());
+    d2.ack().await?;
+    s1.expect_quiet("topic 1 must not see topic 2's event")
+        .await?;
+    s2.expect_quiet("topic 2 must not see topic 1's event")
+        .await?;
+    Ok(())
+}
+
+/// 5 publishers × 40 events, published concurrently, to 3 independent subscribers: each
+/// subscriber receives all 200 (watermill TestConcurrentSubscribe, TestPublisherClose).
+pub async fn many_publishers_many_subscribers<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let mut consumers = Vec::new();
+    for _ in 0..3 {
+        consumers.push(f.consumer(None).await?);
+    }
+    let mut subs = Vec::new();
+    for c in &consumers {
+        subs.push(subscribe(f, c, &topic).await);
+    }
+    let mut publishers = Vec::new();
+    for _ in 0..5 {
+        publishers.push(f.publisher().await?);
+    }
+    let results = join_all(publishers.iter().enumerate().map(|(p, publisher)| {
+        publish_n(publisher, &topic, 40, move |i| {
+            numbered(&format!("p{p}"), i)
+        })
+    }))
+    .await;
+    let mut ids = HashSet::new();
+    for r in results {
+        ids.extend(r?);
+    }
+    ensure!(ids.len() == 200, "ids not unique");
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let got = sub
+            .collect_ids(&ids)
+            .await
+            .with_context(|| format!("subscriber {i}"))?;
+        ensure!(got.len() == 200, "subscriber {i} got {}", got.len());
+    }
+    for p in &publishers {
+        p.close().await?;
+    }
+    Ok(())
+}
+
+/// 10 topics × 20 events, each topic published and consumed concurrently: every topic gets
+/// exactly its own events (watermill TestConcurrentSubscribeMultipleTopics).
+pub async fn many_topics<F: Fixture>(f: &F) -> Result<()> {
+    let topics: Vec<String> = (0..10).map(|_| f.topic()).collect();
+    let publisher = f.publisher().await?;
+    let runs = topics.iter().map(|topic| {
+        let publisher = &publisher;
+        async move {
+            let consumer = f.consumer(None).await?;
+            let mut sub = subscribe(f, &consumer, topic).await;
+            let ids = publish_n(publisher, topic, 20, |i| numbered(topic, i)).await?;
+            let got = sub.collect_ids(&id_set(&ids)).await?;
+            for ev in &got {
+                ensure!(
+                    ev.data().starts_with(topic.as_bytes()),
+                    "foreign event on {topic}"
+                );
+            }
+            sub.expect_quiet("nothing else on this topic").await?;
+            anyhow::Ok(())
+        }
+    });
+    for r in join_all(runs).await {
+        r?;
+    }
+    Ok(())
+}
+
+/// An acked event is not delivered again, neither now nor to the next member of the group.
+pub async fn ack_consumes<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let group = f.group();
+    let caps = f.capabilities();
+    let group_opt = caps.consumer_groups.then_some(group.as_str());
+    let p = f.publisher().await?;
+    {
+        let c = f.consumer(group_opt).await?;
+        let mut sub = subscribe(f, &c, &topic).await;
+        let ev = Event::new("ack me");
+        p.publish(&topic, ev.clone()).await?;
+        let d = sub.next("the event").await?;
+        ensure!(d.event().id() == ev.id());
+        d.ack().await?;
+        sub.expect_quiet("an acked event must not come back")
+            .await?;
+    }
+    if caps.durable_groups {
+        let c = f.consumer(group_opt).await?;
+        let mut sub = subscribe(f, &c, &topic).await;
+        sub.expect_quiet("an acked event must not reach the next group member")
+            .await?;
+    }
+    Ok(())
+}
+
+/// Nack the first two deliveries: every event still arrives (watermill TestResendOnError).
+/// Where nack is unsupported, it must say so and hand the delivery back.
+pub async fn nack_redelivers<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let c = f
+        .consumer(
+            Some(&f.group())
+                .filter(|_| f.capabilities().consumer_groups)
+                .map(String::as_str),
+        )
+        .await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let p = f.publisher().await?;
+    let ids = publish_n(&p, &topic, 10, |i| numbered("nack", i)).await?;
+    if !f.capabilities().redelivery_on_nack {
+        let d = sub.next("an event to nack").await?;
+        let err = d
+            .nack(Duration::ZERO)
+            .await
+            .err()
+            .context("nack must fail where unsupported")?;
+        ensure!(
+            err.error().kind() == ErrorKind::Unsupported,
+            "nack error kind: {:?}",
+            err.error()
+        );
+        err.into_delivery().ack().await?;
+        return Ok(());
+    }
+    let mut nacked = 0;
+    let mut seen = HashSet::new();
+    let mut redelivered = HashSet::new();
+    while seen.len() < ids.len() {
+        let d = sub.next("all events after nacks").await?;
+        let id = d.event().id().to_owned();
+        if nacked < 2 && !seen.contains(&id) && !redelivered.contains(&id) {
+            nacked += 1;
+            redelivered.insert(id);
+            d.nack(Duration::ZERO).await?;
+            continue;
+        }
+        if redelivered.contains(&id) {
+            ensure!(
+                d.delivery_count() >= 2,
+                "redelivery count of {id} is {}",
+                d.delivery_count()
+            );
+        }
+        seen.insert(id);
+        d.ack().await?;
+    }
+    ensure!(seen == id_set(&ids), "the set of received ids differs");
+    Ok(())
+}
+
+/// `nack(1.5 s)` redelivers no sooner than the delay and within 10 s after it (RustStream
+/// nack_after).
+pub async fn nack_after_delay_honoured<F: Fixture>(f: &F) -> Result<()> {
+    let caps = f.capabilities();
+    if !caps.nack_delay {
+        return not_applicable(
+            f,
+            "nack_after_delay_honoured",
+            "nack with a delay is not supported (declared)",
+        );
+    }
+    let topic = f.topic();
+    let c = f
+        .consumer(caps.consumer_groups.then(|| f.group()).as_deref())
+        .await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let p = f.publisher().await?;
+    let ev = Event::new("later");
+    p.publish(&topic, ev.clone()).await?;
+    let d = sub.next("the event").await?;
+    let delay = Duration::from_millis(1500);
+    let nacked_at = Instant::now();
+    d.nack(delay).await?;
+    let again = sub
+        .next_within(delay + Duration::from_secs(10))
+        .await?
+        .context("no redelivery within delay + 10 s")?;
+    let waited = nacked_at.elapsed();
+    ensure!(again.event().id() == ev.id(), "a different event came back");
+    ensure!(
+        waited >= delay - Duration::from_millis(100),
+        "redelivered after {waited:?}, before the {delay:?} delay"
+    );
+    again.ack().await?;
+    Ok(())
+}
+
+/// A terminated event is not delivered again.
+pub async fn term_is_not_redelivered<F: Fixture>(f: &F) -> Result<()> {
+    let caps = f.capabilities();
+    let topic = f.topic();
+    let c = f
+        .consumer(caps.consumer_groups.then(|| f.group()).as_deref())
+        .await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let p = f.publisher().await?;
+    p.publish(&topic, Event::new("poison")).await?;
+    let d = sub.next("the poison event").await?;
+    match d.term().await {
+        Ok(()) => {
+            sub.expect_quiet("a terminated event must not come back")
+                .await
+        }
+        Err(e) if e.error().kind() == ErrorKind::Unsupported => {
+            ensure!(
+                !caps.redelivery_on_nack,
+                "term unsupported although nack is: {e}"
+            );
+            e.into_delivery().ack().await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Acking a later event does not consume an earlier unsettled one: the earlier one comes
+/// back (RustStream settlement: out-of-order settlement is safe).
+pub async fn out_of_order_ack_is_safe<F: Fixture>(f: &F) -> Result<()> {
+    let caps = f.capabilities();
+    if !(caps.redelivery_on_drop && caps.consumer_groups) {
+        return not_applicable(
+            f,
+            "out_of_order_ack_is_safe",
+            "unsettled deliveries are not redelivered (declared)",
+        );
+    }
+    let topic = f.topic();
+    let group = f.group();
+    let p = f.publisher().await?;
+    let first_id;
+    {
+        let c = f.consumer(Some(&group)).await?;
+        let mut sub = subscribe(f, &c, &topic).await;
+        let ids = publish_n(&p, &topic, 2, |i| numbered("ooo", i)).await?;
+        let a = sub.next("event 1").await?;
+        let b = sub.next("event 2").await?;
+        ensure!(
+            a.event().id() == ids[0] && b.event().id() == ids[1],
+            "order on a single subscriber"
+        );
+        first_id = ids[0].clone();
+        b.ack().await?;
+        drop(a); // unsettled
+    }
+    let c = f.consumer(Some(&group)).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let d = sub.next("the unsettled first event again").await?;
+    ensure!(
+        d.event().id() == first_id,
+        "expected the first event back, got {:?}",
+        d.event()
+    );
+    d.ack().await?;
+    sub.expect_quiet("the acked second event must not come back")
+        .await?;
+    Ok(())
+}
+
+/// A delivery dropped without settlement comes back (RustStream: an unsettled delivery
+/// comes back).
+pub async fn unsettled_delivery_returns<F: Fixture>(f: &F) -> Result<()> {
+    let caps = f.capabilities();
+    if !caps.redelivery_on_drop {
+        return not_applicable(
+            f,
+            "unsettled_delivery_returns",
+            "unsettled deliveries are not redelivered (declared)",
+        );
+    }
+    let topic = f.topic();
+    let group = caps.consumer_groups.then(|| f.group());
+    let p = f.publisher().await?;
+    let c = f.consumer(group.as_deref()).await?;
+    let ev = Event::new("dropped");
+    let mut sub = subscribe(f, &c, &topic).await;
+    p.publish(&topic, ev.clone()).await?;
+    let d = sub.next("the event").await?;
+    ensure!(d.event().id() == ev.id());
+    drop(d);
+    let again = sub.next("the dropped event again").await?;
+    ensure!(again.event().id() == ev.id(), "another event came back");
+    ensure!(
+        again.delivery_count() >= 2,
+        "delivery count {}",
+        again.delivery_count()
+    );
+    again.ack().await?;
+    Ok(())
+}
+
+/// Publish 60; a group member reads and acks 20 and goes away; a new member reads the rest:
+/// nothing is lost across the restart (watermill TestContinueAfterSubscribeClose).
+pub async fn no_loss_across_subscriber_restart<F: Fixture>(f: &F) -> Result<()> {
+    let caps = f.capabilities();
+    if !caps.durable_groups {
+        return not_applicable(
+            f,
+            "no_loss_across_subscriber_restart",
+            "groups do not keep a position without members (declared)",
+        );
+    }
+    let topic = f.topic();
+    let group = f.group();
+    let p = f.publisher().await?;
+    let mut seen = HashSet::new();
+    let ids;
+    {
+        let c = f.consumer(Some(&group)).await?;
+        let mut sub = subscribe(f, &c, &topic).await;
+        ids = publish_n(&p, &topic, 60, |i| numbered("restart", i)).await?;
+        while seen.len() < 20 {
+            let d = sub.next("the first 20").await?;
+            seen.insert(d.event().id().to_owned());
+            d.ack().await?;
+        }
+    }
+    let c = f.consumer(Some(&group)).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let rest: HashSet<String> = ids.iter().filter(|i| !seen.contains(*i)).cloned().collect();
+    sub.collect_ids(&rest)
+        .await
+        .context("the rest after the restart")?;
+    Ok(())
+}
+
+/// Three members in turn nack what they get and go away; a last member still receives all 20
+/// (watermill TestContinueAfterErrors).
+pub async fn continue_after_errors<F: Fixture>(f: &F) -> Result<()> {
+    let caps = f.capabilities();
+    if !(caps.redelivery_on_nack && caps.durable_groups) {
+        return not_applicable(
+            f,
+            "continue_after_errors",
+            "needs nack redelivery and durable groups (declared off)",
+        );
+    }
+    let topic = f.topic();
+    let group = f.group();
+    let p = f.publisher().await?;
+    let ids;
+    {
+        let c = f.consumer(Some(&group)).await?;
+        let mut sub = subscribe(f, &c, &topic).await;
+        ids = publish_n(&p, &topic, 20, |i| numbered("errors", i)).await?;
+        for _ in 0..5 {
+            sub.next("an event to nack")
+                .await?
+                .nack(Duration::ZERO)
+                .await?;
+        }
+    }
+    for _ in 0..2 {
+        let c = f.consumer(Some(&group)).await?;
+        let mut sub = subscribe(f, &c, &topic).await;
+        for _ in 0..5 {
+            sub.next("an event to nack")
+                .await?
+                .nack(Duration::ZERO)
+                .await?;
+        }
+    }
+    let c = f.consumer(Some(&group)).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    sub.collect_ids(&id_set(&ids)).await?;
+    Ok(())
+}
+
+/// Two groups each receive all 30 events (watermill TestConsumerGroups).
+pub async fn consumer_group_fanout<F: Fixture>(f: &F) -> Result<()> {
+    if !f.capabilities().consumer_groups {
+        return not_applicable(f, "consumer_group_fanout", "no consumer groups (declared)");
+    }
+    let topic = f.topic();
+    let (g1, g2) = (f.group(), f.group());
+    let (c1, c2) = (f.consumer(Some(&g1)).await?, f.consumer(Some(&g2)).await?);
+    let mut s1 = subscribe(f, &c1, &topic).await;
+    let mut s2 = subscribe(f, &c2, &topic).await;
+    let p = f.publisher().await?;
+    let ids = id_set(&publish_n(&p, &topic, 30, |i| numbered("fanout", i)).await?);
+    s1.collect_ids(&ids).await.context("group 1")?;
+    s2.collect_ids(&ids).await.context("group 2")?;
+    Ok(())
+}
+
+/// Two members of one group share 40 keyed events: together they get all, each gets some,
+/// and no event is processed by both (Dapr certification, Kafka: a third consumer in the same
+/// group shares the load).
+pub async fn consumer_group_balance<F: Fixture>(f: &F) -> Result<()> {
+    if !f.capabilities().consumer_groups {
+        return not_applicable(f, "consumer_group_balance", "no consumer groups (declared)");
+    }
+    let topic = f.topic();
+    let group = f.group();
+    let (c1, c2) = (
+        f.consumer(Some(&group)).await?,
+        f.consumer(Some(&group)).await?,
+    );
+    let mut s1 = subscribe(f, &c1, &topic).await;
+    let mut s2 = subscribe(f, &c2, &topic).await;
+    // Settle again now that both members joined (a rebalance may follow the second join).
+    tokio::time::sleep(f.subscribe_settle()).await;
+    let p = f.publisher().await?;
+    let ids = publish_n(&p, &topic, 40, |i| {
+        Event::builder()
+            .key(format!("k{i}"))
+            .data(format!("balance-{i}"))
+            .build()
+            .expect("valid")
+    })
+    .await?;
+    let want = id_set(&ids);
+    let mut got: [HashSet<String>; 2] = Default::default();
+    let deadline = Instant::now() + s1.timeout();
+    while got[0].len() + got[1].len() < want.len() || got[0].union(&got[1]).count() < want.len() {
+        ensure!(
+            Instant::now() < deadline,
+            "received {} + {} of {}",
+            got[0].len(),
+            got[1].len(),
+            want.len()
+        );
+        for (i, sub) in [&mut s1, &mut s2].into_iter().enumerate() {
+            if let Some(d) = sub.next_within(Duration::from_millis(50)).await? {
+                let id = d.event().id().to_owned();
+                d.ack().await?;
+                if !d_redelivered_elsewhere(&got, i, &id) {
+                    got[i].insert(id);
+                }
+            }
+        }
+    }
+    ensure!(
+        got[0].union(&got[1]).cloned().collect::<HashSet<_>>() == want,
+        "the union differs"
+    );
+    ensure!(
+        !got[0].is_empty() && !got[1].is_empty(),
+        "one member got nothing: {} / {}",
+        got[0].len(),
+        got[1].len()
+    );
+    ensure!(
+        got[0].is_disjoint(&got[1]),
+        "{} events were processed by both members",
+        got[0].intersection(&got[1]).count()
+    );
+    Ok(())
+}
+
+fn d_redelivered_elsewhere(got: &[HashSet<String>; 2], me: usize, id: &str) -> bool {
+    got[1 - me].contains(id)
+}
+
+/// 16 keys, 10 events each, interleaved: each key's events arrive in publish order to a single
+/// subscriber (watermill TestPublishSubscribeInOrder, Dapr ordered watcher).
+pub async fn per_key_order<F: Fixture>(f: &F) -> Result<()> {
+    if f.capabilities().ordering == Ordering::None {
+        return not_applicable(f, "per_key_order", "no order guarantee (declared)");
+    }
+    let topic = f.topic();
+    let c = f.consumer(None).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let p = f.publisher().await?;
+    let ids = publish_n(&p, &topic, 160, |i| {
+        Event::builder()
+            .key(format!("key-{}", i % 16))
+            .data(format!("{}", i / 16))
+            .build()
+            .expect("valid")
+    })
+    .await?;
+    let got = sub.collect_ids(&id_set(&ids)).await?;
+    let mut last: HashMap<Vec<u8>, i64> = HashMap::new();
+    for ev in got {
+        let key = ev.key().context("key lost")?.to_vec();
+        let n: i64 = std::str::from_utf8(ev.data())?.parse()?;
+        let prev = last.insert(key.clone(), n).unwrap_or(-1);
+        ensure!(
+            n == prev + 1,
+            "key {} got {n} after {prev}",
+            String::from_utf8_lossy(&key)
+        );
+    }
+    Ok(())
+}
+
+/// Ten tasks create, subscribe and close concurrently; afterwards 20 events reach a fresh
+/// subscriber (watermill TestConcurrentClose).
+pub async fn concurrent_close<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let churn = (0..10).map(|_| async {
+        let p = f.publisher().await?;
+        let c = f.consumer(None).await?;
+        let sub = subscribe(f, &c, &topic).await;
+        drop(sub);
+        p.close().await?;
+        anyhow::Ok(())
+    });
+    for r in join_all(churn).await {
+        r?;
+    }
+    let c = f.consumer(None).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let p = f.publisher().await?;
+    let ids = publish_n(&p, &topic, 20, |i| numbered("after-close", i)).await?;
+    sub.collect_ids(&id_set(&ids)).await?;
+    Ok(())
+}
+
+/// 300 publishes in flight at once, then `close`: every one arrives (watermill
+/// TestPublisherClose; RustStream shutdown_flushes).
+pub async fn flush_on_close_loses_nothing<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let c = f.consumer(None).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let p = f.publisher().await?;
+    let events: Vec<Event> = (0..300).map(|i| numbered("flush", i)).collect();
+    let ids: HashSet<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    let sends = events.into_iter().map(|ev| p.publish(&topic, ev));
+    for r in join_all(sends).await {
+        r?;
+    }
+    p.close().await?;
+    sub.collect_ids(&ids).await?;
+    Ok(())
+}
+
+/// After `close`, publishing fails promptly with `Closed`; closing twice is fine (RustStream:
+/// after shutdown every aliased publisher must error).
+pub async fn use_after_close_errors<F: Fixture>(f: &F) -> Result<()> {
+    let p = f.publisher().await?;
+    p.close().await?;
+    p.close().await.context("closing twice must not fail")?;
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        p.publish(&f.topic(), Event::new("x")),
+    )
+    .await
+    .context("publish after close hung")?;
+    match r {
+        Err(e) if e.kind() == ErrorKind::Closed => {}
+        other => bail!("publish after close returned {other:?}"),
+    }
+    ensure!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// Events published before a subscriber (without a group position) exists are delivered or
+/// missed, exactly as the backend declares (RustStream publish_before_subscribe; watermill
+/// TestNewSubscriberReceivesOldMessages).
+pub async fn late_subscriber_backlog<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let p = f.publisher().await?;
+    // Make the topic exist on brokers that create it on first use.
+    let warm = f.consumer(None).await?;
+    drop(subscribe(f, &warm, &topic).await);
+    let old = id_set(&publish_n(&p, &topic, 5, |i| numbered("old", i)).await?);
+    let c = f.consumer(None).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    match f.capabilities().backlog {
+        Backlog::Delivered => {
+            sub.collect_ids(&old).await.context("the backlog")?;
+        }
+        _ => {
+            let new = Event::new("new");
+            p.publish(&topic, new.clone()).await?;
+            let d = sub.next("the new event").await?;
+            ensure!(
+                !old.contains(d.event().id()),
+                "a missed-backlog backend delivered an old event"
+            );
+            ensure!(d.event().id() == new.id());
+            d.ack().await?;
+        }
+    }
+    Ok(())
+}
+
+/// A payload over the declared limit fails with `PayloadTooLarge` and the publisher keeps
+/// working.
+pub async fn oversized_payload_rejected<F: Fixture>(f: &F) -> Result<()> {
+    let Some(max) = f.capabilities().max_payload else {
+        return not_applicable(
+            f,
+            "oversized_payload_rejected",
+            "the backend declares no payload limit",
+        );
+    };
+    let topic = f.topic();
+    let c = f.consumer(None).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let p = f.publisher().await?;
+    let err = p
+        .publish(&topic, Event::new(vec![b'x'; max + 1]))
+        .await
+        .err()
+        .context("an oversized payload was accepted")?;
+    ensure!(err.kind() == ErrorKind::PayloadTooLarge, "got {err}");
+    let ok = Event::new("fits");
+    p.publish(&topic, ok.clone())
+        .await
+        .context("the publisher broke after a rejection")?;
+    let d = sub.next("the event after the rejection").await?;
+    ensure!(d.event().id() == ok.id());
+    d.ack().await?;
+    Ok(())
+}
+
+/// Empty, blank and wildcard topics fail with `InvalidTopic`, on publish and on subscribe.
+pub async fn invalid_topic_rejected<F: Fixture>(f: &F) -> Result<()> {
+    let p = f.publisher().await?;
+    for bad in ["", "has space", "nul\0byte"] {
+        let err = p
+            .publish(bad, Event::new("x"))
+            .await
+            .err()
+            .with_context(|| format!("{bad:?} accepted"))?;
+        ensure!(err.kind() == ErrorKind::InvalidTopic, "{bad:?}: {err}");
+    }
+    for wildcard in ["a.*", "a/#", "a/+", "a.>"] {
+        let r = p.publish(wildcard, Event::new("x")).await;
+        if let Err(e) = r {
+            ensure!(e.kind() == ErrorKind::InvalidTopic, "{wildcard:?}: {e}");
+        } else {
+            // Some brokers treat these as plain characters; they must not be wildcards then.
+            eprintln!("{}: {wildcard:?} is a legal topic name here", f.name());
+        }
+    }
+    let c = f.consumer(None).await?;
+    let mut stream = Box::pin(c.subscribe(""));
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures_util::StreamExt::next(&mut stream),
+    )
+    .await
+    .context("subscribing to an empty topic hung")?;
+    match first {
+        Some(Err(e)) if e.kind() == ErrorKind::InvalidTopic => Ok(()),
+        other => bail!("subscribe(\"\") yielded {other:?}"),
+    }
+}
+
+/// `publish_json` sets `application/json` and the bytes of the value.
+pub async fn publish_json_sets_content_type<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let c = f.consumer(None).await?;
+    let mut sub = subscribe(f, &c, &topic).await;
+    let p = f.publisher().await?;
+    p.publish_json(&topic, &HashMap::from([("order", 42)]))
+        .await?;
+    let d = sub.next("the JSON event").await?;
+    ensure!(
+        d.payload() == br#"{"order":42}"#,
+        "payload {:?}",
+        String::from_utf8_lossy(d.payload())
+    );
+    if f.capabilities().headers {
+        ensure!(
+            d.event().content_type() == Some("application/json"),
+            "{:?}",
+            d.event().content_type()
+        );
+    }
+    d.ack().await?;
+    Ok(())
+}
+
+/// The erased `BoxPublisher`/`BoxConsumer` behave like the concrete types.
+pub async fn boxed_backends_work<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let c = BoxConsumer::new(f.consumer(None).await?);
+    ensure!(
+        c.capabilities() == f.capabilities()
+            || c.capabilities().headers == f.capabilities().headers
+    );
+    let p: BoxPublisher = f.publisher().await?.boxed();
+    let mut stream = Box::pin(c.subscribe(&topic));
+    let settle = f.subscribe_settle();
+    let mut first = None;
+    if let Ok(item) = tokio::time::timeout(settle, futures_util::StreamExt::next(&mut stream)).await
+    {
+        first = item;
+    }
+    let ev = Event::new("boxed");
+    p.clone().publish(&topic, ev.clone()).await?;
+    let d = match first {
+        Some(d) => d?,
+        None => tokio::time::timeout(
+            f.receive_timeout(),
+            futures_util::StreamExt::next(&mut stream),
+        )
+        .await
+        .context("no delivery through BoxConsumer")?
+        .context("stream ended")??,
+    };
+    ensure!(d.event().id() == ev.id());
+    d.ack().await?;
+    p.close().await?;
+    Ok(())
+}
+
+/// Publishing and consuming from spawned tasks works (the futures and streams are `Send`).
+pub async fn spawned_tasks_work<F: Fixture>(f: &F) -> Result<()> {
+    let topic = f.topic();
+    let consumer = f.consumer(None).await?;
+    let settle = f.subscribe_settle();
+    let timeout = f.receive_timeout();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let t = topic.clone();
+    let consumer_task = tokio::spawn(async move {
+        let mut stream = Box::pin(consumer.subscribe(&t)).peekable();
+        let _ = tokio::time::timeout(settle, std::pin::Pin::new(&mut stream).peek()).await;
+        let _ = ready_tx.send(());
+        let d = tokio::time::timeout(timeout, futures_util::StreamExt::next(&mut stream)).await;
+        match d {
+            Ok(Some(Ok(d))) => {
+                let id = d.event().id().to_owned();
+                d.ack().await?;
+                anyhow::Ok(id)
+            }
+            other => bail!("spawned consumer got {other:?}"),
+        }
+    });
+    ready_rx.await.context("consumer task died")?;
+    let p = f.publisher().await?;
+    let ev = Event::new("spawned");
+    let id = ev.id().to_owned();
+    let t = topic.clone();
+    tokio::spawn(async move { p.publish(&t, ev).await }).await??;
+    let got = consumer_task.await??;
+    ensure!(got == id);
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! The in-memory backend passes the whole conformance suite under plain `cargo test`.
+
+use polybus_testkit::MemoryFixture;
+
+polybus_testkit::conformance!(MemoryFixture::default());
