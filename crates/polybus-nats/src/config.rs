@@ -301,6 +301,21 @@ impl NatsOptions {
         self
     }
 
+    /// The default event source set with [`source`](Self::source).
+    pub fn default_source(&self) -> Option<&Cow<'static, str>> {
+        self.source.as_ref()
+    }
+
+    /// The CloudEvents content mode set with [`mode`](Self::mode).
+    pub fn content_mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The close timeout set with [`close_timeout`](Self::close_timeout).
+    pub fn close_timeout_value(&self) -> Duration {
+        self.close_timeout
+    }
+
     /// Connects and returns a producer.
     ///
     /// # Errors
