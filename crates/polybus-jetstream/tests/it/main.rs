@@ -3,6 +3,8 @@
 //! `POLYBUS_NATS_URL`).
 
 mod conformance;
+mod features;
+mod kv;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {
