@@ -35,7 +35,7 @@ pub(crate) fn parse_pid(contents: &str) -> Option<u32> {
     contents.trim().parse::<u32>().ok().filter(|&pid| pid > 1)
 }
 
-/// Whether a raw `/proc/<pid>/cmdline` (NUL-separated argv) runs `bin`: argv[0] is `bin` itself
+/// Whether a raw `/proc/<pid>/cmdline` (NUL-separated argv) runs `bin`: `argv[0]` is `bin` itself
 /// or has the same file name (a process may have been started through a symlink or PATH).
 pub(crate) fn cmdline_matches(cmdline: &[u8], bin: &Path) -> bool {
     let Some(argv0) = cmdline.split(|&b| b == 0).next().filter(|a| !a.is_empty()) else {
