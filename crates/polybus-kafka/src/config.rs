@@ -100,6 +100,7 @@ pub struct KafkaConfig {
     queue_capacity: Option<usize>,
     connect_timeout: Duration,
     commit_interval: Duration,
+    auto_commit: bool,
     session_timeout: Option<Duration>,
     heartbeat_interval: Option<Duration>,
     transactional_id: Option<String>,
@@ -127,6 +128,7 @@ impl KafkaConfig {
             queue_capacity: None,
             connect_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
+            auto_commit: true,
             session_timeout: None,
             heartbeat_interval: None,
             transactional_id: None,
@@ -211,6 +213,16 @@ impl KafkaConfig {
     /// close.
     pub fn with_commit_interval(mut self, interval: Duration) -> Self {
         self.commit_interval = interval;
+        self
+    }
+
+    /// Whether acknowledged offsets are committed by the consumer (in the background, on
+    /// revoke and on close; on by default). Turn it off when a
+    /// [`KafkaTransactionalProducer`](crate::KafkaTransactionalProducer) commits the offsets
+    /// inside its transactions, as librdkafka requires; acks then only advance the
+    /// position [`KafkaConsumer::commit`](crate::KafkaConsumer::commit) would commit.
+    pub fn with_auto_commit(mut self, on: bool) -> Self {
+        self.auto_commit = on;
         self
     }
 
@@ -391,7 +403,10 @@ impl KafkaConfig {
     pub fn consumer_client_config(&self, group: &str) -> ClientConfig {
         let mut c = self.common_client_config();
         c.set("group.id", group);
-        c.set("enable.auto.commit", "true");
+        c.set(
+            "enable.auto.commit",
+            if self.auto_commit { "true" } else { "false" },
+        );
         c.set("enable.auto.offset.store", "false");
         c.set(
             "auto.commit.interval.ms",
@@ -469,6 +484,7 @@ impl fmt::Debug for KafkaConfig {
             .field("queue_capacity", &self.queue_capacity)
             .field("connect_timeout", &self.connect_timeout)
             .field("commit_interval", &self.commit_interval)
+            .field("auto_commit", &self.auto_commit)
             .field("session_timeout", &self.session_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("transactional_id", &self.transactional_id)

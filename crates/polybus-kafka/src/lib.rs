@@ -38,11 +38,13 @@ mod consumer;
 mod convert;
 mod error;
 mod publisher;
+mod transaction;
 
 pub use admin::{KafkaAdmin, MAX_TOPIC_LEN, validate_topic};
 pub use config::{KafkaConfig, SaslMechanism};
 pub use consumer::{KafkaConsumer, KafkaStream, PartitionLag};
 pub use publisher::{CAPABILITIES, KafkaProducer};
+pub use transaction::{KafkaTransactionalProducer, next_offsets};
 
 /// The rdkafka crate, for what polybus does not wrap.
 pub use rdkafka;
