@@ -3,6 +3,7 @@
 //! `POLYBUS_NATS_URL`).
 
 mod conformance;
+mod errors;
 mod features;
 mod kv;
 

@@ -2,6 +2,7 @@
 //! `cargo test -p polybus-nats -- --include-ignored` with a server on `POLYBUS_NATS_URL`).
 
 mod conformance;
+mod errors;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {
