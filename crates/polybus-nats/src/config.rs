@@ -460,8 +460,12 @@ impl NatsConnection {
         &self.client
     }
 
-    /// Messages the client dropped because a subscription's buffer was full (slow consumer).
-    /// Each drop is also logged with `tracing::warn!`.
+    /// Messages the client dropped because a subscription's buffer was full (slow consumer),
+    /// as reported by the client; each report is also logged with `tracing::warn!`.
+    ///
+    /// A lower bound: async-nats queues its connection events in a channel of 128, so a burst
+    /// of drops faster than they are reported is counted in part. Any value above zero means
+    /// messages were lost.
     pub fn slow_consumer_drops(&self) -> u64 {
         self.stats.slow_consumers.load(Ordering::Relaxed)
     }

@@ -6,6 +6,7 @@ mod conformance;
 mod errors;
 mod features;
 mod kv;
+mod resilience;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {

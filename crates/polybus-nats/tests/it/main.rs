@@ -3,6 +3,7 @@
 
 mod conformance;
 mod errors;
+mod resilience;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {
