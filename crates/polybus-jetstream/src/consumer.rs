@@ -143,6 +143,15 @@ impl JsConsumer {
         self
     }
 
+    /// The next delivery, as the seed writes it (`c.next().await?`): the same as
+    /// [`MessageConsumer::next`], callable without importing the trait.
+    ///
+    /// # Errors
+    /// As for [`MessageConsumer::next`].
+    pub async fn next(&mut self) -> Result<Delivery> {
+        MessageConsumer::next(self).await
+    }
+
     /// The JetStream handle (management, KV, object store) on this consumer's connection.
     pub fn jetstream(&self) -> &JetStream {
         &self.js
