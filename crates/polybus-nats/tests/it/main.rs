@@ -3,7 +3,9 @@
 
 mod conformance;
 mod errors;
+mod interop;
 mod resilience;
+mod tls;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {
