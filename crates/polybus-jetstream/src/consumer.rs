@@ -69,7 +69,6 @@ pub const CAPABILITIES: Capabilities = Capabilities::NONE
 /// is set.
 ///
 /// ```no_run
-/// use polybus_core::mq::MessageConsumer;
 /// use polybus_jetstream::{JsConsumer, JsProducer};
 ///
 /// # #[tokio::main] async fn main() -> anyhow::Result<()> {
