@@ -108,7 +108,10 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
         .filter_map(|g| selected(g, &opts.only))
         .collect();
     if groups.is_empty() {
-        bail!("--only {:?} selects no workload (see `loadgen list`)", opts.only);
+        bail!(
+            "--only {:?} selects no workload (see `loadgen list`)",
+            opts.only
+        );
     }
     let rounds = opts.rounds.unwrap_or(if opts.quick {
         spec::ROUNDS.1
@@ -130,17 +133,17 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
     let overall = multi.add(ProgressBar::new(total_runs));
     overall.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} runs  {msg}",
-        )
-        .expect("constant template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} runs  {msg}")
+            .expect("constant template")
+            .progress_chars("=> "),
     );
     let current = multi.add(ProgressBar::new(0));
     current.set_style(
-        ProgressStyle::with_template("  {msg:40} [{bar:30}] {human_pos}/{human_len} msgs {per_sec}")
-            .expect("constant template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "  {msg:40} [{bar:30}] {human_pos}/{human_len} msgs {per_sec}",
+        )
+        .expect("constant template")
+        .progress_chars("=> "),
     );
 
     let meta = Meta::now(opts.quick, rounds, run_id);
@@ -153,7 +156,11 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
             let n = g.sides.len();
             let order: Vec<Side> = (0..n).map(|i| g.sides[(i + round) % n]).collect();
             for (position, &side) in order.iter().enumerate() {
-                let tag = format!("{}_{}_r{round}_{run_id}", g.id.replace('.', "_"), side.name());
+                let tag = format!(
+                    "{}_{}_r{round}_{run_id}",
+                    g.id.replace('.', "_"),
+                    side.name()
+                );
                 for (i, step) in g.steps.iter().enumerate() {
                     overall.set_message(format!("{} round {}/{rounds}", g.id, round + 1));
                     current.reset();
@@ -201,10 +208,7 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
         records.extend(steps);
     }
     current.finish_and_clear();
-    overall.finish_with_message(format!(
-        "done in {:.0} s",
-        t_start.elapsed().as_secs_f64()
-    ));
+    overall.finish_with_message(format!("done in {:.0} s", t_start.elapsed().as_secs_f64()));
 
     let mut results = Results {
         meta,

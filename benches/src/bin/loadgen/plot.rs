@@ -126,7 +126,9 @@ fn throughput(results: &Results, path: &Path) -> Result<()> {
                 Side::Raw => "raw client (same headers)",
                 Side::Bare => "raw client, payload only",
             })
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color(side).filled()));
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 12, y + 5)], color(side).filled())
+            });
     }
     chart
         .configure_series_labels()
@@ -186,26 +188,20 @@ fn ratios(rows: &[Row], path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn ratio_panel(area: &DrawingArea<SVGBackend<'_>, Shift>, rows: &[&Row], title: &str) -> Result<()> {
+fn ratio_panel(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    rows: &[&Row],
+    title: &str,
+) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
     let labels: Vec<String> = rows
         .iter()
-        .map(|r| {
-            r.figure
-                .split(" (")
-                .next()
-                .unwrap_or(&r.figure)
-                .to_owned()
-        })
+        .map(|r| r.figure.split(" (").next().unwrap_or(&r.figure).to_owned())
         .collect();
     let n = rows.len();
-    let max = rows
-        .iter()
-        .filter_map(|r| r.ratio)
-        .fold(1.2f64, f64::max)
-        * 1.05;
+    let max = rows.iter().filter_map(|r| r.ratio).fold(1.2f64, f64::max) * 1.05;
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FONT, 18))
         .margin(15)
@@ -344,8 +340,7 @@ fn nines(x: f64) -> String {
     match i as i32 {
         0 => "0%".into(),
         1 => "90%".into(),
-        k => format!("99.{}%", "9".repeat((k - 2).max(0) as usize))
-            .replace("99.%", "99%"),
+        k => format!("99.{}%", "9".repeat((k - 2).max(0) as usize)).replace("99.%", "99%"),
     }
 }
 
@@ -380,7 +375,12 @@ fn memory(results: &Results, path: &Path) -> Result<()> {
                 let pts = run
                     .rss_samples
                     .iter()
-                    .map(|&(done, kib)| (done as f64 * 100.0 / s.messages.max(1) as f64, kib as f64 / 1024.0))
+                    .map(|&(done, kib)| {
+                        (
+                            done as f64 * 100.0 / s.messages.max(1) as f64,
+                            kib as f64 / 1024.0,
+                        )
+                    })
                     .collect();
                 Some((side, pts))
             })

@@ -134,7 +134,11 @@ impl StepRecord {
     }
 
     /// The run of `side` whose value of `f` is the median (for the latency curves).
-    pub(crate) fn median_run(&self, side: Side, f: impl Fn(&RunResult) -> f64) -> Option<&RunResult> {
+    pub(crate) fn median_run(
+        &self,
+        side: Side,
+        f: impl Fn(&RunResult) -> f64,
+    ) -> Option<&RunResult> {
         let mut runs: Vec<&RunResult> = self.of(side).into_iter().map(|(_, r)| r).collect();
         runs.sort_by(|a, b| f(a).total_cmp(&f(b)));
         runs.get(runs.len().saturating_sub(1) / 2).copied()
@@ -156,7 +160,12 @@ impl StepRecord {
     }
 
     fn median_of(&self, side: Side, f: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
-        median(self.of(side).into_iter().filter_map(|(_, r)| f(r)).collect())
+        median(
+            self.of(side)
+                .into_iter()
+                .filter_map(|(_, r)| f(r))
+                .collect(),
+        )
     }
 }
 
@@ -362,9 +371,12 @@ fn memory_table(results: &Results) -> String {
             };
             let from = median(runs.iter().map(|(_, r)| first_last(r).0).collect()).unwrap_or(0.0);
             let to = median(runs.iter().map(|(_, r)| first_last(r).1).collect()).unwrap_or(0.0);
-            let slope =
-                median(runs.iter().map(|(_, r)| r.rss_slope_mib_per_million).collect())
-                    .unwrap_or(0.0);
+            let slope = median(
+                runs.iter()
+                    .map(|(_, r)| r.rss_slope_mib_per_million)
+                    .collect(),
+            )
+            .unwrap_or(0.0);
             let _ = writeln!(
                 t,
                 "| {} | {} | {} | {:.1} | {:.1} -> {:.1} | {:+.2} |",
@@ -421,9 +433,9 @@ pub(crate) fn markdown(results: &Results, rows: &[Row]) -> String {
         .iter()
         .flat_map(|s| {
             s.runs.iter().filter_map(move |r| {
-                r.error.as_ref().map(|e| {
-                    format!("- {} {} round {}: {e}", s.id, r.side.name(), r.round + 1)
-                })
+                r.error
+                    .as_ref()
+                    .map(|e| format!("- {} {} round {}: {e}", s.id, r.side.name(), r.round + 1))
             })
         })
         .collect();

@@ -46,7 +46,11 @@ impl Env {
 
 /// The payload every message of a run shares (cloning it is a reference count).
 pub(crate) fn payload(size: usize) -> Bytes {
-    Bytes::from((0..size).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>())
+    Bytes::from(
+        (0..size)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    )
 }
 
 /// The CloudEvents attributes a raw producer writes by hand for the same wire message as
