@@ -6,8 +6,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use async_nats::HeaderValue;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::{HeaderName, HeaderValue, Subject};
 use polybus_core::{Error, Event, IntoPayload, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
@@ -150,7 +150,7 @@ impl JsProducer {
             Error::new(polybus_core::ErrorKind::InvalidHeader, BACKEND)
                 .with_message("the event id cannot travel as Nats-Msg-Id")
         })?;
-        headers.insert(MSG_ID_HEADER, id);
+        headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
         polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
         self.ensure_stream(topic).await?;
         let ack = self
@@ -158,7 +158,7 @@ impl JsProducer {
             .js
             .context()
             .send_publish(
-                topic.to_owned(),
+                Subject::from(topic),
                 PublishMessage::build().payload(payload).headers(headers),
             )
             .await

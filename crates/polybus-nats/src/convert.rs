@@ -76,10 +76,15 @@ pub fn encode_event(
                 event,
                 |name, value| {
                     let (headers, failure, attr_name) = &mut *state.borrow_mut();
-                    attr_name.clear();
-                    attr_name.push_str(CE_PREFIX);
-                    attr_name.push_str(name);
-                    put(headers, attr_name, &percent_encode(value), backend, failure);
+                    let value = percent_encode(value);
+                    if let Some(known) = attribute_header(name) {
+                        put_attribute(headers, known, &value, backend, failure);
+                    } else {
+                        attr_name.clear();
+                        attr_name.push_str(CE_PREFIX);
+                        attr_name.push_str(name);
+                        put(headers, attr_name, &value, backend, failure);
+                    }
                 },
                 |name, value| {
                     let (headers, failure, _) = &mut *state.borrow_mut();
@@ -280,6 +285,46 @@ pub(crate) fn is_structured(content_type: &str) -> bool {
         .trim_start()
         .get(..23)
         .is_some_and(|p| p.eq_ignore_ascii_case("application/cloudevents"))
+}
+
+/// The header of a CloudEvents attribute every event may carry, made without parsing or
+/// allocating (this runs for each attribute of each publish). `None` for extensions.
+fn attribute_header(name: &str) -> Option<HeaderName> {
+    Some(match name {
+        "specversion" => HeaderName::from_static("ce-specversion"),
+        "id" => HeaderName::from_static("ce-id"),
+        "source" => HeaderName::from_static("ce-source"),
+        "type" => HeaderName::from_static("ce-type"),
+        "time" => HeaderName::from_static("ce-time"),
+        "datacontenttype" => HeaderName::from_static("ce-datacontenttype"),
+        "partitionkey" => HeaderName::from_static("ce-partitionkey"),
+        "subject" => HeaderName::from_static("ce-subject"),
+        "dataschema" => HeaderName::from_static("ce-dataschema"),
+        _ => return None,
+    })
+}
+
+/// Sets a known attribute's header. `write_binary` emits each of these once per event (an
+/// extension can never have their names), so `insert` is enough: one hash, not two.
+fn put_attribute(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    value: &str,
+    backend: &'static str,
+    failure: &mut Option<Error>,
+) {
+    if failure.is_some() {
+        return;
+    }
+    match value.parse::<HeaderValue>() {
+        Ok(v) => headers.insert(name, v),
+        Err(_) => {
+            *failure = Some(
+                Error::new(ErrorKind::InvalidHeader, backend)
+                    .with_message(format!("NATS cannot carry the value of the header {name}")),
+            );
+        }
+    }
 }
 
 fn put(

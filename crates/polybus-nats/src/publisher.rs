@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use polybus_core::cloudevents::Mode;
 use polybus_core::{Error, Event, Publisher, Receipt, Result};
@@ -187,7 +187,7 @@ impl NatsProducer {
         self.inner
             .conn
             .client
-            .publish_with_headers(subject.to_owned(), headers, payload)
+            .publish_with_headers(Subject::from(subject), headers, payload)
             .await
             .map_err(|e| error::publish(e, BACKEND))?;
         Ok(Receipt::new(subject))
