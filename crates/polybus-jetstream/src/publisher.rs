@@ -54,6 +54,8 @@ struct Inner {
     /// Topics known to be covered by a stream (only tracked under `StreamPolicy::PerTopic`).
     ensured: Mutex<HashSet<String>>,
     gate: Gate,
+    /// Reuses the constant CloudEvents headers from one event to the next.
+    encoder: polybus_nats::Encoder,
 }
 
 impl JsProducer {
@@ -92,8 +94,10 @@ impl JsProducer {
     }
 
     pub(crate) fn new(js: JetStream, subject: Option<String>, owns_connection: bool) -> Self {
+        let encoder = polybus_nats::Encoder::new(js.options().nats.content_mode());
         JsProducer {
             inner: Arc::new(Inner {
+                encoder,
                 js,
                 subject,
                 owns_connection,
@@ -144,8 +148,7 @@ impl JsProducer {
         if let Some(src) = &opts.nats.default_source() {
             event.set_source_if_unset(src);
         }
-        let (mut headers, payload) =
-            polybus_nats::encode_event(&event, opts.nats.content_mode(), BACKEND)?;
+        let (mut headers, payload) = self.inner.encoder.encode(&event, BACKEND)?;
         let id: HeaderValue = event.id().parse().map_err(|_| {
             Error::new(polybus_core::ErrorKind::InvalidHeader, BACKEND)
                 .with_message("the event id cannot travel as Nats-Msg-Id")

@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use polybus_core::cloudevents::Mode;
 use polybus_core::{Error, Event, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
 use crate::config::{NatsConnection, NatsOptions};
-use crate::convert::{decode_event, encode_event};
+use crate::convert::{Encoder, decode_event};
 use crate::error::{self, BACKEND};
 use crate::subject::validate_publish_subject;
 
@@ -49,7 +48,7 @@ pub struct NatsProducer {
 struct Inner {
     conn: NatsConnection,
     source: Option<Cow<'static, str>>,
-    mode: Mode,
+    encoder: Encoder,
     request_timeout: Option<Duration>,
     close_timeout: Duration,
     gate: Gate,
@@ -109,7 +108,7 @@ impl NatsProducer {
             inner: Arc::new(Inner {
                 conn,
                 source: opts.source.clone(),
-                mode: opts.mode,
+                encoder: Encoder::new(opts.mode),
                 request_timeout: opts.request_timeout,
                 close_timeout: opts.close_timeout,
                 gate: Gate::default(),
@@ -176,7 +175,7 @@ impl NatsProducer {
         if let Some(src) = &self.inner.source {
             event.set_source_if_unset(src);
         }
-        let (headers, payload) = encode_event(&event, self.inner.mode, BACKEND)?;
+        let (headers, payload) = self.inner.encoder.encode(&event, BACKEND)?;
         check_size(&self.inner.conn, &headers, payload.len(), BACKEND)?;
         Ok((headers, payload))
     }
