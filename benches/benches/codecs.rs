@@ -66,17 +66,21 @@ fn nats(c: &mut Criterion) {
             },
         );
     }
-    // The reference: a raw producer's headers for the same event (template clone + fresh id),
-    // and Event::new + encode, which is what polybus does per publish.
+    // The reference: a raw producer's headers for the same event (template clone + fresh id
+    // and time), against Event::new + encode (plain, and through the publisher's Encoder),
+    // which is what polybus does per publish.
     let mut template = HeaderMap::new();
     template.insert("ce-specversion", "1.0");
     template.insert("ce-source", "urn:polybus");
     template.insert("ce-type", "polybus.event");
-    template.insert("ce-time", "2026-01-01T00:00:00.000000Z");
     g.bench_function("raw_headers_reference", |b| {
         b.iter(|| {
             let mut h = template.clone();
             h.insert("ce-id", uuid::Uuid::now_v7().hyphenated().to_string());
+            h.insert(
+                "ce-time",
+                polybus_core::time::format_rfc3339(std::time::SystemTime::now()),
+            );
             h
         })
     });
@@ -85,6 +89,13 @@ fn nats(c: &mut Criterion) {
         b.iter(|| {
             let ev = Event::new(payload.clone());
             polybus_nats::encode_event(&ev, Mode::Binary, "nats").expect("encode")
+        })
+    });
+    let encoder = polybus_nats::Encoder::new(Mode::Binary);
+    g.bench_function("event_new_and_encoder", |b| {
+        b.iter(|| {
+            let ev = Event::new(payload.clone());
+            encoder.encode(&ev, "nats").expect("encode")
         })
     });
     g.finish();

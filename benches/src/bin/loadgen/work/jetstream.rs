@@ -6,8 +6,8 @@ use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use async_nats::Subject;
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull, stream::StorageType};
-use async_nats::{HeaderMap, Subject};
 use futures_util::StreamExt as _;
 use polybus_core::{Consumer as _, Event, Publisher as _};
 use polybus_jetstream::JsOptions;
@@ -74,17 +74,13 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
         Side::Raw | Side::Bare => {
             let ctx = raw_context(env).await?;
             let subj = Subject::from(subject.as_str());
-            let ce = RawCloudEvent::new();
-            let mut template = HeaderMap::new();
-            template.insert("ce-specversion", "1.0");
-            template.insert("ce-source", ce.source);
-            template.insert("ce-type", ce.kind);
-            template.insert("ce-time", ce.time.as_str());
+            let template = super::nats::raw_template();
             t0 = Instant::now();
             windowed(a.messages, a.window, meter, &mut latency, |_| {
                 let id = RawCloudEvent::id();
                 let mut h = template.clone();
                 h.insert("ce-id", id.as_str());
+                h.insert("ce-time", RawCloudEvent::time());
                 h.insert("Nats-Msg-Id", id);
                 let (ctx, subj, data) = (&ctx, subj.clone(), data.clone());
                 async move {

@@ -42,13 +42,13 @@ fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
             value: Some(value),
         }
     }
-    let id = RawCloudEvent::id();
+    let (id, time) = (RawCloudEvent::id(), RawCloudEvent::time());
     OwnedHeaders::new_with_capacity(5)
         .insert(h("ce_specversion", "1.0"))
         .insert(h("ce_id", &id))
         .insert(h("ce_source", ce.source))
         .insert(h("ce_type", ce.kind))
-        .insert(h("ce_time", &ce.time))
+        .insert(h("ce_time", &time))
 }
 
 /// Produces N records with `window` awaiting their delivery report at once.

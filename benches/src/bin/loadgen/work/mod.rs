@@ -54,11 +54,12 @@ pub(crate) fn payload(size: usize) -> Bytes {
 }
 
 /// The CloudEvents attributes a raw producer writes by hand for the same wire message as
-/// polybus: specversion, a fresh id per message, source, type and time (formatted once).
+/// polybus: specversion, source and type (constant, set up once), and per message a fresh id
+/// (a UUIDv7) and the current time (RFC 3339, formatted with polybus-core's helper, which is
+/// as fast as hand-written digits get).
 pub(crate) struct RawCloudEvent {
     pub(crate) source: &'static str,
     pub(crate) kind: &'static str,
-    pub(crate) time: String,
 }
 
 impl RawCloudEvent {
@@ -66,13 +67,17 @@ impl RawCloudEvent {
         RawCloudEvent {
             source: polybus_core::DEFAULT_SOURCE,
             kind: polybus_core::DEFAULT_KIND,
-            time: polybus_core::time::format_rfc3339(std::time::SystemTime::now()),
         }
     }
 
     /// A fresh UUIDv7, as a raw producer would make its ids.
     pub(crate) fn id() -> String {
         uuid::Uuid::now_v7().hyphenated().to_string()
+    }
+
+    /// The current time.
+    pub(crate) fn time() -> String {
+        polybus_core::time::format_rfc3339(std::time::SystemTime::now())
     }
 }
 

@@ -19,21 +19,21 @@ use crate::hist::Latency;
 use crate::meter::Meter;
 use crate::spec::Side;
 
-/// The CloudEvents NATS binding headers a raw producer writes (all but `ce-id`).
-fn raw_template() -> HeaderMap {
+/// The constant CloudEvents NATS binding headers a raw producer sets up once.
+pub(crate) fn raw_template() -> HeaderMap {
     let ce = RawCloudEvent::new();
     let mut h = HeaderMap::new();
     h.insert("ce-specversion", "1.0");
     h.insert("ce-source", ce.source);
     h.insert("ce-type", ce.kind);
-    h.insert("ce-time", ce.time.as_str());
     h
 }
 
-/// The headers of one raw message: the template and a fresh id.
+/// The headers of one raw message: the template, a fresh id and the time.
 fn raw_headers(template: &HeaderMap) -> HeaderMap {
     let mut h = template.clone();
     h.insert("ce-id", RawCloudEvent::id());
+    h.insert("ce-time", RawCloudEvent::time());
     h
 }
 
