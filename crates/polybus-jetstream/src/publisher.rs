@@ -191,7 +191,9 @@ impl JsProducer {
         {
             return Ok(());
         }
-        self.inner.js.stream_for(topic).await?;
+        // Boxed: this runs once per topic, and inline its future (stream lookup and creation)
+        // would make every publish future several KiB larger, copied whenever it is moved.
+        Box::pin(self.inner.js.stream_for(topic)).await?;
         self.inner
             .ensured
             .lock()
