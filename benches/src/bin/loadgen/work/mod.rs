@@ -101,6 +101,9 @@ where
         while next < n && in_flight.len() < window {
             let started = Instant::now();
             let fut = op(next);
+            if next == 0 {
+                eprintln!("loadgen: one operation future is {} bytes", std::mem::size_of_val(&fut));
+            }
             in_flight.push(async move { fut.await.map(|()| started.elapsed()) });
             next += 1;
         }
