@@ -58,7 +58,7 @@ pub fn validate_topic(topic: &str) -> Result<()> {
 ///
 /// ```no_run
 /// use polybus_kafka::{KafkaAdmin, KafkaConfig};
-/// # async fn demo() -> polybus_core::Result<()> {
+/// # #[allow(dead_code)] async fn demo() -> polybus_core::Result<()> {
 /// let admin = KafkaAdmin::new(&KafkaConfig::new("127.0.0.1:9092", "g1"))?;
 /// admin.create_topic("orders", 6, 1).await?; // fails if it exists
 /// admin.ensure_topic("orders").await?;       // fine if it exists
