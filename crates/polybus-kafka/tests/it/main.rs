@@ -5,5 +5,6 @@
 mod common;
 mod conformance;
 mod errors;
+mod interop;
 mod resilience;
 mod transactions;
