@@ -1,0 +1,4 @@
+//! Integration tests against a real mosquitto (see `cargo xtask test`).
+
+mod conformance;
+mod support;
