@@ -1,0 +1,36 @@
+//! The broker fixtures start, restart and stop real brokers.
+
+use polybus_testkit::brokers::{BrokerProcess, TansuStorage};
+
+async fn check_restart(mut broker: BrokerProcess) -> anyhow::Result<()> {
+    let port = broker.port();
+    let first = broker.pid().expect("running");
+    broker.restart().await?;
+    let second = broker.pid().expect("running again");
+    assert_ne!(first, second, "a new process");
+    assert_eq!(broker.port(), port, "same port");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    broker.kill().await;
+    assert!(broker.pid().is_none());
+    // Nothing answers any more.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn nats_starts_restarts_and_stops() -> anyhow::Result<()> {
+    check_restart(BrokerProcess::nats("").await?).await
+}
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn mosquitto_starts_restarts_and_stops() -> anyhow::Result<()> {
+    check_restart(BrokerProcess::mosquitto("").await?).await
+}
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn tansu_starts_restarts_and_stops() -> anyhow::Result<()> {
+    check_restart(BrokerProcess::tansu(TansuStorage::Sqlite).await?).await
+}
