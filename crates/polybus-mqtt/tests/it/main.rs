@@ -1,4 +1,5 @@
 //! Integration tests against a real mosquitto (see `cargo xtask test`).
 
 mod conformance;
+mod errors;
 mod support;

@@ -35,3 +35,58 @@ pub(crate) fn config(what: &str) -> MqttConfig {
 pub(crate) async fn connect(what: &str) -> polybus_core::Result<MqttClient> {
     config(what).connect().await
 }
+
+/// A mosquitto that refuses anonymous clients and knows one user, for the credential tests.
+///
+/// Not a `polybus_testkit::brokers::BrokerProcess`: its readiness probe connects anonymously
+/// and (rightly, for the shared brokers) treats a refusal as "not ready".
+pub(crate) struct AuthBroker {
+    pub(crate) port: u16,
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthBroker {
+    pub(crate) async fn start(user: &str, password: &str) -> anyhow::Result<AuthBroker> {
+        let dir = tempfile::tempdir()?;
+        let passwd = dir.path().join("passwd");
+        let status = std::process::Command::new("/usr/bin/mosquitto_passwd")
+            .args(["-c", "-b"])
+            .arg(&passwd)
+            .args([user, password])
+            .status()?;
+        anyhow::ensure!(status.success(), "mosquitto_passwd failed");
+        let port = polybus_testkit::brokers::free_port()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nlog_dest stderr\n",
+                passwd.display()
+            ),
+        )?;
+        let child = tokio::process::Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(AuthBroker {
+            port,
+            _child: child,
+            _dir: dir,
+        })
+    }
+}
