@@ -2,4 +2,5 @@
 
 mod conformance;
 mod errors;
+mod interop;
 mod support;
