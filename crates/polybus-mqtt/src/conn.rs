@@ -302,14 +302,20 @@ impl Inner {
         })
     }
 
-    /// Removes a local subscription; sends UNSUBSCRIBE unless another local subscription uses
-    /// the same filter.
-    pub(crate) fn unsubscribe(&self, id: u32) {
+    /// Removes a local subscription. Sends UNSUBSCRIBE unless another local subscription uses
+    /// the same filter, and, when the subscription is only going out of scope (`explicit` is
+    /// false), unless the session is persistent: a persistent session keeps its
+    /// subscriptions on the broker, which is the point of it.
+    pub(crate) fn unsubscribe(&self, id: u32, explicit: bool) {
         self.with(|st| {
             let Some(sub) = st.subs.remove(&id) else {
                 return;
             };
-            if st.closing || st.closed || st.subs.values().any(|s| s.filter == sub.filter) {
+            if st.closing
+                || st.closed
+                || (!explicit && !self.cfg.clean_start)
+                || st.subs.values().any(|s| s.filter == sub.filter)
+            {
                 return;
             }
             st.gone
@@ -320,6 +326,16 @@ impl Inner {
             st.backlog.push_back(Req::Unsubscribe(sub.filter));
             self.pump(st);
         });
+    }
+
+    /// The local subscriptions to exactly `filter`.
+    pub(crate) fn subscription_ids(&self, filter: &str) -> Vec<u32> {
+        self.lock()
+            .subs
+            .iter()
+            .filter(|(_, s)| s.filter == filter)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Acknowledges a delivery to the broker (PUBACK or PUBREC).

@@ -121,27 +121,42 @@ impl MqttConsumer {
         }
     }
 
+    /// Ends the subscriptions this consumer made to `filter`, on the broker too (UNSUBSCRIBE),
+    /// also for a persistent session. Messages already buffered stay readable.
+    pub fn unsubscribe(&mut self, filter: &str) {
+        let inner = &self.handle.inner;
+        let ids = inner.subscription_ids(filter);
+        self.subs.retain(|id| {
+            let mine = ids.contains(id);
+            if mine {
+                inner.unsubscribe(*id, true);
+            }
+            !mine
+        });
+    }
+
     /// The delivery semantics of this connection.
     pub fn capabilities(&self) -> Capabilities {
         capabilities(&self.handle.inner.cfg)
     }
 
-    /// Unsubscribes everything and closes the connection (shared with the producer).
+    /// Closes the connection (shared with the producer). A persistent session keeps its
+    /// subscriptions on the broker.
     ///
     /// # Errors
     /// As [`MqttClient::close`](crate::MqttClient::close).
     pub async fn close(&mut self) -> Result<()> {
-        for id in self.subs.drain(..) {
-            self.handle.inner.unsubscribe(id);
-        }
         self.handle.inner.close(true).await
     }
 }
 
+/// Dropping the consumer ends its subscriptions: with a clean session they are unsubscribed
+/// on the broker; a persistent session keeps them there (its messages wait, unacknowledged,
+/// until the next consumer subscribes; use [`MqttConsumer::unsubscribe`] to end them).
 impl Drop for MqttConsumer {
     fn drop(&mut self) {
         for id in self.subs.drain(..) {
-            self.handle.inner.unsubscribe(id);
+            self.handle.inner.unsubscribe(id, false);
         }
     }
 }
@@ -244,7 +259,9 @@ impl Consumer for MqttSubscriber {
 
 /// The deliveries of one subscription. The SUBSCRIBE is sent when the subscription is
 /// created; a refusal (or an invalid filter) is the stream's first item. Dropping the stream
-/// unsubscribes. Owns its connection handle, so it is `'static`.
+/// unsubscribes with a clean session; a persistent session keeps the subscription on the
+/// broker ([`unsubscribe`](Self::unsubscribe) ends it there too). Owns its connection handle,
+/// so it is `'static`.
 pub struct MqttSubscription {
     handle: Arc<Handle>,
     id: Option<u32>,
@@ -270,6 +287,15 @@ impl MqttSubscription {
             ready: None,
             rx: None,
             error: Some(error),
+        }
+    }
+}
+
+impl MqttSubscription {
+    /// Ends the subscription, on the broker too (UNSUBSCRIBE), also for a persistent session.
+    pub fn unsubscribe(mut self) {
+        if let Some(id) = self.id.take() {
+            self.handle.inner.unsubscribe(id, true);
         }
     }
 }
@@ -307,7 +333,7 @@ impl Stream for MqttSubscription {
 impl Drop for MqttSubscription {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            self.handle.inner.unsubscribe(id);
+            self.handle.inner.unsubscribe(id, false);
         }
     }
 }

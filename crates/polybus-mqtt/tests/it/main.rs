@@ -3,4 +3,5 @@
 mod conformance;
 mod errors;
 mod interop;
+mod resilience;
 mod support;
