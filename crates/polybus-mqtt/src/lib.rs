@@ -83,3 +83,36 @@ pub use publisher::MqttProducer;
 
 /// The backend name in errors.
 const BACKEND: &str = "mqtt";
+
+#[cfg(test)]
+mod send_sync {
+    //! The handles are `Send + Sync` and their futures and streams are `Send`, so everything
+    //! works from `tokio::spawn` (checked at compile time, like tokio's async_send_sync).
+    use super::*;
+    use polybus_core::{Consumer, Event, MessageConsumer, Publisher};
+
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+
+    #[allow(dead_code)]
+    fn handles_and_futures(
+        client: &MqttClient,
+        producer: &MqttProducer,
+        consumer: &mut MqttConsumer,
+        subscriber: &MqttSubscriber,
+    ) {
+        send_sync(client);
+        send_sync(producer);
+        send_sync(&*consumer);
+        send_sync(subscriber);
+        send(&client.close());
+        send(&producer.publish("t", b"x", 1));
+        send(&Publisher::publish(producer, "t", Event::new("x")));
+        send(&producer.flush());
+        send(&consumer.subscribe("t", 1));
+        send(&consumer.next());
+        send(&MessageConsumer::next(consumer));
+        send(&subscriber.subscribe("t"));
+        send(&MqttConfig::new("h", 1, "c").connect());
+    }
+}

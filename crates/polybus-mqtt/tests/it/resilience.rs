@@ -25,14 +25,14 @@ fn persistent(port: u16, client_id: &str) -> MqttConfig {
         .session_expiry(Duration::from_secs(3600))
 }
 
-/// Receives until `want` distinct payloads were seen or `within` passed; acks everything.
-/// Returns (distinct payloads, deliveries including duplicates).
-async fn collect(
+/// Receives into `seen` until it holds `want` distinct payloads or `within` passed; acks
+/// everything. Returns how many deliveries arrived (duplicates included).
+async fn collect_into(
     c: &mut MqttConsumer,
+    seen: &mut HashSet<Vec<u8>>,
     want: usize,
     within: Duration,
-) -> anyhow::Result<(HashSet<Vec<u8>>, usize)> {
-    let mut seen = HashSet::new();
+) -> anyhow::Result<usize> {
     let mut total = 0;
     let deadline = tokio::time::Instant::now() + within;
     while seen.len() < want {
@@ -44,6 +44,16 @@ async fn collect(
         seen.insert(d.payload().to_vec());
         d.ack().await?;
     }
+    Ok(total)
+}
+
+async fn collect(
+    c: &mut MqttConsumer,
+    want: usize,
+    within: Duration,
+) -> anyhow::Result<(HashSet<Vec<u8>>, usize)> {
+    let mut seen = HashSet::new();
+    let total = collect_into(c, &mut seen, want, within).await?;
     Ok((seen, total))
 }
 
@@ -155,19 +165,8 @@ async fn kill_and_restart_during_run(graceful: bool) -> anyhow::Result<()> {
     broker.start().await?;
     let restarted_after = down_at.elapsed();
 
-    let (more, more_total) = collect(&mut c, N, Duration::from_secs(90)).await?;
+    total += collect_into(&mut c, &mut seen, N, Duration::from_secs(90)).await?;
     let results = pub_task.await?;
-    // Whatever was still missing once all publishes were acknowledged.
-    seen.extend(more);
-    total += more_total;
-    let (rest, rest_total) = if seen.len() < N {
-        collect(&mut c, N - seen.len(), Duration::from_secs(10)).await?
-    } else {
-        (HashSet::new(), 0)
-    };
-    seen.extend(rest);
-    total += rest_total;
-
     let acked_ids: HashSet<Vec<u8>> = results
         .iter()
         .filter_map(|r| r.as_ref().ok())
