@@ -471,9 +471,24 @@ impl Inner {
                     e.released = true;
                 }
             }
-            Ev::PubComp { pkid } => {
+            Ev::PubComp { pkid, unknown } => {
                 if let Some(seq) = st.pkid_pub.remove(&pkid) {
-                    self.complete(st, seq, Ok(()));
+                    if unknown {
+                        // Either our earlier PUBCOMP went missing (the message was delivered)
+                        // or the broker lost the message in a crash. Send it again: a
+                        // duplicate (with the same event id) beats a loss.
+                        tracing::warn!(
+                            pkid,
+                            "mqtt: the broker no longer knows a released QoS 2 publish; sending it again"
+                        );
+                        if let Some(e) = st.pubs.get_mut(&seq) {
+                            e.pkid = None;
+                            e.released = false;
+                        }
+                        st.backlog.push_front(Req::Publish(seq));
+                    } else {
+                        self.complete(st, seq, Ok(()));
+                    }
                 }
                 Self::resolve_collision(st, pkid);
             }
@@ -634,21 +649,16 @@ impl Inner {
                 }
                 driver.reset_state();
             }
+            // QoS 2 publishes whose PUBREC came but whose PUBCOMP did not are sent again too:
+            // a broker that delivers on PUBREL (mosquitto) never delivered them, one that
+            // delivers on PUBLISH did; a duplicate (same event id) beats a loss.
             let mut resend = Vec::new();
-            let mut accepted = Vec::new();
             for (seq, e) in st.pubs.iter_mut() {
                 if e.pkid.is_some() {
-                    if e.released {
-                        accepted.push(*seq);
-                    } else {
-                        e.pkid = None;
-                        resend.push(*seq);
-                    }
+                    e.pkid = None;
+                    e.released = false;
+                    resend.push(*seq);
                 }
-            }
-            for seq in accepted {
-                // PUBREC came: the broker had taken the QoS 2 message before the session ended.
-                self.complete(st, seq, Ok(()));
             }
             front.extend(resend.into_iter().map(Req::Publish));
         }

@@ -58,6 +58,9 @@ pub(crate) enum Ev {
     },
     PubComp {
         pkid: u16,
+        /// MQTT 5 reason "Packet Identifier not found": the broker no longer knows the
+        /// message (its PUBCOMP was lost, or the broker lost its state in a crash).
+        unknown: bool,
     },
     SubAck {
         pkid: u16,
@@ -514,7 +517,10 @@ impl V5Driver {
                 pkid: a.pkid,
                 error: error::pubrec_v5(a.reason),
             },
-            r5::Incoming::PubComp(a) => Ev::PubComp { pkid: a.pkid },
+            r5::Incoming::PubComp(a) => Ev::PubComp {
+                pkid: a.pkid,
+                unknown: a.reason == p5::PubCompReason::PacketIdentifierNotFound,
+            },
             r5::Incoming::SubAck(s) => Ev::SubAck {
                 pkid: s.pkid,
                 results: s.return_codes.into_iter().map(error::suback_v5).collect(),
@@ -560,7 +566,10 @@ impl V4Driver {
                 pkid: a.pkid,
                 error: None,
             },
-            rumqttc::Incoming::PubComp(a) => Ev::PubComp { pkid: a.pkid },
+            rumqttc::Incoming::PubComp(a) => Ev::PubComp {
+                pkid: a.pkid,
+                unknown: false,
+            },
             rumqttc::Incoming::SubAck(s) => Ev::SubAck {
                 pkid: s.pkid,
                 results: s.return_codes.into_iter().map(error::suback_v4).collect(),

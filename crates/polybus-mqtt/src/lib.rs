@@ -21,6 +21,9 @@
 //!   acknowledgement. A message that is not acked is delivered again only after a reconnect,
 //!   and only with a persistent session (`clean_start(false)` plus a session expiry).
 //! * QoS 2 duplicates the broker resends are recognised by packet id and not delivered twice.
+//!   Across a broker crash QoS 2 publishing is at least once: when the broker no longer knows
+//!   a released message (a new session, or PUBCOMP "packet identifier not found") it is sent
+//!   again, since the broker may have lost it; the event id lets consumers drop a duplicate.
 //! * Order is kept per topic from one publisher to one subscriber.
 //! * A subscriber gets only messages published after it subscribed (retained messages aside).
 //! * Topic names: UTF-8, not empty, at most 65 535 bytes, no wildcard, no NUL; polybus also
