@@ -454,8 +454,8 @@ impl MqttConfig {
     ///
     /// # Errors
     /// [`ErrorKind::Connect`] when the broker cannot be reached within the connect timeout,
-    /// [`ErrorKind::Unauthorized`] when it refuses the credentials, [`ErrorKind::Unsupported`]
-    /// when it refuses the protocol version.
+    /// [`ErrorKind::Unauthorized`] when it refuses the credentials or the TLS client
+    /// certificate, [`ErrorKind::Unsupported`] when it refuses the protocol version.
     pub async fn connect(self) -> Result<MqttClient> {
         MqttClient::connect_with(self).await
     }

@@ -27,12 +27,46 @@ pub(crate) fn connection_v5(e: rumqttc::v5::ConnectionError) -> Error {
         C::MqttState(S::OutgoingPacketTooLarge { .. } | S::IncomingPacketTooLarge { .. }) => {
             ErrorKind::PayloadTooLarge
         }
+        C::MqttState(S::Deserialization(rumqttc::v5::mqttbytes::Error::Io(io))) | C::Io(io) => {
+            io_kind(io)
+        }
+        C::MqttState(S::Io(io)) | C::Tls(rumqttc::TlsError::Io(io)) => io_kind(io),
+        C::Tls(rumqttc::TlsError::TLS(tls)) => tls_kind(tls),
         C::MqttState(S::Deserialization(_)) | C::NotConnAck(_) => ErrorKind::Codec,
         C::Timeout(_) => ErrorKind::Connect,
-        C::Tls(_) | C::Io(_) | C::MqttState(_) => ErrorKind::Connect,
+        C::Tls(_) | C::MqttState(_) => ErrorKind::Connect,
         C::RequestsDone => ErrorKind::Closed,
     };
     Error::new(kind, BACKEND).with_source(e)
+}
+
+/// An I/O error: `Connect`, unless it carries the broker's TLS refusal of our client
+/// certificate, which is `Unauthorized`.
+fn io_kind(e: &std::io::Error) -> ErrorKind {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => tls_kind(tls),
+        None => ErrorKind::Connect,
+    }
+}
+
+fn tls_kind(e: &rustls::Error) -> ErrorKind {
+    use rustls::AlertDescription as A;
+    match e {
+        rustls::Error::AlertReceived(
+            A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::UnsupportedCertificate
+            | A::AccessDenied,
+        ) => ErrorKind::Unauthorized,
+        _ => ErrorKind::Connect,
+    }
 }
 
 /// A connection-level error of MQTT 3.1.1.
@@ -43,6 +77,11 @@ pub(crate) fn connection_v4(e: rumqttc::ConnectionError) -> Error {
         C::ConnectionRefused(R::RefusedProtocolVersion) => ErrorKind::Unsupported,
         C::ConnectionRefused(R::BadClientId) => ErrorKind::Rejected,
         C::ConnectionRefused(_) => ErrorKind::Connect,
+        C::Io(io)
+        | C::MqttState(S::Io(io))
+        | C::MqttState(S::Deserialization(rumqttc::Error::Io(io)))
+        | C::Tls(rumqttc::TlsError::Io(io)) => io_kind(io),
+        C::Tls(rumqttc::TlsError::TLS(tls)) => tls_kind(tls),
         C::MqttState(S::Deserialization(_)) | C::NotConnAck(_) => ErrorKind::Codec,
         C::RequestsDone => ErrorKind::Closed,
         _ => ErrorKind::Connect,

@@ -103,8 +103,7 @@ async fn oversized_payload_is_refused_before_sending() -> anyhow::Result<()> {
 #[tokio::test]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn refused_credentials_are_unauthorized() -> anyhow::Result<()> {
-    let broker = support::AuthBroker::start("alice", "correct horse").await?;
-    let port = broker.port;
+    let (_broker, port) = support::auth_broker("alice", "correct horse").await?;
     for protocol in [Protocol::V5, Protocol::V311] {
         let cfg = |user: Option<(&str, &str)>| {
             let c = MqttConfig::new("127.0.0.1", port, support::client_id("auth"))

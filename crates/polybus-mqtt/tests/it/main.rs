@@ -5,3 +5,4 @@ mod errors;
 mod interop;
 mod resilience;
 mod support;
+mod tls;
