@@ -375,6 +375,12 @@ impl Inner {
             return;
         }
         while let Some(req) = st.backlog.front() {
+            // rumqttc takes a request off its channel when it emits the request's Outgoing
+            // event, so `fifo` is what sits in the channel: do not build requests that would
+            // only bounce off a full channel.
+            if st.fifo.len() >= driver::REQUEST_CHANNEL {
+                break;
+            }
             let sent = match req {
                 Req::Publish(seq) => st.pubs.get(seq).map(|e| self.client.try_publish(&e.msg)),
                 Req::Subscribe(id) => match st.subs.get(id) {
@@ -413,16 +419,18 @@ impl Inner {
         {
             let _ = w.send(result);
         }
+        if st.flushes.is_empty() {
+            return;
+        }
         let lowest = st.pubs.first_key_value().map_or(u64::MAX, |(k, _)| *k);
-        let done: Vec<_> = {
-            let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.flushes)
-                .into_iter()
-                .partition(|(last, _)| *last < lowest);
-            st.flushes = keep;
-            done
-        };
-        for (_, tx) in done {
-            let _ = tx.send(());
+        let mut i = 0;
+        while i < st.flushes.len() {
+            if st.flushes[i].0 < lowest {
+                let (_, tx) = st.flushes.swap_remove(i);
+                let _ = tx.send(());
+            } else {
+                i += 1;
+            }
         }
     }
 

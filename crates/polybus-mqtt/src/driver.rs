@@ -207,8 +207,9 @@ pub(crate) struct V4Driver {
 }
 
 /// Capacity of rumqttc's request channel. The task keeps its own backlog beyond this.
-const REQUEST_CHANNEL: usize = 256;
-/// rumqttc's outgoing in-flight ceiling (the broker's Receive Maximum lowers it).
+pub(crate) const REQUEST_CHANNEL: usize = 256;
+/// rumqttc's outgoing in-flight ceiling (the broker's Receive Maximum lowers it). rumqttc
+/// allocates a slot per packet id up to this number for every connection, so not `u16::MAX`.
 const OUTGOING_INFLIGHT: u16 = 1024;
 
 impl Driver {

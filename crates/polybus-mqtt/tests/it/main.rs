@@ -3,6 +3,7 @@
 mod conformance;
 mod errors;
 mod interop;
+mod perf;
 mod resilience;
 mod support;
 mod tls;

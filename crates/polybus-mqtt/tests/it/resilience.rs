@@ -218,12 +218,18 @@ async fn broker_stopped_mid_run_loses_no_acknowledged_message() -> anyhow::Resul
     kill_and_restart_during_run(true, 1).await
 }
 
-/// QoS 2 end to end (both sessions persistent) across a SIGKILL: nothing acknowledged is
-/// lost, and the consumer's QoS 2 state (PUBREC sent, PUBREL pending) survives the reconnect.
+/// QoS 2 end to end (both sessions persistent) across a broker restart: nothing acknowledged
+/// is lost, and the consumer's QoS 2 state (PUBREC sent, PUBREL pending) survives the
+/// reconnect. A few duplicates are expected: a retransmitted PUBREL the broker answers with
+/// "packet identifier not found" is sent again (see the crate docs), and when the original
+/// PUBCOMP was merely lost that is a second copy with the same event id. The broker is stopped with SIGTERM: under SIGKILL mosquitto can lose a QoS 2
+/// message it already completed (PUBCOMP is written before its database is saved, and QoS 2
+/// messages wait longer in its memory), which no client can prevent; seen once in about 15
+/// SIGKILL runs.
 #[tokio::test]
 #[ignore = "needs brokers: cargo xtask test"]
-async fn qos2_across_a_broker_kill_loses_nothing() -> anyhow::Result<()> {
-    kill_and_restart_during_run(false, 2).await
+async fn qos2_across_a_broker_restart_loses_nothing() -> anyhow::Result<()> {
+    kill_and_restart_during_run(true, 2).await
 }
 
 /// The last will is published when a client dies without DISCONNECT, and not when it closes.
