@@ -349,8 +349,16 @@ impl Inner {
         });
     }
 
-    /// A delivery was dropped without ack: let a redelivery through.
+    /// A delivery was dropped without ack. With a persistent session the broker sends it
+    /// again after the next reconnect, so it stays unacknowledged (and a redelivery is let
+    /// through). A clean session can never get it back, and an unacknowledged message would
+    /// hold one of the broker's in-flight slots (Receive Maximum) for the rest of the
+    /// connection, so it is acknowledged: dropped is dropped.
     fn release(&self, pkid: u16, qos: QoS, epoch: u64) {
+        if self.cfg.clean_start {
+            self.ack(pkid, qos, epoch);
+            return;
+        }
         self.with(|st| {
             if st.epoch != epoch {
                 return;
@@ -639,6 +647,7 @@ impl Inner {
             // A new session: nothing of the old one counts. Subscribe again, send again what
             // the broker never acknowledged (in the original order).
             st.epoch += 1;
+            st.stash.clear();
             st.held1.clear();
             st.qos2_in.clear();
             st.sub_pkid.clear();

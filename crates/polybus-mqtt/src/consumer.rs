@@ -26,9 +26,11 @@ fn channel(handle: &Handle) -> (Sink, mpsc::Receiver<Result<Delivery>>) {
 ///
 /// QoS 1/2 deliveries are acknowledged to the broker only by [`Delivery::ack`] (manual acks).
 /// `nack` is unsupported: MQTT has no negative acknowledgement. A delivery dropped without
-/// ack is not acknowledged; with a persistent session (`clean_start(false)` and a session
-/// expiry) the broker delivers it again after the next reconnect. QoS 2 duplicates the broker
-/// resends are recognised by packet id and not delivered twice.
+/// ack: with a persistent session (`clean_start(false)` and a session expiry) it stays
+/// unacknowledged and the broker delivers it again after the next reconnect (until then it
+/// holds one of the broker's in-flight slots); with a clean session it could never come back,
+/// so it is acknowledged and gone. QoS 2 duplicates the broker resends are recognised by
+/// packet id and not delivered twice.
 ///
 /// Filters may use wildcards (`+`, `#`) and shared subscriptions (`$share/<group>/<filter>`).
 ///

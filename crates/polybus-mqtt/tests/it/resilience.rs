@@ -313,3 +313,79 @@ async fn subscriptions_are_renewed_after_a_new_session() -> anyhow::Result<()> {
     client.close().await?;
     Ok(())
 }
+
+/// A clean-session delivery dropped without ack is acknowledged (it could never come back), so
+/// it does not hold one of the broker's in-flight slots: with a Receive Maximum of 4, 20
+/// dropped deliveries in a row still all arrive.
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn dropped_deliveries_do_not_stall_a_clean_session() -> anyhow::Result<()> {
+    let client = support::config("drop").receive_maximum(4).connect().await?;
+    let topic = support::topic();
+    let mut c = client.consumer();
+    c.subscribe(&topic, 1).await?;
+    let p = client.producer();
+    for i in 0..20 {
+        p.publish(&topic, format!("d-{i}"), 1).await?;
+    }
+    for i in 0..20 {
+        let d = tokio::time::timeout(Duration::from_secs(10), c.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("stalled after {i} dropped deliveries"))??;
+        drop(d);
+    }
+    client.close().await?;
+    Ok(())
+}
+
+/// With a persistent session, deliveries dropped without ack come back after a reconnect,
+/// marked as redeliveries; acked ones do not.
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn unacked_deliveries_come_back_after_reconnect_with_a_persistent_session()
+-> anyhow::Result<()> {
+    let broker = BrokerProcess::mosquitto("").await?;
+    let port = broker.port();
+    let topic = support::topic();
+    let id = support::client_id("redeliver");
+    let client = persistent(port, &id).connect().await?;
+    let mut c = client.consumer();
+    c.subscribe(&topic, 1).await?;
+    let p = client.producer();
+    for i in 0..6 {
+        p.publish(&topic, format!("r-{i}"), 1).await?;
+    }
+    let mut dropped = HashSet::new();
+    for i in 0..6 {
+        let d = tokio::time::timeout(Duration::from_secs(10), c.next()).await??;
+        if i % 2 == 0 {
+            d.ack().await?;
+        } else {
+            dropped.insert(d.payload().to_vec());
+            drop(d);
+        }
+    }
+    // Let the PUBACKs go out, then drop the connection the hard way and come back.
+    p.flush().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.abort();
+    drop(c);
+    let client = persistent(port, &id).connect().await?;
+    let mut c = client.consumer();
+    c.subscribe(&topic, 1).await?;
+    let mut again = HashSet::new();
+    while again.len() < dropped.len() {
+        let d = tokio::time::timeout(Duration::from_secs(10), c.next()).await??;
+        assert!(d.is_redelivered(), "a redelivery is marked: {d:?}");
+        again.insert(d.payload().to_vec());
+        d.ack().await?;
+    }
+    assert_eq!(again, dropped, "exactly the unacked ones come back");
+    let extra = tokio::time::timeout(Duration::from_millis(500), c.next()).await;
+    assert!(
+        extra.is_err(),
+        "acked deliveries must not come back: {extra:?}"
+    );
+    client.close().await?;
+    Ok(())
+}
