@@ -523,10 +523,18 @@ impl Inner {
                             }
                         }
                         Err(e) => {
-                            if let Some(mut s) = st.subs.remove(&id)
-                                && let Some(w) = s.waiter.take()
-                            {
-                                let _ = w.send(Err(e));
+                            if let Some(mut s) = st.subs.remove(&id) {
+                                match s.waiter.take() {
+                                    Some(w) => {
+                                        let _ = w.send(Err(e));
+                                    }
+                                    None => {
+                                        // A renewal after a reconnect was refused: the
+                                        // subscription's stream ends.
+                                        tracing::warn!(filter = s.filter, error = %e, "mqtt: the broker refused to renew a subscription");
+                                        let _ = s.sink.try_send(Err(e));
+                                    }
+                                }
                             }
                         }
                     }
