@@ -301,6 +301,21 @@ impl NatsOptions {
         self
     }
 
+    /// The default event source set with [`source`](Self::source).
+    pub fn default_source(&self) -> Option<&Cow<'static, str>> {
+        self.source.as_ref()
+    }
+
+    /// The CloudEvents content mode set with [`mode`](Self::mode).
+    pub fn content_mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The close timeout set with [`close_timeout`](Self::close_timeout).
+    pub fn close_timeout_value(&self) -> Duration {
+        self.close_timeout
+    }
+
     /// Connects and returns a producer.
     ///
     /// # Errors
@@ -445,8 +460,12 @@ impl NatsConnection {
         &self.client
     }
 
-    /// Messages the client dropped because a subscription's buffer was full (slow consumer).
-    /// Each drop is also logged with `tracing::warn!`.
+    /// Messages the client dropped because a subscription's buffer was full (slow consumer),
+    /// as reported by the client; each report is also logged with `tracing::warn!`.
+    ///
+    /// A lower bound: async-nats queues its connection events in a channel of 128, so a burst
+    /// of drops faster than they are reported is counted in part. Any value above zero means
+    /// messages were lost.
     pub fn slow_consumer_drops(&self) -> u64 {
         self.stats.slow_consumers.load(Ordering::Relaxed)
     }

@@ -129,7 +129,7 @@ impl NatsConsumer {
     }
 
     /// Messages dropped so far because a subscription of this connection was too slow (its
-    /// buffer was full). Each drop is also logged with `tracing::warn!`.
+    /// buffer was full), a lower bound: see [`NatsConnection::slow_consumer_drops`].
     pub fn slow_consumer_drops(&self) -> u64 {
         self.conn.slow_consumer_drops()
     }

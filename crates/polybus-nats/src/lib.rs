@@ -15,8 +15,9 @@
 //!
 //! Core NATS is at-most-once and keeps nothing: a subscriber gets what is published while it
 //! is subscribed. `ack`/`term` do nothing, `nack` is `Unsupported`. A slow subscriber whose
-//! buffer fills up loses messages: every drop is logged with `tracing::warn!` and counted
-//! ([`NatsConnection::slow_consumer_drops`]), never silent. `close` flushes and drains, so no
+//! buffer fills up loses messages: the drops the client reports are logged with
+//! `tracing::warn!` and counted ([`NatsConnection::slow_consumer_drops`], a lower bound under
+//! bursts), never silent. `close` flushes and drains, so no
 //! buffered publish is lost. After a reconnect the client subscribes again and streams go on.
 //!
 //! # Wire format

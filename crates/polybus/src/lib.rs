@@ -7,6 +7,7 @@
 //! | feature | module | crate |
 //! |---|---|---|
 //! | `nats` (alias `mq-nats`) | [`nats`], seed path `nats_client` | `polybus-nats` |
+//! | `jetstream` | [`jetstream`], seed path `nats_client::jetstream` | `polybus-jetstream` |
 //! | `kafka` (alias `mq-kafka`) | [`kafka`], seed path `kafka_client` | `polybus-kafka` |
 //! | `full` | all of the above | |
 //!
@@ -25,6 +26,11 @@ pub use url::connect;
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use polybus_nats as nats;
 
+/// NATS JetStream (`polybus-jetstream`).
+#[cfg(feature = "jetstream")]
+#[cfg_attr(docsrs, doc(cfg(feature = "jetstream")))]
+pub use polybus_jetstream as jetstream;
+
 /// Kafka (`polybus-kafka`).
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
@@ -35,6 +41,14 @@ pub use polybus_kafka as kafka;
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats_client {
     pub use polybus_nats::{NatsConsumer, NatsOptions, NatsProducer};
+
+    /// The seed's JetStream module path: `polybus::nats_client::jetstream::{JsProducer,
+    /// JsConsumer}`.
+    #[cfg(feature = "jetstream")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "jetstream")))]
+    pub mod jetstream {
+        pub use polybus_jetstream::{JsConsumer, JsOptions, JsProducer};
+    }
 }
 
 /// The seed's Kafka module path: `polybus::kafka_client::{KafkaConfig, KafkaProducer,

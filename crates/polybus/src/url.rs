@@ -10,6 +10,7 @@ use polybus_core::{
 /// |---|---|---|
 /// | `memory://` | a new [`MemoryBroker`] | always |
 /// | `nats://host:4222?group=workers` | core NATS; `group` is the queue group | `nats` |
+/// | `jetstream://host:4222?group=g1` | JetStream; a stream per topic is created on first use; `group` is the durable consumer | `jetstream` |
 /// | `kafka://host:9092?group=g1&offset=earliest` | Kafka; `group` is the consumer group (default `polybus`) | `kafka` |
 ///
 /// ```
@@ -43,6 +44,23 @@ pub async fn connect(url: &str) -> Result<(BoxPublisher, BoxConsumer)> {
             if let Some(g) = parsed.param("group") {
                 consumer = consumer.queue_group(g);
             }
+            Ok((publisher.boxed(), BoxConsumer::new(consumer)))
+        }
+        #[cfg(feature = "jetstream")]
+        "jetstream" => {
+            let mut opts =
+                polybus_jetstream::JsOptions::new(format!("nats://{}", parsed.authority))
+                    .stream_policy(polybus_jetstream::StreamPolicy::PerTopic {
+                        prefix: parsed
+                            .param("stream_prefix")
+                            .unwrap_or("polybus_")
+                            .to_owned(),
+                    });
+            if let Some(g) = parsed.param("group") {
+                opts = opts.group(g);
+            }
+            let publisher = opts.clone().producer().await?;
+            let consumer = opts.consumer().await?;
             Ok((publisher.boxed(), BoxConsumer::new(consumer)))
         }
         #[cfg(feature = "kafka")]

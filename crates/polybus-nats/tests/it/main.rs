@@ -2,6 +2,10 @@
 //! `cargo test -p polybus-nats -- --include-ignored` with a server on `POLYBUS_NATS_URL`).
 
 mod conformance;
+mod errors;
+mod interop;
+mod resilience;
+mod tls;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {
