@@ -290,7 +290,9 @@ impl BusBuilder {
             (Some(p), _) => p,
             (None, Some(b)) => return Err(no_adapter("Kafka", &b)),
             (None, None) => {
-                return Err(missing("Kafka: call .kafka(brokers) or .kafka_publisher(p)"));
+                return Err(missing(
+                    "Kafka: call .kafka(brokers) or .kafka_publisher(p)",
+                ));
             }
         };
         Bus::start(nats, kafka, parts).await

@@ -16,10 +16,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::BACKEND;
 use crate::builder::{BusBuilder, Parts};
 use crate::codec::SpoolRecord;
 use crate::consume::{self, ConsumerFactory, ConsumerSpec, ReplayFrom, Start, Subscription};
-use crate::dedup::{Dedup, DedupKey, DedupStore};
+use crate::dedup::{DedupFilter, DedupKey, DedupStore};
 use crate::dlq::{self, DeadLetterTopic};
 use crate::forwarder::{self, Phase, Shared};
 use crate::metrics as m;
@@ -27,7 +28,6 @@ use crate::spool::{SYNC_INTERVAL, Spool};
 use crate::stats::{BusStats, Counters};
 use crate::switches::SwitchHandle;
 use crate::topic_map::TopicMap;
-use crate::BACKEND;
 
 /// Values [`Bus::publish`] accepts: an [`Event`], or a payload that becomes a new event with a
 /// fresh id (`Bytes`, `Vec<u8>`, `String`, `&'static str`, `&'static [u8]`, `b"..."`).
@@ -51,7 +51,14 @@ macro_rules! payload_into_event {
         }
     )*};
 }
-payload_into_event!(Bytes, BytesMut, Vec<u8>, String, &'static str, &'static [u8]);
+payload_into_event!(
+    Bytes,
+    BytesMut,
+    Vec<u8>,
+    String,
+    &'static str,
+    &'static [u8]
+);
 
 impl<const N: usize> IntoEvent for &'static [u8; N] {
     fn into_event(self) -> Event {
@@ -521,19 +528,20 @@ where
         let consumer = factory
             .create(ConsumerSpec::new(Some(group.to_owned()), Start::Committed))
             .await?;
-        let dedup = Dedup::new(
-            consumer,
+        let dedup = DedupFilter::new(
             self.inner.dedup.clone(),
             self.inner.dedup_by.clone(),
-            group,
-        )
-        .with_counters(self.inner.counters.clone());
+            group.to_owned(),
+            Some(self.inner.counters.clone()),
+        );
         Ok(consume::spawn(
-            dedup,
+            consumer,
             topic,
             self.inner.consume_buffer,
             None,
-        ))
+            Some(dedup),
+        )
+        .await)
     }
 
     /// The real-time NATS stream of `subject` (no group, no replay: what is published from
@@ -551,7 +559,9 @@ where
             subject.to_owned(),
             self.inner.consume_buffer,
             None,
-        ))
+            None,
+        )
+        .await)
     }
 
     /// A compensation replay: reads `subject`'s Kafka topic again from `from`, in a fresh
@@ -573,12 +583,7 @@ where
         let consumer = factory
             .create(ConsumerSpec::new(Some(group), Start::Earliest))
             .await?;
-        Ok(consume::spawn(
-            consumer,
-            topic,
-            self.inner.consume_buffer,
-            Some(from),
-        ))
+        Ok(consume::spawn(consumer, topic, self.inner.consume_buffer, Some(from), None).await)
     }
 
     /// Reads the dead-letter topic of `subject` as group `group` (no dedup), for inspection.
@@ -591,12 +596,7 @@ where
         let consumer = factory
             .create(ConsumerSpec::new(Some(group.to_owned()), Start::Committed))
             .await?;
-        Ok(consume::spawn(
-            consumer,
-            topic,
-            self.inner.consume_buffer,
-            None,
-        ))
+        Ok(consume::spawn(consumer, topic, self.inner.consume_buffer, None, None).await)
     }
 
     /// Moves dead letters of `subject` back: each is stripped of the dead-letter headers,
@@ -613,7 +613,10 @@ where
         let topic = self.inner.topics.kafka_topic(subject)?;
         let dlq_topic = self.inner.dead_letters.topic_for(&topic);
         let consumer = factory
-            .create(ConsumerSpec::new(Some(options.group.clone()), Start::Committed))
+            .create(ConsumerSpec::new(
+                Some(options.group.clone()),
+                Start::Committed,
+            ))
             .await?;
         let mut stream = std::pin::pin!(consumer.subscribe(&dlq_topic));
         let mut moved = 0usize;
@@ -632,7 +635,10 @@ where
             let reservation = self.inner.spool.reserve().await?;
             let record = SpoolRecord::new(&subj, &target, event);
             let bucket = self.inner.spool.bucket_of(&record.event);
-            self.inner.spool.append(reservation, bucket, &record).await?;
+            self.inner
+                .spool
+                .append(reservation, bucket, &record)
+                .await?;
             d.ack().await?;
             moved += 1;
         }
@@ -649,7 +655,12 @@ where
     ///
     /// # Errors
     /// The Kafka publisher's error.
-    pub async fn dead_letter(&self, delivery: &Delivery, error: &Error, attempts: u32) -> Result<()> {
+    pub async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        error: &Error,
+        attempts: u32,
+    ) -> Result<()> {
         let topic = self.inner.dead_letters.topic_for(delivery.topic());
         self.inner
             .kafka

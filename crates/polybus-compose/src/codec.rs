@@ -292,7 +292,10 @@ mod tests {
             .key("customer-7")
             .content_type("application/json")
             .header("tenant", "eu")
-            .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
             .header("X-Multi", "a")
             .header("x-multi", "b")
             .data(&b"{\"n\":1}"[..])

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -11,8 +12,10 @@ use futures_core::Stream;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use polybus_core::{BoxConsumer, Consumer, Delivery, Result};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+use crate::dedup::DedupFilter;
 
 /// Where a new consumer starts when its group has no committed position.
 #[non_exhaustive]
@@ -117,19 +120,45 @@ impl ReplayFrom {
 pub struct Subscription {
     rx: mpsc::Receiver<Result<Delivery>>,
     task: JoinHandle<()>,
+    dedup: Option<Arc<DedupFilter>>,
+    checking: Option<BoxFuture<'static, Option<Delivery>>>,
 }
 
 impl Subscription {
     /// The next delivery; `None` when the underlying subscription ended.
     pub async fn recv(&mut self) -> Option<Result<Delivery>> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
     }
 }
 
 impl Stream for Subscription {
     type Item = Result<Delivery>;
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().rx.poll_recv(cx)
+        let this = self.get_mut();
+        loop {
+            if let Some(check) = &mut this.checking {
+                match check.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(found) => {
+                        this.checking = None;
+                        match found {
+                            Some(d) => return Poll::Ready(Some(Ok(d))),
+                            None => continue, // a duplicate, acked and dropped
+                        }
+                    }
+                }
+            }
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(d))) => match &this.dedup {
+                    Some(filter) => {
+                        let filter = filter.clone();
+                        this.checking = Some(Box::pin(async move { filter.check(d).await }));
+                    }
+                    None => return Poll::Ready(Some(Ok(d))),
+                },
+                other => return other,
+            }
+        }
     }
 }
 
@@ -147,21 +176,36 @@ impl fmt::Debug for Subscription {
     }
 }
 
-/// Spawns the task that owns `consumer` and feeds a [`Subscription`]. Deliveries `keep`
-/// rejects are acked and skipped.
-pub(crate) fn spawn<C: Consumer + 'static>(
+/// Spawns the task that owns `consumer` and feeds a [`Subscription`]; returns once the
+/// subscription was made and polled once (so a publish after this returns is not missed by
+/// a backend that only delivers to live subscriptions). Deliveries `keep` rejects are acked
+/// and skipped.
+pub(crate) async fn spawn<C: Consumer + 'static>(
     consumer: C,
     topic: String,
     buffer: usize,
     keep: Option<ReplayFrom>,
+    dedup: Option<DedupFilter>,
 ) -> Subscription {
     let (tx, rx) = mpsc::channel(buffer.max(1));
+    let (ready_tx, ready_rx) = oneshot::channel();
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(consumer.subscribe(&topic));
+        let mut first = std::future::poll_fn(|cx| {
+            Poll::Ready(match stream.as_mut().poll_next(cx) {
+                Poll::Ready(item) => Some(item),
+                Poll::Pending => None,
+            })
+        })
+        .await;
+        let _ = ready_tx.send(());
         loop {
-            let item = tokio::select! {
-                _ = tx.closed() => break,
-                item = stream.next() => item,
+            let item = match first.take() {
+                Some(item) => item,
+                None => tokio::select! {
+                    _ = tx.closed() => break,
+                    item = stream.next() => item,
+                },
             };
             let Some(item) = item else { break };
             if let (Ok(d), Some(keep)) = (&item, &keep)
@@ -177,7 +221,13 @@ pub(crate) fn spawn<C: Consumer + 'static>(
             }
         }
     });
-    Subscription { rx, task }
+    let _ = ready_rx.await;
+    Subscription {
+        rx,
+        task,
+        dedup: dedup.map(Arc::new),
+        checking: None,
+    }
 }
 
 #[cfg(test)]

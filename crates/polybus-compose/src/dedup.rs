@@ -16,9 +16,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
-use polybus_core::{
-    AckFuture, Acker, Capabilities, Consumer, Delivery, Event, Result,
-};
+use polybus_core::{AckFuture, Acker, Capabilities, Consumer, Delivery, Event, Result};
 use tokio::time::Instant;
 
 use crate::metrics as m;
@@ -229,10 +227,7 @@ impl fmt::Debug for DedupKey {
 /// ```
 pub struct Dedup<C> {
     inner: C,
-    store: Arc<dyn DedupStore>,
-    by: DedupKey,
-    scope: String,
-    counters: Option<Arc<Counters>>,
+    filter: DedupFilter,
 }
 
 impl<C> Dedup<C> {
@@ -245,16 +240,8 @@ impl<C> Dedup<C> {
     ) -> Self {
         Dedup {
             inner,
-            store,
-            by,
-            scope: scope.into(),
-            counters: None,
+            filter: DedupFilter::new(store, by, scope.into(), None),
         }
-    }
-    /// Counts dropped duplicates in the bus's stats too.
-    pub(crate) fn with_counters(mut self, counters: Arc<Counters>) -> Self {
-        self.counters = Some(counters);
-        self
     }
     /// The wrapped consumer.
     pub fn get_ref(&self) -> &C {
@@ -270,8 +257,8 @@ impl<C: fmt::Debug> fmt::Debug for Dedup<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dedup")
             .field("inner", &self.inner)
-            .field("by", &self.by)
-            .field("scope", &self.scope)
+            .field("by", &self.filter.by)
+            .field("scope", &self.filter.scope)
             .finish_non_exhaustive()
     }
 }
@@ -288,7 +275,7 @@ impl<C: Consumer> Consumer for Dedup<C> {
             .filter_map(move |item| async move {
                 match item {
                     Err(e) => Some(Err(e)),
-                    Ok(d) => self.check(d).await.map(Ok),
+                    Ok(d) => self.filter.check(d).await.map(Ok),
                 }
             })
             .boxed()
@@ -299,9 +286,34 @@ impl<C: Consumer> Consumer for Dedup<C> {
     }
 }
 
-impl<C> Dedup<C> {
+/// The dedup decision, shared by [`Dedup`] and the bus's subscriptions. The check runs when a
+/// delivery is handed to the caller (not when it is prefetched), so a copy that arrives while
+/// the first is being processed is caught once the first is acked.
+#[derive(Clone)]
+pub(crate) struct DedupFilter {
+    store: Arc<dyn DedupStore>,
+    by: DedupKey,
+    scope: String,
+    counters: Option<Arc<Counters>>,
+}
+
+impl DedupFilter {
+    pub(crate) fn new(
+        store: Arc<dyn DedupStore>,
+        by: DedupKey,
+        scope: String,
+        counters: Option<Arc<Counters>>,
+    ) -> Self {
+        DedupFilter {
+            store,
+            by,
+            scope,
+            counters,
+        }
+    }
+
     /// `Some(wrapped delivery)` to yield, `None` for a duplicate (acked here).
-    async fn check(&self, d: Delivery) -> Option<Delivery> {
+    pub(crate) async fn check(&self, d: Delivery) -> Option<Delivery> {
         let (key, version) = self.by.of(d.event());
         let key = format!("{}/{key}", self.scope);
         match self.store.get(&key).await {
@@ -443,9 +455,18 @@ mod tests {
     #[tokio::test]
     async fn a_failed_record_fails_the_ack_and_keeps_the_delivery() {
         let broker = MemoryBroker::new();
-        let c = Dedup::new(broker.consumer_group("g"), Arc::new(FailingStore), DedupKey::Id, "g");
+        let c = Dedup::new(
+            broker.consumer_group("g"),
+            Arc::new(FailingStore),
+            DedupKey::Id,
+            "g",
+        );
         let mut s = std::pin::pin!(c.subscribe("t"));
-        broker.publisher().publish("t", Event::new(b"x")).await.unwrap();
+        broker
+            .publisher()
+            .publish("t", Event::new(b"x"))
+            .await
+            .unwrap();
         let d = s.next().await.unwrap().unwrap();
         let err = d.ack().await.unwrap_err();
         assert_eq!(err.error().kind(), ErrorKind::Connect);
@@ -462,7 +483,10 @@ mod tests {
         });
         let a = Dedup::new(broker.consumer_group("a"), store.clone(), by.clone(), "a");
         let b = Dedup::new(broker.consumer_group("b"), store, by, "b");
-        let (mut sa, mut sb) = (std::pin::pin!(a.subscribe("t")), std::pin::pin!(b.subscribe("t")));
+        let (mut sa, mut sb) = (
+            std::pin::pin!(a.subscribe("t")),
+            std::pin::pin!(b.subscribe("t")),
+        );
         let p = broker.publisher();
         for ver in ["5", "3", "5", "6"] {
             let ev = Event::builder().header("ver", ver).build().unwrap();

@@ -160,7 +160,10 @@ mod tests {
         assert_eq!(h.get("tenant"), Some("eu"));
         assert_eq!(h.get(X_ORIGINAL_TOPIC), Some("orders.created"));
         assert_eq!(h.get(X_ORIGINAL_SUBJECT), Some("orders.created"));
-        assert_eq!(h.get(X_EXCEPTION_MESSAGE), Some("kafka: rejected: broker said no"));
+        assert_eq!(
+            h.get(X_EXCEPTION_MESSAGE),
+            Some("kafka: rejected: broker said no")
+        );
         assert_eq!(h.get(X_EXCEPTION_KIND), Some("rejected"));
         assert_eq!(h.get_all(X_ATTEMPTS).collect::<Vec<_>>(), ["5"]);
         for (n, v) in h.iter() {
@@ -175,9 +178,13 @@ mod tests {
 
     #[test]
     fn delivery_dead_letters_carry_partition_and_offset() {
-        let d = Delivery::new(Event::builder().key("k").build().unwrap(), "t", NoopAcker("x"))
-            .with_partition(2)
-            .with_sequence(41);
+        let d = Delivery::new(
+            Event::builder().key("k").build().unwrap(),
+            "t",
+            NoopAcker("x"),
+        )
+        .with_partition(2)
+        .with_sequence(41);
         let err = Error::new(ErrorKind::Codec, "app").with_message("x".repeat(5000));
         let dl = from_delivery(&d, &err, 3);
         let h = dl.headers();

@@ -87,7 +87,11 @@ impl RetryPolicy {
     }
     /// The jitter fraction, from 0 (none) to 1.
     pub fn jitter(mut self, j: f64) -> Self {
-        self.jitter = if j.is_finite() { j.clamp(0.0, 1.0) } else { 0.0 };
+        self.jitter = if j.is_finite() {
+            j.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self
     }
     /// Decides which errors count towards dead-lettering (`true`: the event's fault).

@@ -218,9 +218,8 @@ impl Spool {
                 .with_message(format!("{} is open in another process", path.display())),
             e => storage("cannot open the spool").with_source(redb::Error::from(e)),
         })?;
-        let (next_seq, depth) = prepare(&db, buckets).map_err(|e| {
-            storage("cannot read the spool").with_source(e)
-        })?;
+        let (next_seq, depth) =
+            prepare(&db, buckets).map_err(|e| storage("cannot read the spool").with_source(e))?;
         let db = Arc::new(db);
         let depth_now = Arc::new(AtomicU64::new(depth));
         let max_depth = Arc::new(AtomicU64::new(depth));
@@ -419,11 +418,7 @@ impl Spool {
         } else {
             Ok(())
         };
-        let handle = self
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
@@ -500,9 +495,7 @@ fn prepare(db: &Database, buckets: u32) -> std::result::Result<(u64, u64), redb:
             max_seq = Some(max_seq.map_or(seq, |m: u64| m.max(seq)));
         }
         let stored_next = meta.get("next_seq")?.map(|v| v.value());
-        let next_seq = stored_next
-            .unwrap_or(0)
-            .max(max_seq.map_or(0, |m| m + 1));
+        let next_seq = stored_next.unwrap_or(0).max(max_seq.map_or(0, |m| m + 1));
         let old_buckets = meta.get("buckets")?.map(|v| v.value());
         if old_buckets.is_some_and(|b| b != u64::from(buckets)) {
             let mut all = Vec::new();
@@ -586,7 +579,8 @@ impl Capacity {
         let give = usize::try_from(n - paid).unwrap_or(usize::MAX);
         drop(debt);
         if give > 0 {
-            self.sem.add_permits(give.min(Semaphore::MAX_PERMITS - self.sem.available_permits()));
+            self.sem
+                .add_permits(give.min(Semaphore::MAX_PERMITS - self.sem.available_permits()));
         }
     }
 }
@@ -607,7 +601,9 @@ impl Drop for Reservation<'_> {
 
 impl fmt::Debug for Reservation<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Reservation").field("armed", &self.armed).finish()
+        f.debug_struct("Reservation")
+            .field("armed", &self.armed)
+            .finish()
     }
 }
 
@@ -635,10 +631,12 @@ fn writer_loop(mut st: WriterState, mut rx: mpsc::Receiver<Op>) {
             }
         }
         let shutdown = ops.iter().any(|op| matches!(op, Op::Shutdown { .. }));
-        let needs_durable = ops
-            .iter()
-            .any(|op| matches!(op, Op::Append { .. } | Op::Sync { .. } | Op::Shutdown { .. }))
-            || (st.dirty && last_durable.elapsed() >= SYNC_INTERVAL);
+        let needs_durable = ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::Append { .. } | Op::Sync { .. } | Op::Shutdown { .. }
+            )
+        }) || (st.dirty && last_durable.elapsed() >= SYNC_INTERVAL);
         let sweep = st.ttl.is_some() && st.last_sweep.elapsed() >= SWEEP_INTERVAL;
         let only_ticks = ops.iter().all(|op| matches!(op, Op::Tick));
         if only_ticks && !sweep && !(st.dirty && last_durable.elapsed() >= SYNC_INTERVAL) {
@@ -879,7 +877,12 @@ mod tests {
             .map(|(_, e)| e.record.event.id().to_owned())
             .collect();
         assert_eq!(left, ["e1", "e2", "e3", "e4", "e5"]);
-        assert_eq!(spool.forwarded(&["urn:polybus e0".into(), "urn:polybus e1".into()]).unwrap(), [true, false]);
+        assert_eq!(
+            spool
+                .forwarded(&["urn:polybus e0".into(), "urn:polybus e1".into()])
+                .unwrap(),
+            [true, false]
+        );
         let next = append(&spool, &record(9, "k")).await;
         assert!(next > *seqs.last().unwrap());
         spool.shutdown().await.unwrap();
@@ -937,10 +940,7 @@ mod tests {
 
         let spool = Arc::new(Spool::open(&SpoolConfig::new(dir.path()).capacity(2), 1).unwrap());
         let s2 = spool.clone();
-        let blocked = tokio::spawn(async move {
-            let r = s2.reserve().await.map(|_| ());
-            r
-        });
+        let blocked = tokio::spawn(async move { s2.reserve().await.map(|_| ()) });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!blocked.is_finished(), "a full spool blocks");
         let first = spool.read_bucket(0, 0, 1).unwrap().remove(0);
@@ -963,12 +963,23 @@ mod tests {
         }
         spool.shutdown().await.unwrap();
         drop(spool);
-        let c = SpoolConfig::new(dir.path()).capacity(2).when_full(WhenFull::Reject);
+        let c = SpoolConfig::new(dir.path())
+            .capacity(2)
+            .when_full(WhenFull::Reject);
         let spool = Spool::open(&c, 1).unwrap();
         let entries = spool.read_bucket(0, 0, usize::MAX).unwrap();
-        spool.complete(0, vec![entries[0].seq, entries[1].seq], vec![]).await.unwrap();
-        assert_eq!(spool.reserve().await.unwrap_err().kind(), ErrorKind::Rejected);
-        spool.complete(0, vec![entries[2].seq], vec![]).await.unwrap();
+        spool
+            .complete(0, vec![entries[0].seq, entries[1].seq], vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            spool.reserve().await.unwrap_err().kind(),
+            ErrorKind::Rejected
+        );
+        spool
+            .complete(0, vec![entries[2].seq], vec![])
+            .await
+            .unwrap();
         drop(spool.reserve().await.expect("room after the debt is paid"));
         spool.shutdown().await.unwrap();
     }

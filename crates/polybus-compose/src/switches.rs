@@ -264,14 +264,21 @@ mod tests {
         assert!(!n.forwarding_active());
         let p = d.with_pause_forwarding(true);
         assert_eq!(p.to_string(), "dual-write, forwarding paused");
-        let k = n.with_single_channel(Channel::Kafka).with_pause_forwarding(true);
+        let k = n
+            .with_single_channel(Channel::Kafka)
+            .with_pause_forwarding(true);
         assert!(!k.forwarding_active() && !k.writes_nats());
     }
 
     #[test]
     fn kv_values_parse_leniently_and_reject_garbage() {
         let mut s = Switches::default();
-        for (v, want) in [("OFF", false), (" true ", true), ("0", false), ("yes", true)] {
+        for (v, want) in [
+            ("OFF", false),
+            (" true ", true),
+            ("0", false),
+            ("yes", true),
+        ] {
             s.apply("pause_forwarding", Some(v)).unwrap();
             assert_eq!(s.pause_forwarding(), want, "{v}");
             s.apply("dual_write", Some(v)).unwrap();
