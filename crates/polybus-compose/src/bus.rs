@@ -204,7 +204,7 @@ impl Bus {
     /// A builder for a bus over NATS/JetStream and Kafka (or any publishers you hand it).
     ///
     /// ```no_run
-    /// # async fn run() -> polybus_core::Result<()> {
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
     /// let bus = polybus_compose::Bus::builder()
     ///     .nats("nats://127.0.0.1:4222")
     ///     .kafka("localhost:9092")

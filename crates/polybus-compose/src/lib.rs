@@ -3,7 +3,7 @@
 //! truth, and a crash-safe local spool between them.
 //!
 //! ```no_run
-//! # async fn run() -> polybus_core::Result<()> {
+//! # #[tokio::main] async fn main() -> polybus_core::Result<()> {
 //! let bus = polybus_compose::Bus::builder()
 //!     .nats("nats://127.0.0.1:4222")
 //!     .kafka("localhost:9092")
