@@ -259,7 +259,7 @@ fn ensure_tansu(paths: &Paths) -> Result<()> {
         }
         let t = started.elapsed().as_secs();
         println!(
-            "    [tansu {:>2}:{:02} #{compiled}] {}",
+            "    [tansu {:>2}:{:02} {compiled:>3}/~410] {}",
             t / 60,
             t % 60,
             line.trim()

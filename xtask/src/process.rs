@@ -35,7 +35,7 @@ pub(crate) fn parse_pid(contents: &str) -> Option<u32> {
     contents.trim().parse::<u32>().ok().filter(|&pid| pid > 1)
 }
 
-/// Whether a raw `/proc/<pid>/cmdline` (NUL-separated argv) runs `bin`: argv[0] is `bin` itself
+/// Whether a raw `/proc/<pid>/cmdline` (NUL-separated argv) runs `bin`: `argv[0]` is `bin` itself
 /// or has the same file name (a process may have been started through a symlink or PATH).
 pub(crate) fn cmdline_matches(cmdline: &[u8], bin: &Path) -> bool {
     let Some(argv0) = cmdline.split(|&b| b == 0).next().filter(|a| !a.is_empty()) else {
@@ -288,16 +288,22 @@ mod tests {
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
         let sleep = Path::new("/bin/sleep");
-        assert!(matches!(
-            classify(
-                pid,
-                is_alive(pid),
-                fs::read(format!("/proc/{pid}/cmdline")).ok(),
-                sleep
-            ),
-            PidState::Running(_)
-        ));
-        terminate(pid, sleep, Duration::from_secs(5)).unwrap(); // it is a zombie until waited on
+        // Right after fork the child still shows the test binary's cmdline until it execs.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let state = loop {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok();
+            let state = classify(pid, is_alive(pid), cmdline, sleep);
+            if state == PidState::Running(pid) || Instant::now() > deadline {
+                break state;
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        if state != PidState::Running(pid) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{state:?}");
+        }
+        terminate(pid, sleep, Duration::from_secs(5)).unwrap(); // a zombie until waited on
         assert!(!is_alive(pid));
         child.wait().unwrap();
     }

@@ -285,6 +285,13 @@ impl BrokerProcess {
         self.start().await
     }
 
+    /// The command-line arguments the next [`start`](Self::start) uses, to change a broker's
+    /// flags between runs (for example: create users, then restart tansu with
+    /// `--authentication`).
+    pub fn args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.args
+    }
+
     /// Which broker this is.
     pub fn kind(&self) -> Kind {
         self.kind

@@ -1,0 +1,81 @@
+//! NATS JetStream backend of [polybus](https://crates.io/crates/polybus): streams, pull
+//! consumers with explicit acks, `Nats-Msg-Id` deduplication, KV and object store, over
+//! [async-nats].
+//!
+//! * [`JsProducer`] implements [`Publisher`](polybus_core::Publisher): each publish waits for
+//!   the stream's acknowledgement; the receipt carries the stream sequence and says whether
+//!   the server recognised a duplicate (`Nats-Msg-Id` = event id). The seed's
+//!   `JsProducer::connect(url, stream, subject)` and one-argument `send(payload)` are here.
+//! * [`JsConsumer`] implements [`Consumer`](polybus_core::Consumer) (groups are durable pull
+//!   consumers named after the group; without a group, an ephemeral consumer per
+//!   subscription) and the seed's [`MessageConsumer`](polybus_core::MessageConsumer)
+//!   (`JsConsumer::connect(url, stream, consumer)`, then `next`).
+//! * [`JetStream`] manages streams and durable consumers (create-or-bind with
+//!   [`StreamSettings`] and [`ConsumerSettings`]: subjects, retention, storage, duplicate
+//!   window, `max_deliver`, `ack_wait`, backoff, `max_ack_pending`) and opens [`KvBucket`]s
+//!   (get/put/create/update with revision/delete/watch) and [`ObjectBucket`]s.
+//!
+//! # Topics and streams
+//!
+//! Topics are subjects, and a stream must cover them. With [`StreamPolicy::Existing`] (the
+//! default) streams are managed elsewhere and an uncovered topic fails with `NotFound`; with
+//! [`StreamPolicy::PerTopic`] the first publish or subscribe to an uncovered topic creates a
+//! stream for it (see [`per_topic_stream_name`]), which is how the conformance suite uses
+//! fresh topics.
+//!
+//! # Semantics (see [`CAPABILITIES`])
+//!
+//! At-least-once with explicit settlement: `ack` (optionally confirmed by the server),
+//! `nack(delay)` (`-NAK` with delay), `term`, `in_progress` (`+WPI`); the redelivery count comes
+//! from the message metadata. The server holds back deliveries beyond `max_ack_pending`
+//! unsettled ones. A delivery dropped unsettled is nak'ed so it returns at once. Messages are
+//! persistent with file storage, deduplicated on publish within the duplicate window, ordered
+//! per stream for a single subscriber.
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use polybus_core::{Consumer, Event, Publisher};
+//! use polybus_jetstream::{JsOptions, StreamPolicy};
+//!
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
+//! let js = JsOptions::new("nats://127.0.0.1:4222")
+//!     .stream_policy(StreamPolicy::PerTopic { prefix: "EV_".into() })
+//!     .connect()
+//!     .await?;
+//! let consumer = js.consumer(Some("billing"));
+//! let mut orders = std::pin::pin!(consumer.subscribe("orders.created"));
+//!
+//! let producer = js.producer();
+//! let event = Event::builder().kind("order.created").data("{}").build()?;
+//! let receipt = producer.publish("orders.created", event.clone()).await?;
+//! assert!(!receipt.is_duplicate());
+//! assert!(producer.publish("orders.created", event).await?.is_duplicate());
+//!
+//! let delivery = orders.next().await.expect("subscription open")?;
+//! assert_eq!(delivery.sequence(), receipt.sequence());
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! [async-nats]: https://docs.rs/async-nats
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![doc(test(attr(deny(warnings))))]
+
+mod client;
+mod config;
+mod consumer;
+mod error;
+mod kv;
+mod object;
+mod publisher;
+
+pub use client::{JetStream, per_topic_stream_name};
+pub use config::{ConsumerSettings, JsOptions, StreamPolicy, StreamSettings};
+pub use consumer::{CAPABILITIES, JsConsumer, JsSubscription};
+pub use kv::{KvBucket, KvEntry, KvOperation, KvWatch};
+pub use object::ObjectBucket;
+pub use publisher::{JsProducer, MSG_ID_HEADER};
+
+/// Stream and consumer policies used by [`StreamSettings`] and [`ConsumerSettings`].
+pub use async_nats::jetstream::consumer::DeliverPolicy;
+pub use async_nats::jetstream::stream::{RetentionPolicy, StorageType};

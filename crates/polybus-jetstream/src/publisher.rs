@@ -1,0 +1,269 @@
+//! The JetStream publisher: at-least-once publish acknowledged by the stream, deduplicated by
+//! `Nats-Msg-Id`.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_nats::HeaderValue;
+use async_nats::jetstream::message::PublishMessage;
+use polybus_core::{Error, Event, IntoPayload, Publisher, Receipt, Result};
+use tokio::sync::Notify;
+
+use crate::client::{JetStream, subject_matches};
+use crate::config::{JsOptions, StreamPolicy};
+use crate::error::{self, BACKEND};
+
+/// The header JetStream deduplicates publishes by.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// Publishes events to JetStream streams.
+///
+/// `publish` resolves when the stream has stored the event and returns a [`Receipt`] with the
+/// stream sequence. The event id travels as `Nats-Msg-Id`, so publishing the same event again
+/// within the stream's duplicate window stores it once: the receipt then says
+/// [`is_duplicate`](Receipt::is_duplicate) and carries the sequence of the stored copy.
+///
+/// Topics are subjects; a stream must cover them (see [`StreamPolicy`]). The seed's
+/// constructor [`connect`](Self::connect) binds a default subject for [`send`](Self::send).
+///
+/// ```no_run
+/// use polybus_core::{Event, Publisher};
+/// use polybus_jetstream::JsProducer;
+///
+/// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+/// let p = JsProducer::connect("nats://127.0.0.1:4222", "stream", "subject").await?;
+/// let receipt = p.send(b"hello").await?;
+/// println!("stored at {:?}", receipt.sequence());
+/// let ev = Event::new(b"once");
+/// p.publish("subject", ev.clone()).await?;
+/// assert!(p.publish("subject", ev).await?.is_duplicate());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct JsProducer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    js: JetStream,
+    subject: Option<String>,
+    owns_connection: bool,
+    /// Topics known to be covered by a stream (only tracked under `StreamPolicy::PerTopic`).
+    ensured: Mutex<HashSet<String>>,
+    gate: Gate,
+}
+
+impl JsProducer {
+    /// The seed's constructor: connects to `url`, creates the stream `stream` with the subject
+    /// `subject` (or binds to it if it exists and covers the subject), and makes `subject` the
+    /// target of [`send`](Self::send).
+    ///
+    /// # Errors
+    /// Connection errors as for [`JsOptions::connect`]; `Rejected` when the stream exists and
+    /// does not cover `subject`; `InvalidTopic` for an illegal stream name or subject.
+    pub async fn connect(url: &str, stream: &str, subject: &str) -> Result<Self> {
+        let opts = JsOptions::new(url);
+        let settings = opts.stream.clone();
+        let js = opts.connect().await?;
+        polybus_nats::validate_publish_subject(subject, BACKEND)?;
+        let info = js.ensure_stream(stream, &[subject], &settings).await?;
+        if !info
+            .config
+            .subjects
+            .iter()
+            .any(|p| subject_matches(p, subject))
+        {
+            return Err(
+                Error::new(polybus_core::ErrorKind::Rejected, BACKEND).with_message(format!(
+                    "stream {stream:?} exists with subjects {:?}, which do not cover {subject:?}",
+                    info.config.subjects
+                )),
+            );
+        }
+        Ok(js.into_producer(Some(subject.to_owned()), true))
+    }
+
+    /// Options to connect with.
+    pub fn builder(url: impl Into<String>) -> JsOptions {
+        JsOptions::new(url)
+    }
+
+    pub(crate) fn new(js: JetStream, subject: Option<String>, owns_connection: bool) -> Self {
+        JsProducer {
+            inner: Arc::new(Inner {
+                js,
+                subject,
+                owns_connection,
+                ensured: Mutex::default(),
+                gate: Gate::default(),
+            }),
+        }
+    }
+
+    /// Sets the subject [`send`](Self::send) publishes to.
+    pub fn with_subject(self, subject: impl Into<String>) -> Self {
+        let inner = &self.inner;
+        JsProducer::new(
+            inner.js.clone(),
+            Some(subject.into()),
+            inner.owns_connection,
+        )
+    }
+
+    /// The JetStream handle (management, KV, object store) on this producer's connection.
+    pub fn jetstream(&self) -> &JetStream {
+        &self.inner.js
+    }
+
+    /// The seed's one-argument send: publishes `payload` as a new event to the producer's
+    /// subject (the one given to [`connect`](Self::connect)).
+    ///
+    /// This inherent method shadows `PublisherExt::send(topic, payload)`; for that one call
+    /// `polybus_core::PublisherExt::send(&producer, topic, payload)` or use `publish`.
+    ///
+    /// # Errors
+    /// `Unsupported` when the producer has no subject; otherwise as for `publish`.
+    pub async fn send(&self, payload: impl IntoPayload) -> Result<Receipt> {
+        let Some(subject) = self.inner.subject.as_deref() else {
+            return Err(Error::unsupported(
+                BACKEND,
+                "this producer has no default subject: use publish(topic, event)",
+            ));
+        };
+        self.publish_event(subject, Event::new(payload)).await
+    }
+
+    async fn publish_event(&self, topic: &str, mut event: Event) -> Result<Receipt> {
+        let _guard = self.inner.gate.enter()?;
+        polybus_nats::validate_publish_subject(topic, BACKEND)?;
+        event.validate()?;
+        let opts = self.inner.js.options();
+        if let Some(src) = &opts.nats.default_source() {
+            event.set_source_if_unset(src);
+        }
+        let (mut headers, payload) =
+            polybus_nats::encode_event(&event, opts.nats.content_mode(), BACKEND)?;
+        let id: HeaderValue = event.id().parse().map_err(|_| {
+            Error::new(polybus_core::ErrorKind::InvalidHeader, BACKEND)
+                .with_message("the event id cannot travel as Nats-Msg-Id")
+        })?;
+        headers.insert(MSG_ID_HEADER, id);
+        polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
+        self.ensure_stream(topic).await?;
+        let ack = self
+            .inner
+            .js
+            .context()
+            .send_publish(
+                topic.to_owned(),
+                PublishMessage::build().payload(payload).headers(headers),
+            )
+            .await
+            .map_err(|e| error::publish(e, topic))?
+            .await
+            .map_err(|e| error::publish(e, topic))?;
+        Ok(Receipt::new(topic)
+            .with_sequence(ack.sequence)
+            .with_duplicate(ack.duplicate))
+    }
+
+    async fn ensure_stream(&self, topic: &str) -> Result<()> {
+        if !matches!(
+            self.inner.js.options().policy,
+            StreamPolicy::PerTopic { .. }
+        ) {
+            // Under `Existing` the server answers "no responders" for an uncovered subject,
+            // which becomes `NotFound`.
+            return Ok(());
+        }
+        if self
+            .inner
+            .ensured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(topic)
+        {
+            return Ok(());
+        }
+        self.inner.js.stream_for(topic).await?;
+        self.inner
+            .ensured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_owned());
+        Ok(())
+    }
+}
+
+impl Publisher for JsProducer {
+    fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
+        self.publish_event(topic, event)
+    }
+
+    /// Every publish waits for its acknowledgement, so `flush` only waits for the publishes in
+    /// flight.
+    async fn flush(&self) -> Result<()> {
+        self.inner.gate.wait_idle().await;
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.gate.close().await && self.inner.owns_connection {
+            let conn = self.inner.js.connection();
+            conn.close_for(self.inner.js.options().publish_timeout, BACKEND)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Lets publishes in flight finish before `close`: `enter` fails once closing began, and
+/// `close` waits until every entered publish is done.
+#[derive(Debug, Default)]
+struct Gate {
+    closed: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+struct GateGuard<'a>(&'a Gate);
+
+impl Gate {
+    fn enter(&self) -> Result<GateGuard<'_>> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = GateGuard(self);
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::closed(BACKEND).with_message("the producer is closed"));
+        }
+        Ok(guard)
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn close(&self) -> bool {
+        let first = !self.closed.swap(true, Ordering::SeqCst);
+        self.wait_idle().await;
+        first
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

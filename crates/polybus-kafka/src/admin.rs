@@ -1,0 +1,313 @@
+//! Topic names and topic administration.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use polybus_core::{Error, ErrorKind, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+use tokio::sync::OnceCell;
+
+use crate::KafkaConfig;
+use crate::error::{BACKEND, code_of, from_code, from_kafka, kind_of_code};
+
+/// The longest legal Kafka topic name.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// Checks a Kafka topic name: 1 to 249 characters from `[a-zA-Z0-9._-]`, not `.` or `..`.
+///
+/// # Errors
+/// [`ErrorKind::InvalidTopic`] naming what is wrong.
+///
+/// ```
+/// use polybus_kafka::validate_topic;
+/// assert!(validate_topic("orders.created-v1_2").is_ok());
+/// for bad in ["", ".", "..", "a b", "a/b", "a*", "ünï"] {
+///     assert_eq!(validate_topic(bad).unwrap_err().kind(), polybus_core::ErrorKind::InvalidTopic);
+/// }
+/// ```
+pub fn validate_topic(topic: &str) -> Result<()> {
+    let bad = |msg: String| Err(Error::new(ErrorKind::InvalidTopic, BACKEND).with_message(msg));
+    if topic.is_empty() {
+        return bad("topic is empty".into());
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return bad(format!(
+            "topic is {} characters, the limit is {MAX_TOPIC_LEN}",
+            topic.len()
+        ));
+    }
+    if topic == "." || topic == ".." {
+        return bad(format!("topic {topic:?} is reserved"));
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return bad(format!(
+            "topic {topic:?} contains {c:?}; Kafka allows [a-zA-Z0-9._-]"
+        ));
+    }
+    Ok(())
+}
+
+/// Topic administration over librdkafka's admin API.
+///
+/// ```no_run
+/// use polybus_kafka::{KafkaAdmin, KafkaConfig};
+/// # async fn demo() -> polybus_core::Result<()> {
+/// let admin = KafkaAdmin::new(&KafkaConfig::new("127.0.0.1:9092", "g1"))?;
+/// admin.create_topic("orders", 6, 1).await?; // fails if it exists
+/// admin.ensure_topic("orders").await?;       // fine if it exists
+/// # Ok(()) }
+/// ```
+pub struct KafkaAdmin {
+    client: Arc<AdminClient<DefaultClientContext>>,
+    cfg: KafkaConfig,
+}
+
+impl std::fmt::Debug for KafkaAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaAdmin")
+            .field("brokers", &self.cfg.brokers())
+            .finish()
+    }
+}
+
+impl KafkaAdmin {
+    /// An admin client for the brokers of `cfg`. It connects on first use.
+    ///
+    /// # Errors
+    /// A configuration librdkafka refuses.
+    pub fn new(cfg: &KafkaConfig) -> Result<Self> {
+        cfg.check()?;
+        let client = cfg
+            .admin_client_config()
+            .create()
+            .map_err(|e| from_kafka(e, "creating the admin client"))?;
+        Ok(KafkaAdmin {
+            client: Arc::new(client),
+            cfg: cfg.clone(),
+        })
+    }
+
+    fn options(&self) -> AdminOptions {
+        let t = self.cfg.connect_timeout();
+        AdminOptions::new()
+            .request_timeout(Some(t))
+            .operation_timeout(Some(t))
+    }
+
+    /// Creates `topic` with `partitions` partitions and `replication` replicas.
+    ///
+    /// # Errors
+    /// `InvalidTopic` for an illegal name, `Rejected` if it exists already (or the broker
+    /// refuses the settings), `Unauthorized` without permission, `Connect` when no broker
+    /// answers within the connect timeout.
+    pub async fn create_topic(&self, topic: &str, partitions: i32, replication: i32) -> Result<()> {
+        match self.create(topic, partitions, replication).await? {
+            None => Ok(()),
+            Some(code) => Err(from_code(code, format!("creating topic {topic:?}"))),
+        }
+    }
+
+    /// Creates `topic` with the configured defaults unless it exists.
+    ///
+    /// # Errors
+    /// As [`create_topic`](Self::create_topic), except that an existing topic is fine.
+    pub async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        let (partitions, replication) = self.cfg.topic_defaults();
+        match self.create(topic, partitions, replication).await? {
+            None | Some(RDKafkaErrorCode::TopicAlreadyExists) => Ok(()),
+            Some(code)
+                if kind_of_code(code) == ErrorKind::Unauthorized && self.exists(topic).await? =>
+            {
+                // No permission to create, but it is there: fine.
+                Ok(())
+            }
+            Some(code) => Err(from_code(code, format!("creating topic {topic:?}"))),
+        }
+    }
+
+    /// Deletes `topic`.
+    ///
+    /// # Errors
+    /// `NotFound` if it does not exist, otherwise as [`create_topic`](Self::create_topic).
+    pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        validate_topic(topic)?;
+        let res = self
+            .client
+            .delete_topics(&[topic], &self.options())
+            .await
+            .map_err(|e| self.request_error(e, "deleting a topic"))?;
+        match res.into_iter().next() {
+            Some(Err((_, code))) => Err(from_code(code, format!("deleting topic {topic:?}"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `topic` exists, from the cluster metadata.
+    ///
+    /// # Errors
+    /// `Connect` when no broker answers within the connect timeout.
+    pub async fn exists(&self, topic: &str) -> Result<bool> {
+        Ok(self.partitions(topic).await?.is_some_and(|n| n > 0))
+    }
+
+    /// The partition count of `topic`, `None` if it does not exist.
+    ///
+    /// # Errors
+    /// `Connect` when no broker answers within the connect timeout.
+    pub async fn partitions(&self, topic: &str) -> Result<Option<usize>> {
+        validate_topic(topic)?;
+        let client = Arc::clone(&self.client);
+        let topic = topic.to_owned();
+        let timeout = self.cfg.connect_timeout();
+        let brokers = self.cfg.brokers().to_owned();
+        blocking(move || {
+            let md = client
+                .inner()
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| connect_error(e, &brokers, timeout))?;
+            Ok(md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map(|t| t.partitions().len()))
+        })
+        .await
+    }
+
+    async fn create(
+        &self,
+        topic: &str,
+        partitions: i32,
+        replication: i32,
+    ) -> Result<Option<RDKafkaErrorCode>> {
+        validate_topic(topic)?;
+        let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+        let res = self
+            .client
+            .create_topics(&[new], &self.options())
+            .await
+            .map_err(|e| self.request_error(e, "creating a topic"))?;
+        Ok(match res.into_iter().next() {
+            Some(Err((_, code))) => match code {
+                RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut => {
+                    return Err(timeout_connect(
+                        self.cfg.brokers(),
+                        self.cfg.connect_timeout(),
+                    ));
+                }
+                other => Some(other),
+            },
+            _ => None,
+        })
+    }
+
+    fn request_error(&self, e: rdkafka::error::KafkaError, what: &str) -> Error {
+        match code_of(&e).map(kind_of_code) {
+            Some(ErrorKind::Timeout | ErrorKind::Connect) => {
+                timeout_connect(self.cfg.brokers(), self.cfg.connect_timeout())
+            }
+            _ => from_kafka(e, what.to_owned()),
+        }
+    }
+}
+
+fn timeout_connect(brokers: &str, timeout: Duration) -> Error {
+    Error::new(ErrorKind::Connect, BACKEND).with_message(format!(
+        "no Kafka broker at {brokers} answered within {timeout:?}"
+    ))
+}
+
+fn connect_error(e: rdkafka::error::KafkaError, brokers: &str, timeout: Duration) -> Error {
+    match code_of(&e).map(kind_of_code) {
+        Some(ErrorKind::Timeout | ErrorKind::Connect) | None => {
+            timeout_connect(brokers, timeout).with_source(e)
+        }
+        _ => from_kafka(e, "fetching metadata"),
+    }
+}
+
+/// Runs blocking librdkafka calls off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::new(ErrorKind::Other, BACKEND)
+            .with_message("a blocking librdkafka call failed")
+            .with_source(e)
+    })?
+}
+
+/// Creates missing topics once per name for a producer or consumer (when the config says so).
+pub(crate) struct TopicEnsurer {
+    cfg: KafkaConfig,
+    admin: OnceCell<KafkaAdmin>,
+    known: Mutex<HashSet<String>>,
+}
+
+impl TopicEnsurer {
+    pub(crate) fn new(cfg: &KafkaConfig) -> Arc<Self> {
+        Arc::new(TopicEnsurer {
+            cfg: cfg.clone(),
+            admin: OnceCell::new(),
+            known: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn is_known(&self, topic: &str) -> bool {
+        self.known
+            .lock()
+            .map(|k| k.contains(topic))
+            .unwrap_or(false)
+    }
+
+    pub(crate) async fn ensure(&self, topic: &str) -> Result<()> {
+        if !self.cfg.creates_topics() || self.is_known(topic) {
+            return Ok(());
+        }
+        let admin = self
+            .admin
+            .get_or_try_init(|| async { KafkaAdmin::new(&self.cfg) })
+            .await?;
+        admin.ensure_topic(topic).await?;
+        if let Ok(mut k) = self.known.lock() {
+            k.insert(topic.to_owned());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        assert!(validate_topic(&"a".repeat(249)).is_ok());
+        assert!(validate_topic(&"a".repeat(250)).is_err());
+        assert!(validate_topic("...").is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "has space",
+            "nul\0",
+            "a.*",
+            "a/#",
+            "a+",
+            "a>",
+            "é",
+        ] {
+            assert_eq!(
+                validate_topic(bad).unwrap_err().kind(),
+                ErrorKind::InvalidTopic,
+                "{bad:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! `KafkaConfig`: one configuration for producers, consumers, admin and transactions.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use polybus_core::cloudevents::Mode;
+use polybus_core::{Error, ErrorKind, Result};
+use rdkafka::ClientConfig;
+
+use crate::error::BACKEND;
+
+/// The SASL mechanisms polybus configures by name. Others (`GSSAPI`, `OAUTHBEARER`) can be set
+/// through [`KafkaConfig::set`].
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// `PLAIN`: user name and password in clear text (use it with TLS).
+    Plain,
+    /// `SCRAM-SHA-256`.
+    ScramSha256,
+    /// `SCRAM-SHA-512`.
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka name of the mechanism (`sasl.mechanism`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// A secret string: shown as `"***"` by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+struct Secret(String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sasl {
+    mechanism: SaslMechanism,
+    username: String,
+    password: Secret,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Tls {
+    enabled: bool,
+    ca_location: Option<String>,
+    certificate_location: Option<String>,
+    key_location: Option<String>,
+    key_password: Option<Secret>,
+}
+
+/// Configuration of a Kafka connection, as the seed writes it:
+///
+/// ```
+/// use polybus_kafka::KafkaConfig;
+/// let cfg = KafkaConfig::new("localhost:9092", "g1")
+///     .with_idempotent_producer(true)
+///     .with_auto_offset_reset("earliest");
+/// assert_eq!(cfg.group_id(), "g1");
+/// ```
+///
+/// Defaults: idempotent producer on, `auto.offset.reset = earliest`, CloudEvents binary mode,
+/// missing topics created with 3 partitions and replication factor 1, `message.max.bytes =
+/// 1000000`, stored offsets auto-committed every second, a 10 s connect timeout.
+///
+/// Secrets (SASL password, TLS key password, and passthrough properties whose name contains
+/// `password` or `secret`) never appear in `Debug` output:
+///
+/// ```
+/// use polybus_kafka::{KafkaConfig, SaslMechanism};
+/// let cfg = KafkaConfig::new("localhost:9092", "g1")
+///     .with_sasl(SaslMechanism::ScramSha512, "alice", "s3cr3t")
+///     .set("ssl.key.password", "hunter2");
+/// let shown = format!("{cfg:?}");
+/// assert!(!shown.contains("s3cr3t") && !shown.contains("hunter2"));
+/// ```
+#[derive(Clone)]
+pub struct KafkaConfig {
+    brokers: String,
+    group_id: String,
+    idempotent: bool,
+    auto_offset_reset: String,
+    mode: Mode,
+    source: Option<Cow<'static, str>>,
+    create_topics: bool,
+    topic_partitions: i32,
+    topic_replication: i32,
+    message_max_bytes: usize,
+    queue_capacity: Option<usize>,
+    connect_timeout: Duration,
+    commit_interval: Duration,
+    auto_commit: bool,
+    session_timeout: Option<Duration>,
+    heartbeat_interval: Option<Duration>,
+    transactional_id: Option<String>,
+    isolation_read_committed: bool,
+    sasl: Option<Sasl>,
+    tls: Tls,
+    extra: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    /// A configuration for the brokers `brokers` (`host:port[,host:port...]`) and the consumer
+    /// group `group_id` (used by consumers; producers ignore it).
+    pub fn new(brokers: impl Into<String>, group_id: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            idempotent: true,
+            auto_offset_reset: "earliest".into(),
+            mode: Mode::Binary,
+            source: None,
+            create_topics: true,
+            topic_partitions: 3,
+            topic_replication: 1,
+            message_max_bytes: 1_000_000,
+            queue_capacity: None,
+            connect_timeout: Duration::from_secs(10),
+            commit_interval: Duration::from_secs(1),
+            auto_commit: true,
+            session_timeout: None,
+            heartbeat_interval: None,
+            transactional_id: None,
+            isolation_read_committed: true,
+            sasl: None,
+            tls: Tls::default(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Turns the idempotent producer (`enable.idempotence`, on by default) on or off. With it,
+    /// broker-side retries never duplicate or reorder records within a partition.
+    pub fn with_idempotent_producer(mut self, on: bool) -> Self {
+        self.idempotent = on;
+        self
+    }
+
+    /// Where a group without a committed offset starts: `"earliest"` (the default here) or
+    /// `"latest"` (`auto.offset.reset`).
+    pub fn with_auto_offset_reset(mut self, reset: impl Into<String>) -> Self {
+        self.auto_offset_reset = reset.into();
+        self
+    }
+
+    /// Sets the consumer group.
+    pub fn with_group_id(mut self, group_id: impl Into<String>) -> Self {
+        self.group_id = group_id.into();
+        self
+    }
+
+    /// Chooses the CloudEvents content mode producers write (binary by default). Consumers
+    /// detect the mode of each record.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The CloudEvents `source` given to events that have none.
+    pub fn with_source(mut self, source: impl Into<Cow<'static, str>>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Whether producers and consumers create a missing topic (on by default) with
+    /// [`with_topic_defaults`](Self::with_topic_defaults). Brokers such as tansu do not create
+    /// topics on first use.
+    pub fn with_create_topics(mut self, on: bool) -> Self {
+        self.create_topics = on;
+        self
+    }
+
+    /// Partition count and replication factor of topics created on demand (3 and 1).
+    pub fn with_topic_defaults(mut self, partitions: i32, replication: i32) -> Self {
+        self.topic_partitions = partitions.max(1);
+        self.topic_replication = replication.max(1);
+        self
+    }
+
+    /// The largest record (key + value + headers) a producer sends (`message.max.bytes`,
+    /// 1 000 000 by default). Larger events fail with `PayloadTooLarge` before they are sent.
+    pub fn with_message_max_bytes(mut self, bytes: usize) -> Self {
+        self.message_max_bytes = bytes.clamp(1000, 1_000_000_000);
+        self
+    }
+
+    /// Bounds the producer's local queue (`queue.buffering.max.messages`). When it is full a
+    /// publish waits for room; nothing is dropped.
+    pub fn with_queue_capacity(mut self, messages: usize) -> Self {
+        self.queue_capacity = Some(messages.max(1));
+        self
+    }
+
+    /// How long topic checks and other admin requests wait for a broker before failing with
+    /// `Connect` (10 s by default).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How often acknowledged offsets are committed in the background
+    /// (`auto.commit.interval.ms`, 1 s by default). They are also committed on revoke and on
+    /// close.
+    pub fn with_commit_interval(mut self, interval: Duration) -> Self {
+        self.commit_interval = interval;
+        self
+    }
+
+    /// Whether acknowledged offsets are committed by the consumer (in the background, on
+    /// revoke and on close; on by default). Turn it off when a
+    /// [`KafkaTransactionalProducer`](crate::KafkaTransactionalProducer) commits the offsets
+    /// inside its transactions, as librdkafka requires; acks then only advance the
+    /// position [`KafkaConsumer::commit`](crate::KafkaConsumer::commit) would commit.
+    pub fn with_auto_commit(mut self, on: bool) -> Self {
+        self.auto_commit = on;
+        self
+    }
+
+    /// Consumer `session.timeout.ms` and `heartbeat.interval.ms`; short values make group
+    /// changes faster (tests), long ones tolerate pauses.
+    pub fn with_session_timeout(mut self, session: Duration, heartbeat: Duration) -> Self {
+        self.session_timeout = Some(session);
+        self.heartbeat_interval = Some(heartbeat);
+        self
+    }
+
+    /// Makes producers transactional with this `transactional.id` (see
+    /// [`KafkaTransactionalProducer`](crate::KafkaTransactionalProducer)).
+    pub fn with_transactional_id(mut self, id: impl Into<String>) -> Self {
+        self.transactional_id = Some(id.into());
+        self
+    }
+
+    /// Whether consumers read only committed transactional records (`isolation.level =
+    /// read_committed`, on by default as in librdkafka) or also records of open and aborted
+    /// transactions (`read_uncommitted`).
+    pub fn with_read_committed(mut self, on: bool) -> Self {
+        self.isolation_read_committed = on;
+        self
+    }
+
+    /// SASL authentication with `mechanism`, `username` and `password`. The security protocol
+    /// becomes `SASL_PLAINTEXT`, or `SASL_SSL` together with TLS.
+    pub fn with_sasl(
+        mut self,
+        mechanism: SaslMechanism,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.sasl = Some(Sasl {
+            mechanism,
+            username: username.into(),
+            password: Secret(password.into()),
+        });
+        self
+    }
+
+    /// Turns TLS on (`SSL`, or `SASL_SSL` with SASL), verifying the broker with the system CAs
+    /// unless [`with_tls_ca`](Self::with_tls_ca) names a file.
+    pub fn with_tls(mut self, on: bool) -> Self {
+        self.tls.enabled = on;
+        self
+    }
+
+    /// TLS with the CA certificate(s) in the PEM file at `path` (`ssl.ca.location`).
+    pub fn with_tls_ca(mut self, path: impl Into<String>) -> Self {
+        self.tls.enabled = true;
+        self.tls.ca_location = Some(path.into());
+        self
+    }
+
+    /// Mutual TLS: the client certificate and private key (PEM files) and the key's password,
+    /// if it has one.
+    pub fn with_tls_client_cert(
+        mut self,
+        certificate: impl Into<String>,
+        key: impl Into<String>,
+        key_password: Option<String>,
+    ) -> Self {
+        self.tls.enabled = true;
+        self.tls.certificate_location = Some(certificate.into());
+        self.tls.key_location = Some(key.into());
+        self.tls.key_password = key_password.map(Secret);
+        self
+    }
+
+    /// Sets any librdkafka property (the escape hatch, as `rdkafka::ClientConfig::set`).
+    /// Applied last, so it overrides what the typed setters produce.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra.push((key.into(), value.into()));
+        self
+    }
+
+    /// The bootstrap brokers.
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+    /// The consumer group.
+    pub fn group_id(&self) -> &str {
+        &self.group_id
+    }
+    /// The CloudEvents mode producers write.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    /// `message.max.bytes`.
+    pub fn message_max_bytes(&self) -> usize {
+        self.message_max_bytes
+    }
+    /// Whether missing topics are created.
+    pub fn creates_topics(&self) -> bool {
+        self.create_topics
+    }
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+    /// The transactional id, if set.
+    pub fn transactional_id(&self) -> Option<&str> {
+        self.transactional_id.as_deref()
+    }
+    pub(crate) fn source(&self) -> Option<&Cow<'static, str>> {
+        self.source.as_ref()
+    }
+    pub(crate) fn topic_defaults(&self) -> (i32, i32) {
+        (self.topic_partitions, self.topic_replication)
+    }
+
+    /// The librdkafka properties every client gets: brokers, security, passthrough.
+    pub fn common_client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        let protocol = match (self.sasl.is_some(), self.tls.enabled) {
+            (true, true) => Some("SASL_SSL"),
+            (true, false) => Some("SASL_PLAINTEXT"),
+            (false, true) => Some("SSL"),
+            (false, false) => None,
+        };
+        if let Some(p) = protocol {
+            c.set("security.protocol", p);
+        }
+        if let Some(s) = &self.sasl {
+            c.set("sasl.mechanism", s.mechanism.as_str());
+            c.set("sasl.username", &s.username);
+            c.set("sasl.password", &s.password.0);
+        }
+        if let Some(v) = &self.tls.ca_location {
+            c.set("ssl.ca.location", v);
+        }
+        if let Some(v) = &self.tls.certificate_location {
+            c.set("ssl.certificate.location", v);
+        }
+        if let Some(v) = &self.tls.key_location {
+            c.set("ssl.key.location", v);
+        }
+        if let Some(v) = &self.tls.key_password {
+            c.set("ssl.key.password", &v.0);
+        }
+        c
+    }
+
+    fn apply_extra(&self, c: &mut ClientConfig) {
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+    }
+
+    /// The librdkafka configuration of a producer.
+    pub fn producer_client_config(&self) -> ClientConfig {
+        let mut c = self.common_client_config();
+        c.set(
+            "enable.idempotence",
+            if self.idempotent || self.transactional_id.is_some() {
+                "true"
+            } else {
+                "false"
+            },
+        );
+        c.set("message.max.bytes", self.message_max_bytes.to_string());
+        if let Some(q) = self.queue_capacity {
+            c.set("queue.buffering.max.messages", q.to_string());
+        }
+        if let Some(id) = &self.transactional_id {
+            c.set("transactional.id", id);
+        }
+        self.apply_extra(&mut c);
+        c
+    }
+
+    /// The librdkafka configuration of a consumer in `group`: offsets are stored only when a
+    /// delivery is acknowledged (`enable.auto.offset.store = false`) and committed in the
+    /// background (`enable.auto.commit = true`).
+    pub fn consumer_client_config(&self, group: &str) -> ClientConfig {
+        let mut c = self.common_client_config();
+        c.set("group.id", group);
+        c.set(
+            "enable.auto.commit",
+            if self.auto_commit { "true" } else { "false" },
+        );
+        c.set("enable.auto.offset.store", "false");
+        c.set(
+            "auto.commit.interval.ms",
+            self.commit_interval.as_millis().max(1).to_string(),
+        );
+        c.set("auto.offset.reset", &self.auto_offset_reset);
+        c.set(
+            "isolation.level",
+            if self.isolation_read_committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        );
+        if let Some(s) = self.session_timeout {
+            c.set("session.timeout.ms", s.as_millis().max(1).to_string());
+        }
+        if let Some(h) = self.heartbeat_interval {
+            c.set("heartbeat.interval.ms", h.as_millis().max(1).to_string());
+        }
+        self.apply_extra(&mut c);
+        c
+    }
+
+    /// The librdkafka configuration of an admin client.
+    pub fn admin_client_config(&self) -> ClientConfig {
+        let mut c = self.common_client_config();
+        for (k, v) in &self.extra {
+            // Producer/consumer-only properties would make the admin client refuse to start.
+            if !k.starts_with("group.") && !k.starts_with("transactional.") {
+                c.set(k, v);
+            }
+        }
+        c
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.brokers.trim().is_empty() {
+            return Err(
+                Error::new(ErrorKind::Connect, BACKEND).with_message("no bootstrap brokers")
+            );
+        }
+        Ok(())
+    }
+}
+
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.contains("sasl.oauthbearer.config")
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let extra: Vec<(&str, &str)> = self
+            .extra
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if is_secret_key(k) { "***" } else { v.as_str() },
+                )
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("idempotent", &self.idempotent)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("mode", &self.mode)
+            .field("source", &self.source)
+            .field("create_topics", &self.create_topics)
+            .field("topic_partitions", &self.topic_partitions)
+            .field("topic_replication", &self.topic_replication)
+            .field("message_max_bytes", &self.message_max_bytes)
+            .field("queue_capacity", &self.queue_capacity)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("commit_interval", &self.commit_interval)
+            .field("auto_commit", &self.auto_commit)
+            .field("session_timeout", &self.session_timeout)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("transactional_id", &self.transactional_id)
+            .field("read_committed", &self.isolation_read_committed)
+            .field("sasl", &self.sasl)
+            .field("tls", &self.tls)
+            .field("extra", &extra)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_every_secret() {
+        let cfg = KafkaConfig::new("b:9092", "g")
+            .with_sasl(SaslMechanism::Plain, "u", "pw-sasl")
+            .with_tls_client_cert("c.pem", "k.pem", Some("pw-key".into()))
+            .set("sasl.oauthbearer.config", "pw-oauth")
+            .set("some.secret.thing", "pw-other");
+        let s = format!("{cfg:?}");
+        for secret in ["pw-sasl", "pw-key", "pw-oauth", "pw-other"] {
+            assert!(!s.contains(secret), "{secret} leaked: {s}");
+        }
+        assert!(s.contains("\"u\""));
+    }
+
+    #[test]
+    fn security_protocol_follows_sasl_and_tls() {
+        let get = |c: &KafkaConfig| {
+            c.common_client_config()
+                .get("security.protocol")
+                .map(str::to_owned)
+        };
+        let base = KafkaConfig::new("b", "g");
+        assert_eq!(get(&base), None);
+        assert_eq!(get(&base.clone().with_tls(true)).as_deref(), Some("SSL"));
+        let sasl = base.clone().with_sasl(SaslMechanism::ScramSha256, "u", "p");
+        assert_eq!(get(&sasl).as_deref(), Some("SASL_PLAINTEXT"));
+        assert_eq!(
+            sasl.common_client_config().get("sasl.mechanism"),
+            Some("SCRAM-SHA-256")
+        );
+        assert_eq!(
+            get(&sasl.with_tls_ca("ca.pem")).as_deref(),
+            Some("SASL_SSL")
+        );
+    }
+
+    #[test]
+    fn consumer_stores_offsets_only_on_ack_and_passthrough_wins() {
+        let c = KafkaConfig::new("b", "g")
+            .set("auto.commit.interval.ms", "250")
+            .consumer_client_config("grp");
+        assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(c.get("enable.auto.commit"), Some("true"));
+        assert_eq!(c.get("group.id"), Some("grp"));
+        assert_eq!(c.get("auto.commit.interval.ms"), Some("250"));
+        let p = KafkaConfig::new("b", "g").producer_client_config();
+        assert_eq!(p.get("enable.idempotence"), Some("true"));
+        assert_eq!(p.get("message.max.bytes"), Some("1000000"));
+    }
+}

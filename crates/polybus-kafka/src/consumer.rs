@@ -1,0 +1,827 @@
+//! `KafkaConsumer`: consumer groups with at-least-once delivery (offsets committed only for
+//! what was acknowledged), local nack redelivery, rebalance handling and lag.
+
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::stream::BoxStream;
+use polybus_core::{
+    AckFuture, Acker, Capabilities, Consumer, Delivery, Error, ErrorKind, Event, MessageConsumer,
+    Result,
+};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+    StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::KafkaConfig;
+use crate::admin::{TopicEnsurer, blocking, validate_topic};
+use crate::convert;
+use crate::error::{BACKEND, closed, from_kafka, kind_of_code};
+use crate::publisher::CAPABILITIES;
+
+/// The lag of one assigned partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The offset the next produced record will get (high watermark).
+    pub high_watermark: i64,
+    /// The group's committed offset (the next record to process), if any.
+    pub committed: Option<i64>,
+    /// Records not yet committed by the group: `high_watermark - committed` (or minus the low
+    /// watermark when nothing is committed).
+    pub lag: i64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Offset tracking: per partition, the offsets delivered and not yet settled. The offset stored
+// for commit is the lowest unsettled offset (or one past the highest delivered), so an
+// unsettled record is never committed past.
+
+#[derive(Debug)]
+struct PartState {
+    epoch: u64,
+    inflight: BTreeSet<i64>,
+    next: i64,
+    stored: i64,
+}
+
+#[derive(Debug, Default)]
+struct Tracker {
+    epoch: u64,
+    parts: HashMap<(Arc<str>, i32), PartState>,
+}
+
+impl Tracker {
+    fn fresh(&mut self) -> PartState {
+        self.epoch += 1;
+        PartState {
+            epoch: self.epoch,
+            inflight: BTreeSet::new(),
+            next: -1,
+            stored: -1,
+        }
+    }
+
+    fn assign(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            let fresh = self.fresh();
+            self.parts
+                .insert((Arc::from(e.topic()), e.partition()), fresh);
+        }
+    }
+
+    fn revoke(&mut self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            self.parts.remove(&(Arc::from(e.topic()), e.partition()));
+        }
+    }
+
+    /// Records a delivery; returns the epoch of the partition's assignment.
+    fn delivered(&mut self, topic: &Arc<str>, partition: i32, offset: i64) -> u64 {
+        let key = (Arc::clone(topic), partition);
+        if !self.parts.contains_key(&key) {
+            let fresh = self.fresh();
+            self.parts.insert(key.clone(), fresh);
+        }
+        let Some(p) = self.parts.get_mut(&key) else {
+            return 0;
+        };
+        p.inflight.insert(offset);
+        p.next = p.next.max(offset + 1);
+        p.epoch
+    }
+
+    fn is_current(&self, topic: &Arc<str>, partition: i32, epoch: u64) -> bool {
+        self.parts
+            .get(&(Arc::clone(topic), partition))
+            .is_some_and(|p| p.epoch == epoch)
+    }
+
+    /// Settles `offset`; returns the new offset to store, if it advanced.
+    fn settled(
+        &mut self,
+        topic: &Arc<str>,
+        partition: i32,
+        offset: i64,
+        epoch: u64,
+    ) -> Option<i64> {
+        let p = self.parts.get_mut(&(Arc::clone(topic), partition))?;
+        if p.epoch != epoch {
+            return None; // revoked since: harmless, the new owner has it
+        }
+        p.inflight.remove(&offset);
+        let point = p.inflight.first().copied().unwrap_or(p.next);
+        (point > p.stored).then(|| {
+            p.stored = point;
+            point
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The librdkafka consumer with a context that follows rebalances.
+
+struct Ctx {
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Commit what was acknowledged before the partitions go to another member.
+            if let Err(e) = base.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(target: "polybus_kafka", "commit on revoke: {e}");
+            }
+            if let Ok(mut t) = self.tracker.lock() {
+                t.revoke(tpl);
+            }
+        }
+    }
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance
+            && let Ok(mut t) = self.tracker.lock()
+        {
+            t.assign(tpl);
+        }
+    }
+}
+
+type Native = StreamConsumer<Ctx>;
+
+/// One librdkafka group member and what settles its deliveries.
+struct Core {
+    consumer: Option<Native>,
+    tracker: Arc<Mutex<Tracker>>,
+    topics: Arc<TopicEnsurer>,
+    group: String,
+    timeout: Duration,
+}
+
+impl Core {
+    fn new(cfg: &KafkaConfig, group: &str) -> Result<Arc<Core>> {
+        cfg.check()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::new(ErrorKind::Other, BACKEND)
+                .with_message("a Kafka consumer must be created inside a tokio runtime"));
+        }
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let consumer: Native = cfg
+            .consumer_client_config(group)
+            .create_with_context(Ctx {
+                tracker: Arc::clone(&tracker),
+            })
+            .map_err(|e| from_kafka(e, "creating the consumer"))?;
+        Ok(Arc::new(Core {
+            consumer: Some(consumer),
+            tracker,
+            topics: TopicEnsurer::new(cfg),
+            group: group.to_owned(),
+            timeout: cfg.connect_timeout(),
+        }))
+    }
+
+    fn native(&self) -> Result<&Native> {
+        self.consumer.as_ref().ok_or_else(|| closed("the consumer"))
+    }
+
+    fn store(&self, topic: &str, partition: i32, offset: i64) {
+        let Ok(c) = self.native() else { return };
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .is_ok()
+            && let Err(e) = c.store_offsets(&tpl)
+        {
+            // Not assigned any more (revoked): harmless, the next owner redelivers.
+            tracing::debug!(target: "polybus_kafka", "storing offset {offset} of {topic}/{partition}: {e}");
+        }
+    }
+
+    async fn subscribe(&self, topics: &[String]) -> Result<()> {
+        for t in topics {
+            validate_topic(t)?;
+        }
+        for t in topics {
+            self.topics.ensure(t).await?;
+        }
+        let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        self.native()?
+            .subscribe(&refs)
+            .map_err(|e| from_kafka(e, format!("subscribing to {topics:?}")))
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // Closing commits the stored offsets and leaves the group; it blocks, so it runs on
+        // the blocking pool when there is a runtime.
+        if let Some(c) = self.consumer.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn_blocking(move || drop(c));
+                }
+                Err(_) => drop(c),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settlement.
+
+/// A delivery waiting for local redelivery (after a nack or a drop).
+struct Pending {
+    event: Event,
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    count: u32,
+    at: Instant,
+}
+
+struct KafkaAcker {
+    core: Weak<Core>,
+    redeliver: mpsc::UnboundedSender<Pending>,
+    event: Option<Event>,
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    epoch: u64,
+    count: u32,
+}
+
+impl KafkaAcker {
+    fn settle(&mut self) -> Result<()> {
+        self.event = None;
+        let Some(core) = self.core.upgrade() else {
+            return Err(closed("the subscription").with_message(
+                "the subscription is closed; the record stays uncommitted and is delivered again",
+            ));
+        };
+        let point = core
+            .tracker
+            .lock()
+            .ok()
+            .and_then(|mut t| t.settled(&self.topic, self.partition, self.offset, self.epoch));
+        if let Some(p) = point {
+            core.store(&self.topic, self.partition, p);
+        }
+        Ok(())
+    }
+
+    fn requeue(&mut self, delay: Duration) -> Result<()> {
+        let Some(event) = self.event.take() else {
+            return Ok(());
+        };
+        let pending = Pending {
+            event,
+            topic: Arc::clone(&self.topic),
+            partition: self.partition,
+            offset: self.offset,
+            epoch: self.epoch,
+            count: self.count.saturating_add(1),
+            at: Instant::now() + delay,
+        };
+        self.redeliver.send(pending).map_err(|_| {
+            closed("the subscription").with_message(
+                "the subscription is closed; the record stays uncommitted and is delivered again",
+            )
+        })
+    }
+}
+
+impl Acker for KafkaAcker {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+    fn ack(&mut self) -> AckFuture<'_> {
+        AckFuture::ready(self.settle())
+    }
+    fn nack(&mut self, delay: Duration) -> AckFuture<'_> {
+        AckFuture::ready(self.requeue(delay))
+    }
+    /// Kafka cannot delete a record: `term` commits past it like `ack`, so it is never
+    /// delivered again to this group.
+    fn term(&mut self) -> AckFuture<'_> {
+        AckFuture::ready(self.settle())
+    }
+}
+
+impl Drop for KafkaAcker {
+    fn drop(&mut self) {
+        // Dropped unsettled: hand it back to the subscription at once (best effort; if the
+        // subscription is gone the record is uncommitted and the group delivers it again).
+        let _ = self.requeue(Duration::ZERO);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The subscription stream.
+
+/// The stream of one subscription: yields [`Delivery`]s until dropped.
+///
+/// Owns its group member; dropping it commits acknowledged offsets and leaves the group (in
+/// the background). Also offers [`lag`](Self::lag) and the group metadata for transactions.
+pub struct KafkaStream {
+    inner: BoxStream<'static, Result<Delivery>>,
+    core: Option<Arc<Core>>,
+}
+
+impl std::fmt::Debug for KafkaStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaStream")
+            .field("group", &self.core.as_ref().map(|c| c.group.as_str()))
+            .finish()
+    }
+}
+
+impl KafkaStream {
+    /// Per-partition lag of the partitions currently assigned to this member.
+    ///
+    /// # Errors
+    /// `Closed` if the subscription failed; broker errors.
+    pub async fn lag(&self) -> Result<Vec<PartitionLag>> {
+        match &self.core {
+            Some(c) => lag(Arc::clone(c)).await,
+            None => Err(closed("the subscription")),
+        }
+    }
+
+    /// The group metadata for `send_offsets_to_transaction`.
+    pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        self.core.as_ref()?.native().ok()?.group_metadata()
+    }
+}
+
+impl Stream for KafkaStream {
+    type Item = Result<Delivery>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
+struct Reader {
+    core: Arc<Core>,
+    topics: Vec<String>,
+    subscribed: bool,
+    tx: mpsc::UnboundedSender<Pending>,
+    rx: mpsc::UnboundedReceiver<Pending>,
+    waiting: Vec<Pending>,
+}
+
+impl Reader {
+    fn new(core: Arc<Core>, topics: Vec<String>) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Reader {
+            core,
+            topics,
+            subscribed: false,
+            tx,
+            rx,
+            waiting: Vec::new(),
+        }
+    }
+
+    fn acker(
+        &self,
+        event: Option<Event>,
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+        epoch: u64,
+        count: u32,
+    ) -> KafkaAcker {
+        KafkaAcker {
+            core: Arc::downgrade(&self.core),
+            redeliver: self.tx.clone(),
+            event,
+            topic,
+            partition,
+            offset,
+            epoch,
+            count,
+        }
+    }
+
+    fn delivery(
+        &self,
+        event: Event,
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+        epoch: u64,
+        count: u32,
+    ) -> Delivery {
+        let acker = self.acker(
+            Some(event.clone()),
+            Arc::clone(&topic),
+            partition,
+            offset,
+            epoch,
+            count,
+        );
+        let mut d = Delivery::new(event, &*topic, acker)
+            .with_partition(partition)
+            .with_delivery_count(count);
+        if let Ok(o) = u64::try_from(offset) {
+            d = d.with_sequence(o);
+        }
+        d
+    }
+
+    /// The next delivery. Cancel-safe: a message taken from librdkafka is returned in the
+    /// same poll.
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        if !self.subscribed {
+            if let Err(e) = self.core.subscribe(&self.topics).await {
+                return Some(Err(e));
+            }
+            self.subscribed = true;
+        }
+        loop {
+            // Due local redeliveries first, in the order they became due.
+            let now = Instant::now();
+            if let Some(i) = self
+                .waiting
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.at <= now)
+                .min_by_key(|(_, p)| p.at)
+                .map(|(i, _)| i)
+            {
+                let p = self.waiting.swap_remove(i);
+                let current = self
+                    .core
+                    .tracker
+                    .lock()
+                    .map(|t| t.is_current(&p.topic, p.partition, p.epoch))
+                    .unwrap_or(false);
+                if current {
+                    return Some(Ok(self.delivery(
+                        p.event,
+                        p.topic,
+                        p.partition,
+                        p.offset,
+                        p.epoch,
+                        p.count,
+                    )));
+                }
+                continue; // revoked meanwhile: the new owner delivers it
+            }
+            let wake = self.waiting.iter().map(|p| p.at).min();
+            let core = Arc::clone(&self.core);
+            let native = match core.native() {
+                Ok(n) => n,
+                Err(e) => return Some(Err(e)),
+            };
+            tokio::select! {
+                biased;
+                Some(p) = self.rx.recv() => self.waiting.push(p),
+                () = sleep_until_opt(wake) => {}
+                msg = native.recv() => match msg {
+                    Ok(m) => {
+                        let topic: Arc<str> = Arc::from(m.topic());
+                        let (partition, offset) = (m.partition(), m.offset());
+                        let epoch = self.core.tracker.lock().map(|mut t| t.delivered(&topic, partition, offset)).unwrap_or(0);
+                        match convert::decode(&m) {
+                            Ok(ev) => return Some(Ok(self.delivery(ev, topic, partition, offset, epoch, 1))),
+                            Err(e) => {
+                                // A record that claims to be a CloudEvent but is malformed: it is
+                                // reported once and committed past (it can never be decoded).
+                                let mut a = self.acker(None, topic, partition, offset, epoch, 1);
+                                let _ = a.settle();
+                                return Some(Err(e.with_message(format!("record at {}/{partition}@{offset} is not a valid CloudEvent", m.topic()))));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(err) = consume_error(e) {
+                            return Some(Err(err));
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Transient consumer errors (broker down, rebalancing) are logged and retried by librdkafka;
+/// others are yielded.
+fn consume_error(e: KafkaError) -> Option<Error> {
+    let code = crate::error::code_of(&e);
+    let kind = code.map_or(ErrorKind::Other, kind_of_code);
+    match (kind, code) {
+        (ErrorKind::Connect | ErrorKind::Timeout, _)
+        | (_, Some(rdkafka::error::RDKafkaErrorCode::PartitionEOF)) => {
+            tracing::warn!(target: "polybus_kafka", "consumer: {e} (librdkafka retries)");
+            None
+        }
+        (ErrorKind::NotFound, _) => {
+            tracing::warn!(target: "polybus_kafka", "consumer: {e}");
+            None
+        }
+        _ => Some(from_kafka(e, "consuming")),
+    }
+}
+
+fn stream_of(reader: Reader) -> KafkaStream {
+    let core = Some(Arc::clone(&reader.core));
+    let inner = futures_util::stream::unfold(reader, |mut r| async move {
+        let item = r.next().await?;
+        Some((item, r))
+    });
+    KafkaStream {
+        inner: Box::pin(inner),
+        core,
+    }
+}
+
+fn failed(e: Error) -> KafkaStream {
+    KafkaStream {
+        inner: Box::pin(futures_util::stream::once(async move { Err(e) })),
+        core: None,
+    }
+}
+
+async fn lag(core: Arc<Core>) -> Result<Vec<PartitionLag>> {
+    let timeout = core.timeout;
+    blocking(move || {
+        let c = core.native()?;
+        let assignment = c
+            .assignment()
+            .map_err(|e| from_kafka(e, "reading the assignment"))?;
+        let committed = c
+            .committed_offsets(assignment.clone(), timeout)
+            .map_err(|e| from_kafka(e, "reading committed offsets"))?;
+        let mut out = Vec::new();
+        for e in assignment.elements() {
+            let (low, high) = c
+                .fetch_watermarks(e.topic(), e.partition(), timeout)
+                .map_err(|err| from_kafka(err, "fetching watermarks"))?;
+            let committed =
+                committed
+                    .find_partition(e.topic(), e.partition())
+                    .and_then(|p| match p.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+            out.push(PartitionLag {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+                high_watermark: high,
+                committed,
+                lag: (high - committed.unwrap_or(low)).max(0),
+            });
+        }
+        Ok(out)
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The public consumer.
+
+/// Consumes Kafka topics in a consumer group with at-least-once delivery.
+///
+/// * The seed's interface: [`new_with_config`](Self::new_with_config) subscribes to topics and
+///   [`next`](MessageConsumer::next) returns one [`Delivery`] at a time.
+/// * The generic [`Consumer`] trait: every `subscribe(topic)` starts its own group member and
+///   returns a [`KafkaStream`].
+///
+/// Settlement: `ack` (and `term`) mark the record processed; the offset committed for a
+/// partition is the lowest offset still unsettled there, so nothing unsettled is ever
+/// committed past. Offsets are committed in the background, on revoke and on close. `nack`
+/// redelivers the record locally after the delay (its offset stays uncommitted, so a crash or
+/// rebalance meanwhile redelivers it through the group too). A delivery dropped unsettled is
+/// handed back the same way. After a rebalance, settling a record of a revoked partition is a
+/// harmless no-op and the new owner resumes from the committed offset.
+///
+/// ```no_run
+/// use polybus_core::mq::{MessageConsumer, MessageProducer};
+/// use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+/// # async fn demo() -> anyhow::Result<()> {
+/// let cfg = KafkaConfig::new("localhost:9092", "g1")
+///     .with_idempotent_producer(true)
+///     .with_auto_offset_reset("earliest");
+/// let producer = KafkaProducer::new_with_config(&cfg)?;
+/// let mut consumer = KafkaConsumer::new_with_config(&cfg, &["t"])?;
+/// producer.send("t", b"hello").await?;
+/// let msg = consumer.next().await?;
+/// msg.ack().await?;
+/// # Ok(()) }
+/// ```
+pub struct KafkaConsumer {
+    cfg: KafkaConfig,
+    group: String,
+    seed: Option<Reader>,
+    pending_topics: Vec<String>,
+}
+
+impl std::fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("brokers", &self.cfg.brokers())
+            .field("group", &self.group)
+            .field(
+                "topics",
+                &self
+                    .seed
+                    .as_ref()
+                    .map(|r| r.topics.clone())
+                    .unwrap_or_default(),
+            )
+            .finish()
+    }
+}
+
+impl KafkaConsumer {
+    /// A consumer in the group of `cfg` subscribed to `topics` (the seed's constructor). The
+    /// topics are checked now; they are created if missing and joined on the first
+    /// [`next`](MessageConsumer::next).
+    ///
+    /// # Errors
+    /// `InvalidTopic`; a configuration librdkafka refuses; `Other` outside a tokio runtime.
+    pub fn new_with_config(cfg: &KafkaConfig, topics: &[&str]) -> Result<Self> {
+        let mut c = Self::new(cfg)?;
+        for t in topics {
+            validate_topic(t)?;
+        }
+        let core = Core::new(&c.cfg, &c.group)?;
+        c.seed = Some(Reader::new(
+            core,
+            topics.iter().map(|t| (*t).to_owned()).collect(),
+        ));
+        Ok(c)
+    }
+
+    /// A consumer in the group of `cfg` without subscriptions yet (use
+    /// [`Consumer::subscribe`] or [`MessageConsumer::subscribe`]).
+    ///
+    /// # Errors
+    /// A configuration polybus refuses (no brokers).
+    pub fn new(cfg: &KafkaConfig) -> Result<Self> {
+        cfg.check()?;
+        Ok(KafkaConsumer {
+            cfg: cfg.clone(),
+            group: cfg.group_id().to_owned(),
+            seed: None,
+            pending_topics: Vec::new(),
+        })
+    }
+
+    /// A consumer in a fresh, unique group (`polybus-<uuid>`): it gets its own copy of every
+    /// record, starting where `auto.offset.reset` says.
+    ///
+    /// # Errors
+    /// As [`new`](Self::new).
+    pub fn new_anonymous(cfg: &KafkaConfig) -> Result<Self> {
+        let group = format!("polybus-{}", uuid::Uuid::new_v4().simple());
+        Self::new(&cfg.clone().with_group_id(group))
+    }
+
+    /// The consumer group.
+    pub fn group_id(&self) -> &str {
+        &self.group
+    }
+
+    /// The semantics of this backend.
+    pub fn capabilities(&self) -> Capabilities {
+        CAPABILITIES.with_max_payload(Some(self.cfg.message_max_bytes()))
+    }
+
+    /// Per-partition lag of the seed subscription (the partitions assigned to it now).
+    ///
+    /// # Errors
+    /// `Closed` before the first `next`; broker errors.
+    pub async fn lag(&self) -> Result<Vec<PartitionLag>> {
+        match &self.seed {
+            Some(r) => lag(Arc::clone(&r.core)).await,
+            None => Err(closed("the consumer (no subscription)")),
+        }
+    }
+
+    /// The group metadata of the seed subscription, for
+    /// [`send_offsets_to_transaction`](crate::KafkaTransactionalProducer::send_offsets_to_transaction).
+    pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        self.seed.as_ref()?.core.native().ok()?.group_metadata()
+    }
+
+    /// Commits the acknowledged offsets of the seed subscription now.
+    ///
+    /// # Errors
+    /// Broker errors; `Ok` when there is nothing to commit.
+    pub async fn commit(&self) -> Result<()> {
+        let Some(r) = &self.seed else { return Ok(()) };
+        let core = Arc::clone(&r.core);
+        blocking(
+            move || match core.native()?.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => Ok(()),
+                Err(e)
+                    if crate::error::code_of(&e)
+                        == Some(rdkafka::error::RDKafkaErrorCode::NoOffset) =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(from_kafka(e, "committing offsets")),
+            },
+        )
+        .await
+    }
+
+    /// Commits acknowledged offsets and leaves the group. Later `next` calls fail with
+    /// `Closed`.
+    ///
+    /// # Errors
+    /// As [`commit`](Self::commit).
+    pub async fn close(&mut self) -> Result<()> {
+        let r = self.commit().await;
+        if let Some(reader) = self.seed.take() {
+            let core = reader.core;
+            drop(reader.rx);
+            // The last reference closes the member on the blocking pool (see Core::drop).
+            drop(core);
+        }
+        self.pending_topics.clear();
+        r
+    }
+
+    fn ensure_seed(&mut self) -> Result<&mut Reader> {
+        if self.seed.is_none() {
+            if self.pending_topics.is_empty() {
+                return Err(closed("the consumer (no subscription)"));
+            }
+            let core = Core::new(&self.cfg, &self.group)?;
+            self.seed = Some(Reader::new(core, std::mem::take(&mut self.pending_topics)));
+        }
+        self.seed
+            .as_mut()
+            .ok_or_else(|| closed("the consumer (no subscription)"))
+    }
+}
+
+impl Consumer for KafkaConsumer {
+    type Stream<'a> = KafkaStream;
+
+    fn subscribe<'a>(&'a self, topic: &'a str) -> KafkaStream {
+        if let Err(e) = validate_topic(topic) {
+            return failed(e);
+        }
+        match Core::new(&self.cfg, &self.group) {
+            Ok(core) => stream_of(Reader::new(core, vec![topic.to_owned()])),
+            Err(e) => failed(e),
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        KafkaConsumer::capabilities(self)
+    }
+}
+
+impl MessageConsumer for KafkaConsumer {
+    /// Adds `topic` to the seed subscription (re-subscribing on the next `next`).
+    async fn subscribe(&mut self, topic: &str) -> Result<()> {
+        validate_topic(topic)?;
+        match &mut self.seed {
+            Some(r) => {
+                if !r.topics.iter().any(|t| t == topic) {
+                    r.topics.push(topic.to_owned());
+                    r.subscribed = false;
+                }
+            }
+            None => self.pending_topics.push(topic.to_owned()),
+        }
+        Ok(())
+    }
+
+    /// The next delivery from the subscribed topics.
+    async fn next(&mut self) -> Result<Delivery> {
+        let reader = self.ensure_seed()?;
+        match reader.next().await {
+            Some(r) => r,
+            None => Err(closed("the consumer")),
+        }
+    }
+}

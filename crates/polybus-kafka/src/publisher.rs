@@ -1,0 +1,215 @@
+//! `KafkaProducer`: an idempotent producer that publishes events as CloudEvents records.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::time::Duration;
+
+use polybus_core::cloudevents::Mode;
+use polybus_core::{
+    Backlog, Capabilities, Error, ErrorKind, Event, Ordering, Publisher, Receipt, Result,
+};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use crate::KafkaConfig;
+use crate::admin::{TopicEnsurer, blocking, validate_topic};
+use crate::convert::{self, Encoded};
+use crate::error::{BACKEND, closed, from_kafka};
+
+/// What the Kafka adapter guarantees (see the crate docs for the reasoning).
+pub const CAPABILITIES: Capabilities = Capabilities::NONE
+    .with_persistent(true)
+    .with_redelivery_on_nack(true)
+    .with_nack_delay(true)
+    .with_redelivery_on_drop(false)
+    .with_consumer_groups(true)
+    .with_durable_groups(true)
+    .with_ordering(Ordering::PerKey)
+    .with_backlog(Backlog::Delivered)
+    .with_exactly_once_publish(true)
+    .with_headers(true)
+    .with_request_reply(false);
+
+/// Publishes events to Kafka topics.
+///
+/// Cheap to clone (all clones share one librdkafka producer). The producer is idempotent by
+/// default, so librdkafka's retries never duplicate or reorder a record within a partition.
+/// The event key becomes the record key, so events with the same key land on one partition in
+/// publish order. Missing topics are created first when the config allows it.
+///
+/// When the local queue is full, `publish` waits for room (it never drops); `flush` waits for
+/// every queued record; `close` flushes and refuses later publishes with `Closed`.
+///
+/// ```no_run
+/// use polybus_core::mq::MessageProducer;
+/// use polybus_kafka::{KafkaConfig, KafkaProducer};
+/// # async fn demo() -> anyhow::Result<()> {
+/// let producer = KafkaProducer::new_with_config(&KafkaConfig::new("127.0.0.1:9092", "g1"))?;
+/// let receipt = producer.send("t", b"hello").await?;
+/// println!("partition {:?} offset {:?}", receipt.partition(), receipt.sequence());
+/// producer.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct KafkaProducer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    producer: FutureProducer,
+    topics: Arc<TopicEnsurer>,
+    closed: AtomicBool,
+    mode: Mode,
+    source: Option<Cow<'static, str>>,
+    max_bytes: usize,
+    brokers: String,
+}
+
+impl std::fmt::Debug for KafkaProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaProducer")
+            .field("brokers", &self.inner.brokers)
+            .field("mode", &self.inner.mode)
+            .field("closed", &self.inner.closed.load(AtomicOrdering::Relaxed))
+            .finish()
+    }
+}
+
+impl KafkaProducer {
+    /// A producer for the brokers of `cfg`. librdkafka connects in the background; an
+    /// unreachable broker shows up as `Connect` on the first publish (after the connect
+    /// timeout) rather than here.
+    ///
+    /// # Errors
+    /// A configuration librdkafka refuses (unknown property, bad value).
+    pub fn new_with_config(cfg: &KafkaConfig) -> Result<Self> {
+        cfg.check()?;
+        let producer: FutureProducer = cfg
+            .producer_client_config()
+            .create()
+            .map_err(|e| from_kafka(e, "creating the producer"))?;
+        Ok(Self::from_parts(producer, cfg))
+    }
+
+    pub(crate) fn from_parts(producer: FutureProducer, cfg: &KafkaConfig) -> Self {
+        KafkaProducer {
+            inner: Arc::new(Inner {
+                producer,
+                topics: TopicEnsurer::new(cfg),
+                closed: AtomicBool::new(false),
+                mode: cfg.mode(),
+                source: cfg.source().cloned(),
+                max_bytes: cfg.message_max_bytes(),
+                brokers: cfg.brokers().to_owned(),
+            }),
+        }
+    }
+
+    /// The librdkafka producer underneath, for what polybus does not wrap.
+    pub fn client(&self) -> &FutureProducer {
+        &self.inner.producer
+    }
+
+    /// The semantics of this backend.
+    pub fn capabilities(&self) -> Capabilities {
+        CAPABILITIES.with_max_payload(Some(self.inner.max_bytes))
+    }
+
+    /// Publishes `event` to `topic` and waits for the broker's acknowledgement.
+    ///
+    /// # Errors
+    /// `Closed` after [`close`](Self::close); `InvalidTopic`; `PayloadTooLarge` when key +
+    /// value + headers exceed `message.max.bytes` (checked before sending); `Connect` when no
+    /// broker answers while the topic is checked; `Timeout` when the record could not be
+    /// delivered within `message.timeout.ms`; `Unauthorized` without permission.
+    pub async fn publish(&self, topic: &str, mut event: Event) -> Result<Receipt> {
+        if self.inner.closed.load(AtomicOrdering::Acquire) {
+            return Err(closed("the producer"));
+        }
+        validate_topic(topic)?;
+        if let Some(src) = &self.inner.source {
+            event.set_source_if_unset(src);
+        }
+        let encoded = convert::encode(&event, self.inner.mode)?;
+        if encoded.size > self.inner.max_bytes {
+            return Err(
+                Error::new(ErrorKind::PayloadTooLarge, BACKEND).with_message(format!(
+                    "record of {} bytes (key + value + headers) exceeds message.max.bytes = {}",
+                    encoded.size, self.inner.max_bytes
+                )),
+            );
+        }
+        self.inner.topics.ensure(topic).await?;
+        self.send_encoded(topic, encoded, &event).await
+    }
+
+    pub(crate) async fn send_encoded(
+        &self,
+        topic: &str,
+        encoded: Encoded,
+        event: &Event,
+    ) -> Result<Receipt> {
+        let Encoded {
+            key,
+            value,
+            headers,
+            ..
+        } = encoded;
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(&value[..])
+            .headers(headers);
+        if let Some(k) = key.as_deref() {
+            record = record.key(k);
+        }
+        if let Some(ms) = convert::millis(event.time()) {
+            record = record.timestamp(ms);
+        }
+        // Timeout::Never: when the local queue is full, wait and retry; never drop.
+        match self.inner.producer.send(record, Timeout::Never).await {
+            Ok(d) => {
+                let mut r = Receipt::new(topic).with_partition(d.partition);
+                if let Ok(off) = u64::try_from(d.offset) {
+                    r = r.with_sequence(off);
+                }
+                Ok(r)
+            }
+            Err((e, _)) => Err(from_kafka(e, format!("publishing to {topic:?}"))),
+        }
+    }
+
+    /// Waits until every queued record has been delivered (or failed).
+    ///
+    /// # Errors
+    /// `Timeout` if records are still queued after `message.timeout.ms`-like limits (60 s here).
+    pub async fn flush(&self) -> Result<()> {
+        let producer = self.inner.producer.clone();
+        blocking(move || {
+            producer
+                .flush(Timeout::After(Duration::from_secs(60)))
+                .map_err(|e| from_kafka(e, "flushing the producer"))
+        })
+        .await
+    }
+
+    /// Flushes, then refuses later publishes with `Closed`. Closing twice is fine.
+    ///
+    /// # Errors
+    /// As [`flush`](Self::flush).
+    pub async fn close(&self) -> Result<()> {
+        self.inner.closed.store(true, AtomicOrdering::Release);
+        self.flush().await
+    }
+}
+
+impl Publisher for KafkaProducer {
+    async fn publish(&self, topic: &str, event: Event) -> Result<Receipt> {
+        KafkaProducer::publish(self, topic, event).await
+    }
+    async fn flush(&self) -> Result<()> {
+        KafkaProducer::flush(self).await
+    }
+    async fn close(&self) -> Result<()> {
+        KafkaProducer::close(self).await
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of polybus-kafka. Tests that need a broker are `#[ignore]`d under plain
+//! `cargo test`; run them with `cargo xtask test` or `cargo test -p polybus-kafka --
+//! --include-ignored` with tansu on 127.0.0.1:9092 (`POLYBUS_KAFKA_BROKERS` overrides).
+
+mod common;
+mod conformance;
+mod transactions;

@@ -1,0 +1,663 @@
+//! Connection options (credentials, TLS, timeouts, CloudEvents mode) and the connected client.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event as NatsEvent};
+use polybus_core::cloudevents::Mode;
+use polybus_core::{Error, ErrorKind, Result};
+use tokio::sync::watch;
+
+use crate::error;
+use crate::{NatsConsumer, NatsProducer};
+
+/// How to connect to NATS and how to write events: by-value builder ending in
+/// [`producer`](Self::producer), [`consumer`](Self::consumer) or [`connect`](Self::connect).
+///
+/// Secrets (password, token, nkey seed, userinfo in the URL) never appear in `Debug` output.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use polybus_core::cloudevents::Mode;
+/// use polybus_nats::NatsOptions;
+///
+/// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+/// let _producer = NatsOptions::new("nats://127.0.0.1:4222")
+///     .user_password("app", "s3cret")
+///     .name("billing")
+///     .source("urn:billing")
+///     .mode(Mode::Structured)
+///     .request_timeout(Duration::from_secs(2))
+///     .producer()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct NatsOptions {
+    pub(crate) url: String,
+    auth: Auth,
+    tls_roots: Vec<PathBuf>,
+    tls_client: Option<(PathBuf, PathBuf)>,
+    require_tls: bool,
+    name: Option<String>,
+    pub(crate) source: Option<Cow<'static, str>>,
+    pub(crate) mode: Mode,
+    pub(crate) request_timeout: Option<Duration>,
+    connect_timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    subscription_capacity: usize,
+    max_reconnects: Option<usize>,
+    pub(crate) queue_group: Option<String>,
+}
+
+#[derive(Clone)]
+enum Auth {
+    None,
+    UserPassword(String, String),
+    Token(String),
+    NKey(String),
+    CredsFile(PathBuf),
+}
+
+impl NatsOptions {
+    /// Options for the server(s) at `url` (`nats://host:port`; several comma-separated URLs
+    /// form a server pool). Defaults: no credentials, no TLS requirement, binary CloudEvents
+    /// mode, request timeout 10 s, connect timeout 5 s, close timeout 10 s, 65 536 buffered
+    /// messages per subscription, unlimited reconnects.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsOptions {
+            url: url.into(),
+            auth: Auth::None,
+            tls_roots: Vec::new(),
+            tls_client: None,
+            require_tls: false,
+            name: None,
+            source: None,
+            mode: Mode::Binary,
+            request_timeout: Some(Duration::from_secs(10)),
+            connect_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(10),
+            subscription_capacity: 64 * 1024,
+            max_reconnects: None,
+            queue_group: None,
+        }
+    }
+
+    /// Authenticates with a user name and password.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").user_password("u", "p").connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn user_password(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.auth = Auth::UserPassword(user.into(), password.into());
+        self
+    }
+
+    /// Authenticates with a token.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").token("t0ken").connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.auth = Auth::Token(token.into());
+        self
+    }
+
+    /// Authenticates with an nkey seed (`SU...`).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").nkey("SUAM...").connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn nkey(mut self, seed: impl Into<String>) -> Self {
+        self.auth = Auth::NKey(seed.into());
+        self
+    }
+
+    /// Authenticates with a `.creds` file (JWT and nkey seed), read when connecting.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").credentials_file("app.creds").connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.auth = Auth::CredsFile(path.into());
+        self
+    }
+
+    /// Trusts the CA certificate(s) in the PEM file at `path` (may be called several times).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("tls://127.0.0.1:4222").tls_root_certificates("ca.pem").connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_root_certificates(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_roots.push(path.into());
+        self
+    }
+
+    /// Presents the client certificate and key (PEM files) for mutual TLS.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("tls://127.0.0.1:4222")
+    ///     .tls_client_certificate("client.pem", "client-key.pem")
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_client_certificate(
+        mut self,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_client = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Refuses to connect without TLS.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("tls://127.0.0.1:4222").require_tls(true).connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn require_tls(mut self, required: bool) -> Self {
+        self.require_tls = required;
+        self
+    }
+
+    /// Names the connection (shown by the server's monitoring).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").name("billing").connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The CloudEvents `source` given to published events that have none.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _p = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").source("urn:billing").producer().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn source(mut self, source: impl Into<Cow<'static, str>>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The CloudEvents content mode to write (binary by default). Receiving detects the mode
+    /// of each message.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// use polybus_core::cloudevents::Mode;
+    /// let _p = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").mode(Mode::Structured).producer().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// How long a request waits for its reply (`None`: forever). Default 10 s.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _p = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222")
+    ///     .request_timeout(std::time::Duration::from_millis(500))
+    ///     .producer()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn request_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.request_timeout = timeout.into();
+        self
+    }
+
+    /// How long the first connection may take. Default 5 s.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222")
+    ///     .connect_timeout(std::time::Duration::from_secs(1))
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long `flush` and `close` wait for buffered messages to reach the socket (and, for
+    /// `close`, for the connection to drain) before failing with `Timeout`. Default 10 s.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _p = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222")
+    ///     .close_timeout(std::time::Duration::from_secs(30))
+    ///     .producer()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// Messages buffered per subscription before the client drops new ones as a slow consumer
+    /// (counted and logged, see [`NatsConnection::slow_consumer_drops`]). Default 65 536.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").subscription_capacity(1024).consumer().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn subscription_capacity(mut self, capacity: usize) -> Self {
+        self.subscription_capacity = capacity.max(1);
+        self
+    }
+
+    /// Gives up after this many failed reconnect attempts in a row (`None`: never). Default
+    /// `None`.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").max_reconnects(10).connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn max_reconnects(mut self, attempts: impl Into<Option<usize>>) -> Self {
+        self.max_reconnects = attempts.into();
+        self
+    }
+
+    /// The queue group consumers made from these options join (see
+    /// [`NatsConsumer::queue_group`]).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _c = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222").queue_group("workers").consumer().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn queue_group(mut self, group: impl Into<String>) -> Self {
+        self.queue_group = Some(group.into());
+        self
+    }
+
+    /// The default event source set with [`source`](Self::source).
+    pub fn default_source(&self) -> Option<&Cow<'static, str>> {
+        self.source.as_ref()
+    }
+
+    /// The CloudEvents content mode set with [`mode`](Self::mode).
+    pub fn content_mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The close timeout set with [`close_timeout`](Self::close_timeout).
+    pub fn close_timeout_value(&self) -> Duration {
+        self.close_timeout
+    }
+
+    /// Connects and returns a producer.
+    ///
+    /// # Errors
+    /// See [`connect`](Self::connect).
+    pub async fn producer(self) -> Result<NatsProducer> {
+        let conn = self.connect().await?;
+        Ok(NatsProducer::from_parts(conn, &self, true))
+    }
+
+    /// Connects and returns a consumer.
+    ///
+    /// # Errors
+    /// See [`connect`](Self::connect).
+    pub async fn consumer(self) -> Result<NatsConsumer> {
+        let conn = self.connect().await?;
+        Ok(NatsConsumer::from_parts(conn, &self))
+    }
+
+    /// Connects.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connect`] when the server cannot be reached, [`ErrorKind::Timeout`] when
+    /// connecting takes longer than the connect timeout, [`ErrorKind::Unauthorized`] when the
+    /// credentials are refused or the credentials file cannot be read, [`ErrorKind::Other`]
+    /// for a malformed URL.
+    pub async fn connect(&self) -> Result<NatsConnection> {
+        self.connect_for(error::BACKEND).await
+    }
+
+    /// [`connect`](Self::connect) with errors tagged `backend` (for crates built on this one,
+    /// such as polybus-jetstream).
+    #[doc(hidden)]
+    pub async fn connect_for(&self, backend: &'static str) -> Result<NatsConnection> {
+        let stats = Arc::new(Stats::new());
+        let mut opts = match &self.auth {
+            Auth::None => ConnectOptions::new(),
+            Auth::UserPassword(u, p) => {
+                ConnectOptions::new().user_and_password(u.clone(), p.clone())
+            }
+            Auth::Token(t) => ConnectOptions::new().token(t.clone()),
+            Auth::NKey(seed) => ConnectOptions::new().nkey(seed.clone()),
+            Auth::CredsFile(path) => ConnectOptions::with_credentials_file(path.clone())
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Unauthorized, backend)
+                        .with_message(format!("reading credentials file {}", path.display()))
+                        .with_source(e)
+                })?,
+        };
+        for root in &self.tls_roots {
+            opts = opts.add_root_certificates(root.clone());
+        }
+        if let Some((cert, key)) = &self.tls_client {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        if let Some(name) = &self.name {
+            opts = opts.name(name);
+        }
+        let events = stats.clone();
+        opts = opts
+            .require_tls(self.require_tls)
+            .request_timeout(self.request_timeout)
+            .connection_timeout(self.connect_timeout)
+            .subscription_capacity(self.subscription_capacity)
+            .max_reconnects(self.max_reconnects)
+            .event_callback(move |event| {
+                let stats = events.clone();
+                async move { stats.record(event) }
+            });
+        let shown = redact_url(&self.url);
+        let client = opts
+            .connect(self.url.as_str())
+            .await
+            .map_err(|e| error::connect(e, backend, &shown))?;
+        Ok(NatsConnection { client, stats })
+    }
+}
+
+impl fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = match &self.auth {
+            Auth::None => "none",
+            Auth::UserPassword(..) => "user/password (redacted)",
+            Auth::Token(_) => "token (redacted)",
+            Auth::NKey(_) => "nkey (redacted)",
+            Auth::CredsFile(_) => "credentials file",
+        };
+        f.debug_struct("NatsOptions")
+            .field("url", &redact_url(&self.url))
+            .field("auth", &auth)
+            .field("tls_roots", &self.tls_roots)
+            .field("tls_client", &self.tls_client.as_ref().map(|(c, _)| c))
+            .field("require_tls", &self.require_tls)
+            .field("name", &self.name)
+            .field("source", &self.source)
+            .field("mode", &self.mode)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("close_timeout", &self.close_timeout)
+            .field("subscription_capacity", &self.subscription_capacity)
+            .field("max_reconnects", &self.max_reconnects)
+            .field("queue_group", &self.queue_group)
+            .finish()
+    }
+}
+
+/// Replaces the userinfo of each URL (`nats://user:pass@host`) with `***`.
+fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            (None, Some(at)) => format!("***{}", &url[at..]),
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A connected NATS client with polybus' connection-event handling: slow-consumer drops,
+/// disconnects and server errors are logged with `tracing` and counted, never silent.
+/// Cheap to clone; clones share the connection.
+#[derive(Clone, Debug)]
+pub struct NatsConnection {
+    pub(crate) client: Client,
+    stats: Arc<Stats>,
+}
+
+impl NatsConnection {
+    /// Wraps a client connected elsewhere. Its events are not observed (the counters stay 0):
+    /// connect through [`NatsOptions`] to have them.
+    pub fn from_client(client: Client) -> Self {
+        NatsConnection {
+            client,
+            stats: Arc::new(Stats::unobserved()),
+        }
+    }
+
+    /// The async-nats client, for anything polybus does not wrap.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Messages the client dropped because a subscription's buffer was full (slow consumer),
+    /// as reported by the client; each report is also logged with `tracing::warn!`.
+    ///
+    /// A lower bound: async-nats queues its connection events in a channel of 128, so a burst
+    /// of drops faster than they are reported is counted in part. Any value above zero means
+    /// messages were lost.
+    pub fn slow_consumer_drops(&self) -> u64 {
+        self.stats.slow_consumers.load(Ordering::Relaxed)
+    }
+
+    /// How many times the connection was lost.
+    pub fn disconnects(&self) -> u64 {
+        self.stats.disconnects.load(Ordering::Relaxed)
+    }
+
+    /// How many times the connection was (re)established, the first connection included.
+    pub fn connects(&self) -> u64 {
+        self.stats.connects.load(Ordering::Relaxed)
+    }
+
+    /// Errors the server reported asynchronously (for example a permissions violation on
+    /// publish); each is logged with `tracing::warn!`.
+    pub fn server_errors(&self) -> u64 {
+        self.stats.server_errors.load(Ordering::Relaxed)
+    }
+
+    /// The largest message (payload and headers) the server accepts, from its `INFO`.
+    pub fn max_payload(&self) -> usize {
+        match self.client.server_info().max_payload {
+            0 => self.client.max_payload(),
+            n => n,
+        }
+    }
+
+    /// Waits until the server has processed everything this connection sent before (a round
+    /// trip through the server: a request to a subject nobody serves, answered by the server
+    /// itself with "no responders").
+    ///
+    /// # Errors
+    /// [`ErrorKind::Timeout`] after the request timeout, [`ErrorKind::Closed`] once closed.
+    pub async fn round_trip(&self) -> Result<()> {
+        self.round_trip_for(error::BACKEND).await
+    }
+
+    #[doc(hidden)]
+    pub async fn round_trip_for(&self, backend: &'static str) -> Result<()> {
+        use async_nats::client::RequestErrorKind;
+        let subject = self.client.new_inbox();
+        match self.client.request(subject, bytes::Bytes::new()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+            Err(e) => Err(error::request(e, backend)),
+        }
+    }
+
+    /// Flushes, then drains the connection (subscriptions get what is in flight, then end) and
+    /// waits until it is closed, at most `timeout`. Closing a closed connection is `Ok`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Timeout`] when buffered messages could not be written in time (for
+    /// example while the server is unreachable).
+    pub async fn close(&self, timeout: Duration) -> Result<()> {
+        self.close_for(timeout, error::BACKEND).await
+    }
+
+    #[doc(hidden)]
+    pub async fn close_for(&self, timeout: Duration, backend: &'static str) -> Result<()> {
+        if *self.stats.closed.borrow() {
+            return Ok(());
+        }
+        self.flush_for(timeout, backend).await?;
+        let mut closed = self.stats.closed.subscribe();
+        if self.client.drain().await.is_err() || !self.stats.observed {
+            // The command channel is gone (already closed), or the events of this client are
+            // not observed (`from_client`) so the end of the drain cannot be awaited.
+            return Ok(());
+        }
+        match tokio::time::timeout(timeout, closed.wait_for(|c| *c)).await {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::new(ErrorKind::Timeout, backend)
+                .with_message(format!("the connection did not drain within {timeout:?}"))),
+        }
+    }
+
+    /// Waits until every message published so far is written to the server socket, at most
+    /// `timeout`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Timeout`] (the messages stay buffered and go out after a reconnect),
+    /// [`ErrorKind::Closed`] once closed.
+    pub async fn flush(&self, timeout: Duration) -> Result<()> {
+        self.flush_for(timeout, error::BACKEND).await
+    }
+
+    #[doc(hidden)]
+    pub async fn flush_for(&self, timeout: Duration, backend: &'static str) -> Result<()> {
+        match tokio::time::timeout(timeout, self.client.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(error::flush(e, backend)),
+            Err(_) => Err(Error::new(ErrorKind::Timeout, backend)
+                .with_message(format!("buffered messages not written within {timeout:?}"))),
+        }
+    }
+
+    /// Whether the connection was closed (by `close` or by giving up reconnecting).
+    pub fn is_closed(&self) -> bool {
+        *self.stats.closed.borrow()
+    }
+}
+
+#[derive(Debug)]
+struct Stats {
+    slow_consumers: AtomicU64,
+    disconnects: AtomicU64,
+    connects: AtomicU64,
+    server_errors: AtomicU64,
+    closed: watch::Sender<bool>,
+    observed: bool,
+}
+
+impl Stats {
+    fn new() -> Self {
+        Stats {
+            slow_consumers: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            server_errors: AtomicU64::new(0),
+            closed: watch::Sender::new(false),
+            observed: true,
+        }
+    }
+
+    fn unobserved() -> Self {
+        Stats {
+            observed: false,
+            ..Stats::new()
+        }
+    }
+
+    fn record(&self, event: NatsEvent) {
+        match event {
+            NatsEvent::Connected => {
+                let n = self.connects.fetch_add(1, Ordering::Relaxed);
+                if n > 0 {
+                    tracing::info!(reconnects = n, "nats: reconnected; subscriptions restored");
+                }
+            }
+            NatsEvent::Disconnected => {
+                self.disconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("nats: disconnected; reconnecting, publishes are buffered");
+            }
+            NatsEvent::SlowConsumer(sid) => {
+                let total = self.slow_consumers.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::warn!(
+                    sid,
+                    total,
+                    "nats: slow consumer, a message was dropped because the subscription buffer is full"
+                );
+            }
+            NatsEvent::ServerError(e) => {
+                self.server_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "nats: server error");
+            }
+            NatsEvent::ClientError(e) => tracing::warn!(error = %e, "nats: client error"),
+            NatsEvent::LameDuckMode => {
+                tracing::warn!("nats: server entered lame duck mode, it will shut down soon")
+            }
+            NatsEvent::Draining => tracing::debug!("nats: draining"),
+            NatsEvent::Closed => {
+                tracing::debug!("nats: connection closed");
+                self.closed.send_replace(true);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_secrets() {
+        let o = NatsOptions::new("nats://alice:pw1@127.0.0.1:4222,nats://bob:pw2@h2:4222")
+            .user_password("u", "hunter2")
+            .token("tok-secret");
+        let s = format!("{o:?}");
+        for secret in ["pw1", "pw2", "hunter2", "tok-secret", "alice", "bob"] {
+            assert!(!s.contains(secret), "{secret} leaked in {s}");
+        }
+        assert!(s.contains("127.0.0.1:4222"), "{s}");
+        let o = NatsOptions::new("n").nkey("SUASEED");
+        assert!(!format!("{o:?}").contains("SUASEED"));
+    }
+
+    #[test]
+    fn redacts_only_userinfo() {
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("nats://u:p@h:1"), "nats://***@h:1");
+        assert_eq!(redact_url("u:p@h:1"), "***@h:1");
+    }
+}

@@ -1,0 +1,474 @@
+//! Event <-> NATS message, following the CloudEvents NATS protocol binding (1.0.3).
+//!
+//! Binary mode (the default): each CloudEvents attribute becomes a `ce-<name>` header whose
+//! value is percent-encoded as the binding requires (space, `"`, `%` and every byte outside
+//! printable ASCII as `%XY`, upper-case hex); the payload is the event data unchanged. The
+//! content type travels as `ce-datacontenttype` and, for readers that do not speak
+//! CloudEvents, as `Content-Type` too. Headers that are not CloudEvents extensions (W3C
+//! `traceparent`, `X-Request-Id`, ...) are plain NATS headers with their values unchanged.
+//!
+//! Structured mode: the payload is the JSON event format and `Content-Type` is
+//! `application/cloudevents+json`.
+//!
+//! On receive the mode is detected as the binding says: a `Content-Type` starting with
+//! `application/cloudevents` means structured, anything else binary. A message without
+//! `ce-specversion` was not written as a CloudEvent and becomes a plain event (fresh id,
+//! default kind and source) with every header kept.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use polybus_core::cloudevents::{self, BinaryDecoder, Mode};
+use polybus_core::{Error, ErrorKind, Event, Result};
+
+/// The prefix of CloudEvents attribute headers in the NATS binding.
+pub const CE_PREFIX: &str = "ce-";
+/// The NATS header carrying the content type.
+pub const CONTENT_TYPE: &str = "Content-Type";
+
+/// Encodes `event` as NATS headers and payload in `mode`. The payload is not copied in binary
+/// mode (a reference-counted clone of the event's `Bytes`). `backend` tags errors.
+///
+/// # Errors
+/// [`ErrorKind::InvalidHeader`] for a plain header named `ce-...` (reserved for attributes) or
+/// one NATS cannot carry; [`ErrorKind::Codec`] when structured mode cannot encode the payload.
+///
+/// ```
+/// use polybus_core::{Event, cloudevents::Mode};
+///
+/// let ev = Event::builder().source("urn:shop orders").kind("order.created").build()?;
+/// let (headers, _payload) = polybus_nats::encode_event(&ev, Mode::Binary, "nats")?;
+/// assert_eq!(headers.get("ce-source").map(|v| v.as_str()), Some("urn:shop%20orders"));
+/// assert_eq!(headers.get("ce-specversion").map(|v| v.as_str()), Some("1.0"));
+/// # Ok::<(), polybus_core::Error>(())
+/// ```
+pub fn encode_event(
+    event: &Event,
+    mode: Mode,
+    backend: &'static str,
+) -> Result<(HeaderMap, Bytes)> {
+    let mut headers = HeaderMap::new();
+    let mut failure: Option<Error> = None;
+    match mode {
+        Mode::Structured => {
+            let (json, plain) = cloudevents::to_structured(event, backend)?;
+            for (name, value) in plain {
+                put_plain(&mut headers, name, value, backend, &mut failure);
+            }
+            put(
+                &mut headers,
+                CONTENT_TYPE,
+                cloudevents::STRUCTURED_CONTENT_TYPE,
+                backend,
+                &mut failure,
+            );
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            Ok((headers, Bytes::from(json)))
+        }
+        _ => {
+            // Both callbacks of `write_binary` fill the same map.
+            let state = std::cell::RefCell::new((headers, failure, String::with_capacity(24)));
+            cloudevents::write_binary(
+                event,
+                |name, value| {
+                    let (headers, failure, attr_name) = &mut *state.borrow_mut();
+                    attr_name.clear();
+                    attr_name.push_str(CE_PREFIX);
+                    attr_name.push_str(name);
+                    put(headers, attr_name, &percent_encode(value), backend, failure);
+                },
+                |name, value| {
+                    let (headers, failure, _) = &mut *state.borrow_mut();
+                    put_plain_checked(headers, name, value, backend, failure);
+                },
+            );
+            let (mut headers, mut failure, _) = state.into_inner();
+            if let Some(ct) = event.content_type()
+                && !is_structured(ct)
+            {
+                put(&mut headers, CONTENT_TYPE, ct, backend, &mut failure);
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            Ok((headers, event.data().clone()))
+        }
+    }
+}
+
+/// Decodes a received NATS message into an [`Event`], detecting the content mode. `backend`
+/// tags errors.
+///
+/// # Errors
+/// [`ErrorKind::Codec`] when the message claims to be a CloudEvent but is malformed (missing
+/// required attribute, bad percent-encoding, invalid structured JSON).
+///
+/// ```
+/// use polybus_core::{Event, cloudevents::Mode};
+///
+/// let ev = Event::builder().kind("order.created").header("tenant", "eu west").data("x").build()?;
+/// let (headers, payload) = polybus_nats::encode_event(&ev, Mode::Binary, "nats")?;
+/// let back = polybus_nats::decode_event(Some(&headers), payload, "nats")?;
+/// assert_eq!(back.id(), ev.id());
+/// assert_eq!(back.headers().get("tenant"), Some("eu west"));
+/// # Ok::<(), polybus_core::Error>(())
+/// ```
+pub fn decode_event(
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    backend: &'static str,
+) -> Result<Event> {
+    let Some(headers) = headers.filter(|h| !h.is_empty()) else {
+        return BinaryDecoder::new().finish(payload, backend);
+    };
+    let content_type = headers
+        .iter()
+        .find(|(n, _)| AsRef::<str>::as_ref(n).eq_ignore_ascii_case(CONTENT_TYPE))
+        .and_then(|(_, v)| v.first())
+        .map(HeaderValue::as_str);
+    if content_type.is_some_and(is_structured) {
+        let mut event = cloudevents::from_structured(&payload, backend)?;
+        for (name, values) in headers.iter() {
+            let name: &str = name.as_ref();
+            if name.eq_ignore_ascii_case(CONTENT_TYPE) || has_ce_prefix(name) {
+                continue;
+            }
+            for v in values {
+                event.headers_mut().append_unchecked(name, v.as_str());
+            }
+        }
+        return Ok(event);
+    }
+    let mut dec = BinaryDecoder::new();
+    for (name, values) in headers.iter() {
+        let name: &str = name.as_ref();
+        if has_ce_prefix(name) {
+            let attr = name[CE_PREFIX.len()..].to_ascii_lowercase();
+            for v in values {
+                let value = percent_decode(v.as_str()).map_err(|why| {
+                    Error::new(ErrorKind::Codec, backend)
+                        .with_message(format!("header {name}: {why}"))
+                })?;
+                dec.attribute(&attr, value.into_owned());
+            }
+        } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
+            if let Some(v) = values.first() {
+                dec.content_type(v.as_str());
+            }
+        } else {
+            for v in values {
+                dec.header(name, v.as_str());
+            }
+        }
+    }
+    dec.finish(payload, backend)
+}
+
+/// Percent-encodes a header value as the CloudEvents NATS binding requires: space, `"`, `%`
+/// and every byte outside `0x21..=0x7E` become `%XY` (upper-case hex); everything else stays.
+///
+/// ```
+/// assert_eq!(polybus_nats::percent_encode("Euro € 😀"), "Euro%20%E2%82%AC%20%F0%9F%98%80");
+/// assert_eq!(polybus_nats::percent_encode("plain-1.0"), "plain-1.0");
+/// ```
+pub fn percent_encode(value: &str) -> Cow<'_, str> {
+    if !value.bytes().any(needs_encoding) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 16);
+    for b in value.bytes() {
+        if needs_encoding(b) {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "%{b:02X}");
+        } else {
+            out.push(char::from(b));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Decodes a header value written by [`percent_encode`] or by another implementation of the
+/// binding: a double-quoted value is unquoted first (RFC 7230 quoted-string, backslash
+/// escapes), then one round of percent-decoding; lower-case hex is accepted.
+///
+/// # Errors
+/// A description when a `%` is not followed by two hex digits, a quoted string is
+/// unterminated, or the decoded bytes are not UTF-8 (overlong forms such as `%C0%A0` are
+/// rejected).
+///
+/// ```
+/// assert_eq!(polybus_nats::percent_decode("a%20b%e2%82%ac").unwrap(), "a b€");
+/// assert_eq!(polybus_nats::percent_decode("\"quoted \\\"x\\\"\"").unwrap(), "quoted \"x\"");
+/// assert!(polybus_nats::percent_decode("%C0%A0").is_err());
+/// ```
+pub fn percent_decode(value: &str) -> Result<Cow<'_, str>, &'static str> {
+    let unquoted = unquote(value)?;
+    if !unquoted.contains('%') {
+        return Ok(unquoted);
+    }
+    let bytes = unquoted.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .ok_or("a percent sign is not followed by two hex digits")?;
+            let hi = hex_value(hex[0]).ok_or("a percent sign is not followed by two hex digits")?;
+            let lo = hex_value(hex[1]).ok_or("a percent sign is not followed by two hex digits")?;
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| "the percent-decoded value is not UTF-8")
+}
+
+fn unquote(value: &str) -> Result<Cow<'_, str>, &'static str> {
+    let trimmed = value.trim_matches([' ', '\t']);
+    let Some(inner) = trimmed.strip_prefix('"') else {
+        return Ok(Cow::Borrowed(trimmed));
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next().ok_or("a quoted value ends in a backslash")?),
+            '"' => {
+                return if chars.as_str().is_empty() {
+                    Ok(Cow::Owned(out))
+                } else {
+                    Err("text follows a quoted value")
+                };
+            }
+            c => out.push(c),
+        }
+    }
+    Err("a quoted value is not terminated")
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn needs_encoding(b: u8) -> bool {
+    !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'%'
+}
+
+fn has_ce_prefix(name: &str) -> bool {
+    name.len() > CE_PREFIX.len()
+        && name.as_bytes()[..CE_PREFIX.len()].eq_ignore_ascii_case(CE_PREFIX.as_bytes())
+}
+
+/// Whether a content type announces structured mode (`application/cloudevents`, with any
+/// `+format` suffix or parameters), matched case-insensitively as the binding says.
+pub(crate) fn is_structured(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .get(..23)
+        .is_some_and(|p| p.eq_ignore_ascii_case("application/cloudevents"))
+}
+
+fn put(
+    headers: &mut HeaderMap,
+    name: &str,
+    value: &str,
+    backend: &'static str,
+    failure: &mut Option<Error>,
+) {
+    if failure.is_some() {
+        return;
+    }
+    match (HeaderName::try_from(name), value.parse::<HeaderValue>()) {
+        (Ok(n), Ok(v)) => headers.append(n, v),
+        _ => {
+            *failure = Some(
+                Error::new(ErrorKind::InvalidHeader, backend)
+                    .with_message(format!("NATS cannot carry the header {name:?}")),
+            );
+        }
+    }
+}
+
+fn put_plain(
+    headers: &mut HeaderMap,
+    name: &str,
+    value: &str,
+    backend: &'static str,
+    failure: &mut Option<Error>,
+) {
+    put(headers, name, value, backend, failure);
+}
+
+fn put_plain_checked(
+    headers: &mut HeaderMap,
+    name: &str,
+    value: &str,
+    backend: &'static str,
+    failure: &mut Option<Error>,
+) {
+    if failure.is_some() {
+        return;
+    }
+    if has_ce_prefix(name) || name.eq_ignore_ascii_case(CONTENT_TYPE) {
+        *failure = Some(Error::new(ErrorKind::InvalidHeader, backend).with_message(format!(
+            "header {name:?} is reserved by the CloudEvents NATS binding; use an extension name \
+             (lowercase letters and digits) or the event's content type"
+        )));
+        return;
+    }
+    put_plain(headers, name, value, backend, failure);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        Event::builder()
+            .id("id 1/ü")
+            .source("urn:test \"quoted\" 100%")
+            .kind("order.created")
+            .key("k1")
+            .content_type("text/plain; charset=utf-8")
+            .header("tenant", "eu west €")
+            .header("X-Request-Id", "r-42")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .data("hello")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn binary_mode_headers_follow_the_binding() {
+        let ev = sample();
+        let (h, payload) = encode_event(&ev, Mode::Binary, "nats").unwrap();
+        let get = |n: &str| h.get(n).map(|v| v.as_str().to_owned());
+        assert_eq!(get("ce-specversion").as_deref(), Some("1.0"));
+        assert_eq!(get("ce-id").as_deref(), Some("id%201/%C3%BC"));
+        assert_eq!(
+            get("ce-source").as_deref(),
+            Some("urn:test%20%22quoted%22%20100%25")
+        );
+        assert_eq!(get("ce-type").as_deref(), Some("order.created"));
+        assert_eq!(get("ce-partitionkey").as_deref(), Some("k1"));
+        assert_eq!(
+            get("ce-datacontenttype").as_deref(),
+            Some("text/plain;%20charset=utf-8")
+        );
+        assert_eq!(
+            get(CONTENT_TYPE).as_deref(),
+            Some("text/plain; charset=utf-8")
+        );
+        assert_eq!(get("ce-tenant").as_deref(), Some("eu%20west%20%E2%82%AC"));
+        assert_eq!(get("X-Request-Id").as_deref(), Some("r-42"));
+        assert!(get("traceparent").is_some());
+        assert!(get("ce-time").is_some_and(|t| t.ends_with('Z')));
+        assert_eq!(payload.as_ptr(), ev.data().as_ptr(), "payload not copied");
+    }
+
+    #[test]
+    fn both_modes_round_trip() {
+        let ev = sample();
+        for mode in [Mode::Binary, Mode::Structured] {
+            let (h, payload) = encode_event(&ev, mode, "nats").unwrap();
+            let back = decode_event(Some(&h), payload, "nats").unwrap();
+            assert_eq!(back.id(), ev.id(), "{mode:?}");
+            assert_eq!(back.source(), ev.source(), "{mode:?}");
+            assert_eq!(back.kind(), ev.kind(), "{mode:?}");
+            assert_eq!(back.key(), ev.key(), "{mode:?}");
+            assert_eq!(back.content_type(), ev.content_type(), "{mode:?}");
+            assert_eq!(back.data(), ev.data(), "{mode:?}");
+            assert_eq!(back.headers().get("tenant"), Some("eu west €"), "{mode:?}");
+            assert_eq!(back.headers().get("x-request-id"), Some("r-42"), "{mode:?}");
+            assert_eq!(
+                back.headers().get("traceparent"),
+                ev.headers().get("traceparent"),
+                "{mode:?}"
+            );
+            assert_eq!(back.headers().len(), 3, "{mode:?}: {:?}", back.headers());
+        }
+    }
+
+    #[test]
+    fn structured_mode_sets_the_content_type() {
+        let (h, payload) = encode_event(&sample(), Mode::Structured, "nats").unwrap();
+        assert_eq!(
+            h.get(CONTENT_TYPE).map(|v| v.as_str()),
+            Some("application/cloudevents+json")
+        );
+        assert!(h.get("ce-id").is_none());
+        let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+    }
+
+    #[test]
+    fn raw_messages_become_plain_events() {
+        let ev = decode_event(None, Bytes::from_static(b"raw"), "nats").unwrap();
+        assert_eq!(ev.data(), &Bytes::from_static(b"raw"));
+        let mut h = HeaderMap::new();
+        h.insert("X-Any", "1");
+        h.insert("Content-Type", "application/json");
+        let ev = decode_event(Some(&h), Bytes::new(), "nats").unwrap();
+        assert_eq!(ev.headers().get("x-any"), Some("1"));
+        assert_eq!(ev.content_type(), Some("application/json"));
+    }
+
+    #[test]
+    fn foreign_binary_events_decode_case_insensitively_and_quoted() {
+        let mut h = HeaderMap::new();
+        h.insert("CE-SpecVersion", "1.0");
+        h.insert("Ce-Id", "\"a b\"");
+        h.insert("ce-source", "%2fsrc");
+        h.insert("ce-type", "t");
+        let ev = decode_event(Some(&h), Bytes::new(), "nats").unwrap();
+        assert_eq!(ev.id(), "a b");
+        assert_eq!(ev.source(), "/src");
+    }
+
+    #[test]
+    fn malformed_values_are_codec_errors() {
+        for bad in ["%", "%4", "%zz", "%C0%A0", "%FF", "\"open", "\"a\"b"] {
+            assert!(percent_decode(bad).is_err(), "{bad:?}");
+            let mut h = HeaderMap::new();
+            h.insert("ce-specversion", "1.0");
+            h.insert("ce-id", bad);
+            h.insert("ce-source", "s");
+            h.insert("ce-type", "t");
+            let e = decode_event(Some(&h), Bytes::new(), "jetstream").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Codec, "{bad:?}");
+            assert_eq!(e.backend(), "jetstream");
+        }
+    }
+
+    #[test]
+    fn reserved_plain_headers_are_rejected() {
+        let ev = Event::builder().header("ce-id", "x").build().unwrap();
+        let e = encode_event(&ev, Mode::Binary, "nats").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidHeader);
+    }
+
+    #[test]
+    fn percent_encoding_round_trips_every_char_class() {
+        let all: String = (1u32..0x300).filter_map(char::from_u32).collect();
+        let enc = percent_encode(&all);
+        assert!(enc.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b'"'));
+        assert_eq!(percent_decode(&enc).unwrap(), all);
+    }
+}

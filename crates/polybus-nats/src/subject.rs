@@ -1,0 +1,120 @@
+//! NATS subject rules.
+
+use polybus_core::{Error, ErrorKind, Result, topic};
+
+/// The longest subject accepted, in bytes: half of the server's default `max_control_line`
+/// (4 KiB), so that a subject and a reply inbox always fit on one protocol line.
+pub const MAX_SUBJECT_LEN: usize = 2048;
+
+/// Checks a subject you publish to: not empty, at most [`MAX_SUBJECT_LEN`] bytes, no
+/// whitespace or control characters, no empty token (so no leading, trailing or doubled dot),
+/// and no wildcard token (`*` or `>`). `backend` tags the error.
+///
+/// Characters that are wildcards elsewhere (`+`, `#`) and `*` or `>` inside a longer token
+/// (`a*b`) are ordinary characters in NATS and are accepted.
+///
+/// # Errors
+/// [`ErrorKind::InvalidTopic`] naming what is wrong.
+///
+/// ```
+/// use polybus_core::ErrorKind;
+/// use polybus_nats::validate_publish_subject;
+///
+/// assert!(validate_publish_subject("orders.created", "nats").is_ok());
+/// for bad in ["", "a b", ".a", "a.", "a..b", "a.*", "a.>"] {
+///     let err = validate_publish_subject(bad, "nats").unwrap_err();
+///     assert_eq!(err.kind(), ErrorKind::InvalidTopic, "{bad:?}");
+/// }
+/// ```
+pub fn validate_publish_subject(subject: &str, backend: &'static str) -> Result<()> {
+    validate(subject, backend, false)
+}
+
+/// Checks a subject you subscribe to: the rules of [`validate_publish_subject`], except that
+/// the wildcard tokens `*` (one token) and `>` (the rest, last token only) are allowed.
+///
+/// # Errors
+/// [`ErrorKind::InvalidTopic`] naming what is wrong.
+///
+/// ```
+/// use polybus_nats::validate_subscribe_subject;
+///
+/// assert!(validate_subscribe_subject("orders.*.eu", "nats").is_ok());
+/// assert!(validate_subscribe_subject("orders.>", "nats").is_ok());
+/// assert!(validate_subscribe_subject("orders.>.eu", "nats").is_err());
+/// ```
+pub fn validate_subscribe_subject(subject: &str, backend: &'static str) -> Result<()> {
+    validate(subject, backend, true)
+}
+
+fn validate(subject: &str, backend: &'static str, wildcards: bool) -> Result<()> {
+    topic::validate_common(subject, backend, MAX_SUBJECT_LEN)?;
+    let invalid = |msg: String| Error::new(ErrorKind::InvalidTopic, backend).with_message(msg);
+    let count = subject.split('.').count();
+    for (i, token) in subject.split('.').enumerate() {
+        if token.is_empty() {
+            return Err(invalid(format!(
+                "subject {subject:?} has an empty token (a leading, trailing or doubled dot)"
+            )));
+        }
+        if token == "*" || token == ">" {
+            if !wildcards {
+                return Err(invalid(format!(
+                    "subject {subject:?} contains the wildcard {token:?}; publish to a concrete subject"
+                )));
+            }
+            if token == ">" && i + 1 != count {
+                return Err(invalid(format!(
+                    "subject {subject:?}: the wildcard \">\" must be the last token"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_rules() {
+        for ok in [
+            "a",
+            "orders.created",
+            "a.b-c_d.E1",
+            "a/#",
+            "a+b",
+            "a*b.c>",
+            "ünï.code",
+        ] {
+            assert!(validate_publish_subject(ok, "nats").is_ok(), "{ok:?}");
+        }
+        for bad in [
+            "", " ", "a b", "a\tb", "a\r\nb", "nul\0", ".a", "a.", "a..b", ".", "*", ">", "a.*",
+            "a.*.b", "a.>",
+        ] {
+            let e = validate_publish_subject(bad, "nats").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidTopic, "{bad:?}");
+            assert_eq!(e.backend(), "nats");
+        }
+        let long = "a".repeat(MAX_SUBJECT_LEN + 1);
+        assert!(validate_publish_subject(&long, "nats").is_err());
+        assert!(validate_publish_subject(&long[..MAX_SUBJECT_LEN], "nats").is_ok());
+    }
+
+    #[test]
+    fn subscribe_rules() {
+        for ok in ["a", "*", ">", "a.*", "a.*.b", "a.>", "*.*.>"] {
+            assert!(
+                validate_subscribe_subject(ok, "jetstream").is_ok(),
+                "{ok:?}"
+            );
+        }
+        for bad in ["", "a b", ".a", "a.", "a..b", ">.a", "a.>.b"] {
+            let e = validate_subscribe_subject(bad, "jetstream").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidTopic, "{bad:?}");
+            assert_eq!(e.backend(), "jetstream");
+        }
+    }
+}
