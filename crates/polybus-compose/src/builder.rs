@@ -11,11 +11,16 @@ use polybus_core::{
     PublisherExt, Result,
 };
 
+use polybus_jetstream::{JetStream, JsOptions, StreamPolicy};
+use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+use polybus_nats::NatsConsumer;
+
 use crate::BACKEND;
 use crate::bus::Bus;
 use crate::consume::{ConsumerFactory, ConsumerSpec};
 use crate::dedup::{DedupKey, DedupStore, MemoryDedupStore};
 use crate::dlq::DeadLetterTopic;
+use crate::nats_kv::{KvDedupStore, KvSwitchSource};
 use crate::retry::RetryPolicy;
 use crate::spool::{SpoolConfig, WhenFull};
 use crate::switches::{SwitchHandle, SwitchSource, Switches};
@@ -51,8 +56,10 @@ pub const DEFAULT_SPOOL_DIR: &str = "polybus-spool";
 /// ```
 #[must_use = "call .build().await to start the bus"]
 pub struct BusBuilder {
-    nats_url: Option<String>,
-    kafka_brokers: Option<String>,
+    nats_options: Option<JsOptions>,
+    kafka_config: Option<KafkaConfig>,
+    switch_bucket: Option<String>,
+    dedup_bucket: Option<(String, Duration)>,
     nats: Option<BoxPublisher>,
     kafka: Option<BoxPublisher>,
     parts: Parts,
@@ -90,8 +97,10 @@ impl BusBuilder {
     /// consumer dedup for 10 minutes, 10 s drain timeout on close.
     pub fn new() -> Self {
         BusBuilder {
-            nats_url: None,
-            kafka_brokers: None,
+            nats_options: None,
+            kafka_config: None,
+            switch_bucket: None,
+            dedup_bucket: None,
             nats: None,
             kafka: None,
             parts: Parts {
@@ -114,15 +123,50 @@ impl BusBuilder {
         }
     }
 
-    /// The NATS server URL (JetStream enabled) for the fast path and notifications.
+    /// The NATS server URL (JetStream enabled) for the fast path and notifications. A
+    /// subject no stream covers gets a stream of its own on first use (named
+    /// `POLYBUS_<subject>_<hash>`, see [`StreamPolicy::PerTopic`]); use
+    /// [`nats_options`](Self::nats_options) to manage streams yourself.
     pub fn nats(mut self, url: impl Into<String>) -> Self {
-        self.nats_url = Some(url.into());
+        self.nats_options = Some(JsOptions::new(url).stream_policy(StreamPolicy::PerTopic {
+            prefix: "POLYBUS_".into(),
+        }));
         self
     }
 
-    /// The Kafka bootstrap servers (`host:port[,host:port]`).
+    /// JetStream connection options (credentials, TLS, stream policy and settings).
+    pub fn nats_options(mut self, options: JsOptions) -> Self {
+        self.nats_options = Some(options);
+        self
+    }
+
+    /// The Kafka bootstrap servers (`host:port[,host:port]`), with the adapter's defaults
+    /// (idempotent producer, topics created on first use, consumer groups starting at the
+    /// earliest record).
     pub fn kafka(mut self, brokers: impl Into<String>) -> Self {
-        self.kafka_brokers = Some(brokers.into());
+        self.kafka_config = Some(KafkaConfig::new(brokers, "polybus-compose"));
+        self
+    }
+
+    /// The whole Kafka configuration (SASL, TLS, librdkafka passthrough). Its group id is
+    /// replaced by the group each read-path call names.
+    pub fn kafka_config(mut self, config: KafkaConfig) -> Self {
+        self.kafka_config = Some(config);
+        self
+    }
+
+    /// Watches the NATS KV bucket `bucket` for the switches (see [`KvSwitchSource`]); needs
+    /// [`nats`](Self::nats) or [`nats_options`](Self::nats_options).
+    pub fn switch_bucket(mut self, bucket: impl Into<String>) -> Self {
+        self.switch_bucket = Some(bucket.into());
+        self
+    }
+
+    /// Keeps the consumer-side dedup keys in the NATS KV bucket `bucket` for `ttl`, shared by
+    /// every process using that bucket (see [`KvDedupStore`]); needs
+    /// [`nats`](Self::nats) or [`nats_options`](Self::nats_options).
+    pub fn dedup_bucket(mut self, bucket: impl Into<String>, ttl: Duration) -> Self {
+        self.dedup_bucket = Some((bucket.into(), ttl));
         self
     }
 
@@ -275,26 +319,65 @@ impl BusBuilder {
     /// ([`ErrorKind::Rejected`] if another process has it open).
     pub async fn build(self) -> Result<Bus> {
         let BusBuilder {
-            nats_url,
-            kafka_brokers,
+            nats_options,
+            kafka_config,
+            switch_bucket,
+            dedup_bucket,
             nats,
             kafka,
-            parts,
+            mut parts,
         } = self;
-        let nats = match (nats, nats_url) {
+        let wants_kv = switch_bucket.is_some() || dedup_bucket.is_some();
+        let js = match nats_options {
+            Some(opts) if nats.is_none() || wants_kv => {
+                Some(JetStream::connect(opts.source(parts.source.clone())).await?)
+            }
+            _ => None,
+        };
+        if wants_kv && js.is_none() {
+            return Err(missing(
+                "NATS options (.nats(url)) for the switch or dedup bucket",
+            ));
+        }
+        let nats = match (nats, &js) {
             (Some(p), _) => p,
-            (None, Some(url)) => return Err(no_adapter("NATS", &url)),
+            (None, Some(js)) => {
+                if parts.nats_consumers.is_none() {
+                    let conn = js.connection().clone();
+                    parts.nats_consumers = Some(Arc::new(move |_spec: ConsumerSpec| {
+                        let conn = conn.clone();
+                        async move { Ok(BoxConsumer::new(NatsConsumer::from_connection(conn))) }
+                    }));
+                }
+                js.producer().boxed()
+            }
             (None, None) => return Err(missing("NATS: call .nats(url) or .nats_publisher(p)")),
         };
-        let kafka = match (kafka, kafka_brokers) {
+        let kafka = match (kafka, kafka_config) {
             (Some(p), _) => p,
-            (None, Some(b)) => return Err(no_adapter("Kafka", &b)),
+            (None, Some(cfg)) => {
+                let cfg = cfg.with_source(parts.source.clone());
+                let producer = KafkaProducer::new_with_config(&cfg)?;
+                if parts.kafka_consumers.is_none() {
+                    parts.kafka_consumers = Some(Arc::new(move |spec: ConsumerSpec| {
+                        let cfg = cfg.clone();
+                        async move { kafka_consumer(&cfg, spec) }
+                    }));
+                }
+                producer.boxed()
+            }
             (None, None) => {
                 return Err(missing(
                     "Kafka: call .kafka(brokers) or .kafka_publisher(p)",
                 ));
             }
         };
+        if let (Some(bucket), Some(js)) = (switch_bucket, &js) {
+            parts.switch_source = Some(Box::new(KvSwitchSource::open(js, &bucket).await?));
+        }
+        if let (Some((bucket, ttl)), Some(js)) = (dedup_bucket, &js) {
+            parts.dedup = Arc::new(KvDedupStore::open(js, &bucket, ttl).await?);
+        }
         Bus::start(nats, kafka, parts).await
     }
 
@@ -315,8 +398,10 @@ impl BusBuilder {
 impl fmt::Debug for BusBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BusBuilder")
-            .field("nats", &self.nats_url)
-            .field("kafka", &self.kafka_brokers)
+            .field("nats", &self.nats_options)
+            .field("kafka", &self.kafka_config)
+            .field("switch_bucket", &self.switch_bucket)
+            .field("dedup_bucket", &self.dedup_bucket)
             .field("spool", &self.parts.spool)
             .field("forwarders", &self.parts.forwarders)
             .field("max_in_flight", &self.parts.max_in_flight)
@@ -339,9 +424,13 @@ fn missing(what: &'static str) -> Error {
     Error::new(ErrorKind::Other, BACKEND).with_message(format!("the bus needs {what}"))
 }
 
-fn no_adapter(what: &str, addr: &str) -> Error {
-    Error::unsupported(
-        BACKEND,
-        format!("connecting to {what} at {addr} needs the {what} adapter, which this build lacks"),
-    )
+/// A Kafka consumer for the read path: the spec's group (a fresh anonymous one without), new
+/// groups starting at the earliest retained record.
+fn kafka_consumer(cfg: &KafkaConfig, spec: ConsumerSpec) -> Result<BoxConsumer> {
+    let cfg = cfg.clone().with_auto_offset_reset("earliest");
+    let consumer = match spec.group {
+        Some(g) => KafkaConsumer::new(&cfg.with_group_id(g))?,
+        None => KafkaConsumer::new_anonymous(&cfg)?,
+    };
+    Ok(BoxConsumer::new(consumer))
 }

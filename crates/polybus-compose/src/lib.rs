@@ -76,6 +76,7 @@ mod dedup;
 mod dlq;
 mod forwarder;
 pub mod metrics;
+mod nats_kv;
 mod retry;
 mod spool;
 mod stats;
@@ -90,6 +91,7 @@ pub use dlq::{
     DEAD_LETTER_HEADERS, DeadLetterTopic, X_ATTEMPTS, X_EXCEPTION_KIND, X_EXCEPTION_MESSAGE,
     X_ORIGINAL_OFFSET, X_ORIGINAL_PARTITION, X_ORIGINAL_SUBJECT, X_ORIGINAL_TOPIC,
 };
+pub use nats_kv::{KvDedupStore, KvSwitchSource, SWITCH_KEYS, write_switches};
 pub use retry::RetryPolicy;
 pub use spool::{SpoolConfig, WhenFull};
 pub use stats::BusStats;

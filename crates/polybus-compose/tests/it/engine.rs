@@ -203,7 +203,11 @@ async fn consume_drops_duplicates_and_records_keys_only_on_ack() -> Result<()> {
     );
     next.ack().await?;
     // The remaining copy of "dup" is dropped (and acked) when it reaches the caller.
-    assert!(next_within(&mut sub, Duration::from_millis(300)).await.is_none());
+    assert!(
+        next_within(&mut sub, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
     assert_eq!(bus.stats().consume_duplicates, 1);
     bus.close().await?;
     Ok(())
