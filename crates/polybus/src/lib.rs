@@ -36,6 +36,11 @@ pub use polybus_jetstream as jetstream;
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub use polybus_kafka as kafka;
 
+/// The composed bus (`polybus-compose`): `polybus::compose::Bus::builder()`.
+#[cfg(feature = "compose")]
+#[cfg_attr(docsrs, doc(cfg(feature = "compose")))]
+pub use polybus_compose as compose;
+
 /// The seed's NATS module path: `polybus::nats_client::{NatsProducer, NatsConsumer}`.
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]

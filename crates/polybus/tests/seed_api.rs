@@ -61,3 +61,24 @@ async fn seed_kafka() -> anyhow::Result<()> {
     })
     .await?
 }
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn seed_compose() -> anyhow::Result<()> {
+    // The seed writes `./spool`; a temp dir keeps the source tree clean.
+    let spool = std::env::temp_dir().join("polybus-seed-compose-spool");
+    let bus = polybus::compose::Bus::builder()
+        .nats("nats://127.0.0.1:4222")
+        .kafka("localhost:9092")
+        .spool_dir(spool)
+        .build()
+        .await?;
+    bus.publish("orders.created", bytes::Bytes::from_static(b"{...}"))
+        .await?;
+    anyhow::ensure!(
+        bus.wait_forwarded(std::time::Duration::from_secs(30)).await,
+        "forwarded to Kafka"
+    );
+    bus.close().await?;
+    Ok(())
+}
