@@ -82,3 +82,17 @@ async fn seed_compose() -> anyhow::Result<()> {
     bus.close().await?;
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn seed_mqtt() -> anyhow::Result<()> {
+    use polybus::mqtt_client::{MqttConsumer, MqttProducer};
+    let (p, mut c): (MqttProducer, MqttConsumer) =
+        MqttProducer::connect("127.0.0.1", 1883, "client-1").await?;
+    c.subscribe("t", 1).await?; // QoS 1
+    p.publish("t", b"hello", 1).await?;
+    let msg = c.next().await?;
+    assert_eq!(msg.payload(), b"hello");
+    msg.ack().await?;
+    Ok(())
+}
