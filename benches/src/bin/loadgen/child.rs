@@ -113,5 +113,7 @@ async fn run(args: &ChildArgs, meter: Meter) -> Result<Outcome> {
         Kind::JsConsume => work::jetstream::consume(&env, args, &meter).await,
         Kind::KafkaProduce => work::kafka::produce(&env, args, &meter).await,
         Kind::KafkaConsume => work::kafka::consume(&env, args, &meter).await,
+        Kind::MqttQos0 => work::mqtt::pub_sub(&env, args, &meter, 0).await,
+        Kind::MqttQos1 => work::mqtt::pub_sub(&env, args, &meter, 1).await,
     }
 }

@@ -15,6 +15,13 @@ pub(crate) struct Meter {
 }
 
 impl Meter {
+    /// A meter no sampler reads (for work that is not the progress of the run).
+    pub(crate) fn detached() -> Meter {
+        Meter {
+            done: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
     pub(crate) fn add(&self, n: u64) {
         self.done.fetch_add(n, Ordering::Relaxed);
     }

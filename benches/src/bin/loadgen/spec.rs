@@ -44,6 +44,10 @@ pub(crate) enum Kind {
     KafkaProduce,
     /// Kafka consumer-group consume of what `KafkaProduce` wrote, ack (store offset) each.
     KafkaConsume,
+    /// MQTT 5 publish-to-receive at QoS 0 (publisher and subscriber on the side under test).
+    MqttQos0,
+    /// MQTT 5 publish-to-receive at QoS 1, acked by the subscriber.
+    MqttQos1,
 }
 
 impl Kind {
@@ -51,7 +55,11 @@ impl Kind {
     pub(crate) fn has_latency(self) -> bool {
         matches!(
             self,
-            Kind::NatsRequestReply | Kind::JsPublish | Kind::KafkaProduce
+            Kind::NatsRequestReply
+                | Kind::JsPublish
+                | Kind::KafkaProduce
+                | Kind::MqttQos0
+                | Kind::MqttQos1
         )
     }
 
@@ -59,6 +67,7 @@ impl Kind {
     pub(crate) fn latency_label(self) -> &'static str {
         match self {
             Kind::NatsRequestReply => "round trip",
+            Kind::MqttQos0 | Kind::MqttQos1 => "publish-to-receive",
             _ => "publish-to-ack",
         }
     }
@@ -209,6 +218,30 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
                     1,
                 ),
             ],
+        },
+        Group {
+            id: "mqtt.qos0",
+            sides: AB,
+            steps: vec![step(
+                "mqtt.qos0",
+                "MQTT QoS 0 publish-to-receive 64 B",
+                Kind::MqttQos0,
+                n(200_000, 40_000),
+                64,
+                1024,
+            )],
+        },
+        Group {
+            id: "mqtt.qos1",
+            sides: AB,
+            steps: vec![step(
+                "mqtt.qos1",
+                "MQTT QoS 1 publish-to-receive 64 B",
+                Kind::MqttQos1,
+                n(200_000, 40_000),
+                64,
+                1024,
+            )],
         },
     ]
 }

@@ -5,6 +5,7 @@
 
 pub(crate) mod jetstream;
 pub(crate) mod kafka;
+pub(crate) mod mqtt;
 pub(crate) mod nats;
 
 use std::future::Future;
@@ -102,7 +103,10 @@ where
             let started = Instant::now();
             let fut = op(next);
             if next == 0 {
-                eprintln!("loadgen: one operation future is {} bytes", std::mem::size_of_val(&fut));
+                eprintln!(
+                    "loadgen: one operation future is {} bytes",
+                    std::mem::size_of_val(&fut)
+                );
             }
             in_flight.push(async move { fut.await.map(|()| started.elapsed()) });
             next += 1;
