@@ -115,5 +115,6 @@ async fn run(args: &ChildArgs, meter: Meter) -> Result<Outcome> {
         Kind::KafkaConsume => work::kafka::consume(&env, args, &meter).await,
         Kind::MqttQos0 => work::mqtt::pub_sub(&env, args, &meter, 0).await,
         Kind::MqttQos1 => work::mqtt::pub_sub(&env, args, &meter, 1).await,
+        Kind::ComposePublish => work::compose::publish(&env, args, &meter).await,
     }
 }

@@ -48,6 +48,9 @@ pub(crate) enum Kind {
     MqttQos0,
     /// MQTT 5 publish-to-receive at QoS 1, acked by the subscriber.
     MqttQos1,
+    /// The composed bus: `Bus::publish` (JetStream + spool, forwarded to Kafka) against the
+    /// raw Kafka producer, `window` in flight.
+    ComposePublish,
 }
 
 impl Kind {
@@ -60,6 +63,7 @@ impl Kind {
                 | Kind::KafkaProduce
                 | Kind::MqttQos0
                 | Kind::MqttQos1
+                | Kind::ComposePublish
         )
     }
 
@@ -243,8 +247,26 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
                 1024,
             )],
         },
+        Group {
+            id: "compose",
+            sides: AB,
+            steps: vec![Step {
+                throughput_target: COMPOSE_TARGET,
+                ..step(
+                    "compose.publish",
+                    "Bus publish 64 B (raw: Kafka producer)",
+                    Kind::ComposePublish,
+                    n(200_000, 30_000),
+                    64,
+                    256,
+                )
+            }],
+        },
     ]
 }
+
+/// The composed bus against the raw Kafka producer: >= 0.8 x (DESIGN.md).
+pub(crate) const COMPOSE_TARGET: f64 = 0.8;
 
 /// Prints the workloads (`loadgen list`).
 pub(crate) fn list() {
