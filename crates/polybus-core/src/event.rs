@@ -71,6 +71,21 @@ impl Event {
         }
     }
 
+    /// An event with a given id (a received one), the current time and default kind and
+    /// source; no id is generated.
+    pub(crate) fn with_id(id: String, data: impl IntoPayload) -> Self {
+        Event {
+            id,
+            source: None,
+            ts: SystemTime::now(),
+            key: None,
+            kind: Cow::Borrowed(DEFAULT_KIND),
+            data: data.into_payload(),
+            headers: Headers::new(),
+            content_type: None,
+        }
+    }
+
     /// A builder that validates what it is given when [`EventBuilder::build`] runs.
     pub fn builder() -> EventBuilder {
         EventBuilder {
