@@ -313,7 +313,15 @@ pub fn decode_event(
     for (name, values) in headers.iter() {
         let name: &str = name.as_ref();
         if has_ce_prefix(name) {
-            let attr = name[CE_PREFIX.len()..].to_ascii_lowercase();
+            // Header names are case-insensitive; polybus and most producers write lower case,
+            // so lower-case them only when needed (this runs for each attribute of each
+            // received message).
+            let attr = &name[CE_PREFIX.len()..];
+            let attr: Cow<'_, str> = if attr.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(attr.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(attr)
+            };
             for v in values {
                 let value = percent_decode(v.as_str()).map_err(|why| {
                     Error::new(ErrorKind::Codec, backend)
