@@ -50,7 +50,7 @@ pub(crate) struct RunResult {
     pub(crate) peak_rss_kib: u64,
     /// (messages done, RSS KiB) at 10 %, 20 %, ... 100 %.
     pub(crate) rss_samples: Vec<(u64, u64)>,
-    /// Least-squares RSS growth over those samples, MiB per million messages.
+    /// Least-squares RSS growth over the samples from 50 % on, MiB per million messages.
     pub(crate) rss_slope_mib_per_million: f64,
     pub(crate) notes: Vec<String>,
 }

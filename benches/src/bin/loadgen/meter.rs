@@ -108,9 +108,17 @@ pub(crate) fn rss_kib(field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// The least-squares slope of RSS over messages, as MiB per million messages, from samples
-/// taken at 10 %..100 %. Zero for fewer than three samples.
+/// The least-squares slope of RSS over messages, as MiB per million messages, from the
+/// samples of the second half of the run (50 %..100 %: buffers, allocator arenas and caches
+/// fill up in the first half; what still grows after that grows with the message count).
+/// Zero for fewer than three samples.
 pub(crate) fn slope_mib_per_million(samples: &[(u64, u64)]) -> f64 {
+    let last = samples.last().map_or(0, |&(done, _)| done);
+    let samples: Vec<(u64, u64)> = samples
+        .iter()
+        .copied()
+        .filter(|&(done, _)| done * 2 >= last)
+        .collect();
     if samples.len() < 3 {
         return 0.0;
     }
@@ -118,7 +126,7 @@ pub(crate) fn slope_mib_per_million(samples: &[(u64, u64)]) -> f64 {
     let mx = samples.iter().map(|&(x, _)| x as f64).sum::<f64>() / n;
     let my = samples.iter().map(|&(_, y)| y as f64).sum::<f64>() / n;
     let (mut sxy, mut sxx) = (0.0, 0.0);
-    for &(x, y) in samples {
+    for &(x, y) in &samples {
         let (dx, dy) = (x as f64 - mx, y as f64 - my);
         sxy += dx * dy;
         sxx += dx * dx;
@@ -138,6 +146,11 @@ mod tests {
     fn slope_of_a_line() {
         let flat: Vec<_> = (1..=10).map(|i| (i * 100_000, 50_000)).collect();
         assert_eq!(slope_mib_per_million(&flat), 0.0);
+        // Growth in the first half only does not count.
+        let warm: Vec<_> = (1..=10)
+            .map(|i| (i * 100_000, if i < 5 { 40_000 + i * 1000 } else { 50_000 }))
+            .collect();
+        assert_eq!(slope_mib_per_million(&warm), 0.0);
         // 1 KiB per 1000 messages = 1000 KiB per million = ~0.98 MiB per million.
         let growing: Vec<_> = (1..=10).map(|i| (i * 1000, 100 + i)).collect();
         let s = slope_mib_per_million(&growing);

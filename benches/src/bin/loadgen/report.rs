@@ -354,7 +354,7 @@ fn headers_table(results: &Results) -> Option<String> {
 fn memory_table(results: &Results) -> String {
     let mib = |kib: f64| kib / 1024.0;
     let mut t = String::from(
-        "| step | side | messages | peak RSS (MiB) | RSS at 10 % -> 100 % (MiB) | slope (MiB per 1M msgs) |\n\
+        "| step | side | messages | peak RSS (MiB) | RSS at 10 % -> 50 % -> 100 % (MiB) | slope 50-100 % (MiB per 1M msgs) |\n\
          |---|---|---:|---:|---:|---:|\n",
     );
     for s in &results.steps {
@@ -364,13 +364,20 @@ fn memory_table(results: &Results) -> String {
                 continue;
             }
             let peak = runs.iter().map(|(_, r)| r.peak_rss_kib).max().unwrap_or(0);
-            let first_last = |r: &RunResult| {
-                let f = r.rss_samples.first().map_or(0.0, |&(_, k)| k as f64);
-                let l = r.rss_samples.last().map_or(0.0, |&(_, k)| k as f64);
-                (f, l)
+            // RSS at the first sample, at the sample closest to half-way, and at the last.
+            let at = |r: &RunResult, which: usize| {
+                let s = &r.rss_samples;
+                let last = s.last().map_or(0, |&(d, _)| d);
+                let pick = match which {
+                    0 => s.first(),
+                    1 => s.iter().min_by_key(|&&(d, _)| (d * 2).abs_diff(last)),
+                    _ => s.last(),
+                };
+                pick.map_or(0.0, |&(_, k)| k as f64)
             };
-            let from = median(runs.iter().map(|(_, r)| first_last(r).0).collect()).unwrap_or(0.0);
-            let to = median(runs.iter().map(|(_, r)| first_last(r).1).collect()).unwrap_or(0.0);
+            let med =
+                |which| median(runs.iter().map(|(_, r)| at(r, which)).collect()).unwrap_or(0.0);
+            let (from, half, to) = (med(0), med(1), med(2));
             let slope = median(
                 runs.iter()
                     .map(|(_, r)| r.rss_slope_mib_per_million)
@@ -379,12 +386,13 @@ fn memory_table(results: &Results) -> String {
             .unwrap_or(0.0);
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {:.1} | {:.1} -> {:.1} | {:+.2} |",
+                "| {} | {} | {} | {:.1} | {:.1} -> {:.1} -> {:.1} | {:+.2} |",
                 s.id,
                 side.name(),
                 thousands(s.messages),
                 mib(peak as f64),
                 mib(from),
+                mib(half),
                 mib(to),
                 slope
             );
@@ -425,7 +433,7 @@ pub(crate) fn markdown(results: &Results, rows: &[Row]) -> String {
     }
     let _ = writeln!(
         md,
-        "\n## Memory\n\nPeak RSS (VmHWM) of the run's process; RSS sampled at each 10 % of the messages, and the least-squares slope over those samples (0 = flat).\n"
+        "\n## Memory\n\nPeak RSS (VmHWM) of the run's process (publisher and subscriber are one process where a step has both); RSS sampled at each 10 % of the messages; the least-squares slope over the samples from 50 % on, extrapolated to a million messages (0 = flat: no growth with the message count).\n"
     );
     md.push_str(&memory_table(results));
     let failures: Vec<String> = results
