@@ -85,7 +85,7 @@ fn sample(meter: &Meter, stop: &AtomicBool, total: u64) -> Vec<(u64, u64)> {
             next_decile += 1;
         }
         // Progress every 100 ms (every 4th tick) and at the end.
-        if (ticks % 4 == 0 || stopping) && done != last_report {
+        if (ticks.is_multiple_of(4) || stopping) && done != last_report {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "progress {done}");
             let _ = out.flush();

@@ -230,6 +230,8 @@ pub(crate) struct Row {
 }
 
 type Pick = fn(&RunResult) -> Option<f64>;
+/// A latency percentile row: its name, where it is in a summary, and its target.
+type Percentile = (&'static str, fn(&Summary) -> f64, Option<Target>);
 
 fn latency_of(f: fn(&Summary) -> f64) -> impl Fn(&RunResult) -> Option<f64> {
     move |r: &RunResult| r.latency.as_ref().map(f)
@@ -255,7 +257,7 @@ pub(crate) fn rows(results: &Results) -> Vec<Row> {
         if !s.kind.has_latency() {
             continue;
         }
-        let percentiles: [(&str, fn(&Summary) -> f64, Option<Target>); 3] = [
+        let percentiles: [Percentile; 3] = [
             ("p50", |l| l.p50_us, None),
             ("p99", |l| l.p99_us, Some(Target::AtMost(P99_TARGET))),
             ("p99.9", |l| l.p999_us, None),
@@ -295,7 +297,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(' ');
         }
         out.push(c);
