@@ -20,9 +20,10 @@ use crate::spec::Side;
 
 /// The durable consumer (polybus: the group) both sides consume with.
 const DURABLE: &str = "bench";
-/// polybus' default `ConsumerSettings`: max_ack_pending 1000, fetch batch 100.
+/// polybus' default `ConsumerSettings`: max_ack_pending 1000, fetch batch 100, expiry 1 s.
 const MAX_ACK_PENDING: i64 = 1000;
 const BATCH: usize = 100;
+const EXPIRY: Duration = Duration::from_secs(1);
 
 fn names(tag: &str) -> (String, String) {
     (format!("BENCH_{tag}"), format!("bench.js.{tag}"))
@@ -164,9 +165,14 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
                 )
                 .await
                 .map_err(|e| anyhow!("creating the consumer: {e}"))?;
+            // The same batch size and expiry as polybus' pull requests (100 messages, 1 s). With
+            // the client's default 30 s expiry, a pull request the server turns down (max
+            // unacknowledged reached while acks are still on their way) stalls for 30 s.
             let mut messages = consumer
                 .stream()
                 .max_messages_per_batch(BATCH)
+                .expires(EXPIRY)
+                .heartbeat(EXPIRY / 2)
                 .messages()
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
