@@ -250,9 +250,15 @@ fn ratio_panel(
     chart
         .draw_series(rows.iter().enumerate().map(|(i, r)| {
             let y = (n - 1 - i) as f64;
+            let ratio = r.ratio.unwrap_or(0.0);
+            // Right of the bar and of the target tick, whichever ends later.
+            let target = match r.target {
+                Some(Target::AtLeast(t) | Target::AtMost(t)) => t,
+                None => 0.0,
+            };
             Text::new(
-                format!("{:.3}", r.ratio.unwrap_or(0.0)),
-                (r.ratio.unwrap_or(0.0) + max * 0.01, y + 0.15),
+                format!("{ratio:.3}"),
+                (ratio.max(target) + max * 0.012, y + 0.15),
                 (FONT, 13),
             )
         }))
