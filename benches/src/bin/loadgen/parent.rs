@@ -140,7 +140,7 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
     let current = multi.add(ProgressBar::new(0));
     current.set_style(
         ProgressStyle::with_template(
-            "  {msg:40} [{bar:30}] {human_pos}/{human_len} msgs {per_sec}",
+            "  {msg:40} [{bar:30}] {human_pos}/{human_len} msgs, {elapsed} (eta {eta})",
         )
         .expect("constant template")
         .progress_chars("=> "),
