@@ -1,6 +1,7 @@
 //! The `opentelemetry` feature: with an OpenTelemetry layer installed, the publish span's
 //! context travels in `traceparent` and the delivery span continues the publisher's trace,
 //! across a forward to a second topic (what the composed bus does between NATS and Kafka).
+#![allow(clippy::await_holding_lock)] // the `serial` lock is held across awaits on purpose
 
 use futures_util::StreamExt;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
@@ -16,6 +17,7 @@ fn otel_trace_id(span: &tracing::Span) -> [u8; 16] {
 
 #[tokio::test(flavor = "current_thread")]
 async fn one_trace_from_publisher_through_a_forward_to_the_last_consumer() -> anyhow::Result<()> {
+    let _serial = serial();
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
     let subscriber = tracing_subscriber::registry()
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("polybus-test")));
@@ -71,6 +73,7 @@ async fn one_trace_from_publisher_through_a_forward_to_the_last_consumer() -> an
 
 #[tokio::test(flavor = "current_thread")]
 async fn without_an_opentelemetry_layer_polybus_ids_are_used() -> anyhow::Result<()> {
+    let _serial = serial();
     let broker = MemoryBroker::new();
     let c = broker.consumer();
     let mut s = std::pin::pin!(c.subscribe("t"));
@@ -82,4 +85,12 @@ async fn without_an_opentelemetry_layer_polybus_ids_are_used() -> anyhow::Result
     let d = s.next().await.expect("open")?;
     assert_eq!(d.trace_context(), Some(tc), "kept as it was");
     Ok(())
+}
+
+/// Tests that set a thread-local subscriber run one at a time: tracing caches each callsite's
+/// interest globally, and a callsite first hit on a thread without a subscriber while another
+/// thread installs one can stay disabled.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,6 +1,7 @@
 //! Spans and trace ids without OpenTelemetry: the publish span and the delivery span carry the
 //! OpenTelemetry messaging attributes and the same `trace_id`, and the metrics reach the
 //! installed recorder.
+#![allow(clippy::await_holding_lock)] // the `serial` lock is held across awaits on purpose
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,6 +51,7 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
 
 #[tokio::test(flavor = "current_thread")]
 async fn publish_and_delivery_spans_share_the_trace_id() -> anyhow::Result<()> {
+    let _serial = serial();
     let capture = Capture::default();
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
@@ -94,6 +96,7 @@ async fn publish_and_delivery_spans_share_the_trace_id() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn failed_publish_records_the_error_kind() -> anyhow::Result<()> {
+    let _serial = serial();
     let capture = Capture::default();
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(capture.clone()));
@@ -114,6 +117,7 @@ async fn failed_publish_records_the_error_kind() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn metrics_reach_the_recorder() -> anyhow::Result<()> {
+    let _serial = serial();
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let broker = MemoryBroker::new();
     let p = broker.publisher();
@@ -152,4 +156,12 @@ async fn metrics_reach_the_recorder() -> anyhow::Result<()> {
         "{scrape}"
     );
     Ok(())
+}
+
+/// Tests that set a thread-local subscriber run one at a time: tracing caches each callsite's
+/// interest globally, and a callsite first hit on a thread without a subscriber while another
+/// thread installs one can stay disabled.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
