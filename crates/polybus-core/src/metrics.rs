@@ -135,6 +135,12 @@ impl Instruments {
     }
 }
 
+/// Counts `n` messages dropped for a slow subscriber of `system`, for code that holds no
+/// [`Instruments`] (a connection's event handler).
+pub fn record_slow_consumer_drops(system: &'static str, n: u64) {
+    metrics::counter!(SLOW_CONSUMER_DROPS, "system" => system).increment(n);
+}
+
 /// A short stable code for `kind`, for metric labels and the span field `error.type`
 /// (`connect`, `timeout`, `closed`, `invalid_topic`, ...).
 pub fn kind_code(kind: ErrorKind) -> &'static str {

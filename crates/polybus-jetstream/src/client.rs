@@ -43,6 +43,7 @@ struct Shared {
     opts: JsOptions,
     /// Topic -> the stream covering it, once resolved.
     streams: Mutex<HashMap<String, String>>,
+    telemetry: polybus_core::telemetry::Telemetry,
 }
 
 impl Drop for Shared {
@@ -98,6 +99,7 @@ impl JetStream {
                 ctx,
                 opts,
                 streams: Mutex::default(),
+                telemetry: polybus_core::telemetry::Telemetry::new(BACKEND),
             }),
         }
     }
@@ -114,6 +116,10 @@ impl JetStream {
 
     pub(crate) fn options(&self) -> &JsOptions {
         &self.inner.opts
+    }
+
+    pub(crate) fn telemetry(&self) -> &polybus_core::telemetry::Telemetry {
+        &self.inner.telemetry
     }
 
     /// A producer sharing this connection (`close` does not close the connection).

@@ -393,7 +393,15 @@ impl JsSubscription {
             .unwrap_or((None, 1));
         let (message, acker) = msg.split();
         let mut event =
-            polybus_nats::decode_event(message.headers.as_ref(), message.payload, BACKEND)?;
+            match polybus_nats::decode_event(message.headers.as_ref(), message.payload, BACKEND) {
+                Ok(event) => event,
+                Err(e) => {
+                    // The acker drops here unsettled: the server redelivers after `ack_wait`
+                    // until `max_deliver`, as for any message the application cannot take.
+                    self.js.telemetry().decode_failed(&e);
+                    return Err(e);
+                }
+            };
         event.headers_mut().remove(MSG_ID_HEADER);
         let acker = JsAcker {
             acker: Some(acker),
@@ -405,7 +413,7 @@ impl JsSubscription {
         if let Some(seq) = sequence {
             d = d.with_sequence(seq);
         }
-        Ok(d)
+        Ok(self.js.telemetry().delivered(d))
     }
 }
 

@@ -137,6 +137,11 @@ impl JsProducer {
     }
 
     async fn publish_event(&self, topic: &str, mut event: Event) -> Result<Receipt> {
+        let scope = self.inner.js.telemetry().publish(topic, &mut event);
+        scope.run(self.publish_traced(topic, event)).await
+    }
+
+    async fn publish_traced(&self, topic: &str, mut event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
         polybus_nats::validate_publish_subject(topic, BACKEND)?;
         event.validate()?;

@@ -613,6 +613,7 @@ impl Stats {
             }
             NatsEvent::SlowConsumer(sid) => {
                 let total = self.slow_consumers.fetch_add(1, Ordering::Relaxed) + 1;
+                polybus_core::metrics::record_slow_consumer_drops("nats", 1);
                 tracing::warn!(
                     sid,
                     total,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use polybus_core::cloudevents::Mode;
+use polybus_core::telemetry::Telemetry;
 use polybus_core::{Error, Event, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
@@ -54,6 +55,7 @@ struct Inner {
     close_timeout: Duration,
     gate: Gate,
     owns_connection: bool,
+    telemetry: Telemetry,
 }
 
 impl Drop for Inner {
@@ -114,6 +116,7 @@ impl NatsProducer {
                 close_timeout: opts.close_timeout,
                 gate: Gate::default(),
                 owns_connection,
+                telemetry: Telemetry::new(BACKEND),
             }),
         }
     }
@@ -155,18 +158,30 @@ impl NatsProducer {
         timeout: Option<Duration>,
     ) -> Result<Event> {
         let _guard = self.inner.gate.enter()?;
-        let (headers, payload) = self.prepare(subject, event)?;
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(payload)
-            .timeout(timeout);
-        let reply = self
-            .inner
-            .conn
-            .client
-            .send_request(subject.to_owned(), request)
-            .await
-            .map_err(|e| error::request(e, BACKEND))?;
+        let mut event = event;
+        // A request is a publish with a reply: the same span, trace context and metrics.
+        let scope = self.inner.telemetry.publish(subject, &mut event);
+        let mut reply = None;
+        let sent = scope
+            .run(async {
+                let (headers, payload) = self.prepare(subject, event)?;
+                let request = async_nats::Request::new()
+                    .headers(headers)
+                    .payload(payload)
+                    .timeout(timeout);
+                let message = self
+                    .inner
+                    .conn
+                    .client
+                    .send_request(subject.to_owned(), request)
+                    .await
+                    .map_err(|e| error::request(e, BACKEND))?;
+                reply = Some(message);
+                Ok(Receipt::new(subject))
+            })
+            .await;
+        sent?;
+        let reply = reply.ok_or_else(|| Error::closed(BACKEND).with_message("no reply"))?;
         decode_event(reply.headers.as_ref(), reply.payload, BACKEND)
     }
 
@@ -181,7 +196,12 @@ impl NatsProducer {
         Ok((headers, payload))
     }
 
-    async fn publish_event(&self, subject: &str, event: Event) -> Result<Receipt> {
+    async fn publish_event(&self, subject: &str, mut event: Event) -> Result<Receipt> {
+        let scope = self.inner.telemetry.publish(subject, &mut event);
+        scope.run(self.publish_traced(subject, event)).await
+    }
+
+    async fn publish_traced(&self, subject: &str, event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
         let (headers, payload) = self.prepare(subject, event)?;
         self.inner
