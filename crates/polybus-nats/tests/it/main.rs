@@ -1,6 +1,7 @@
 //! Integration tests against a real nats-server (`cargo xtask test`, or
 //! `cargo test -p polybus-nats -- --include-ignored` with a server on `POLYBUS_NATS_URL`).
 
+mod binding_props;
 mod conformance;
 mod errors;
 mod interop;
