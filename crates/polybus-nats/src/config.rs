@@ -350,8 +350,15 @@ impl NatsOptions {
     #[doc(hidden)]
     pub async fn connect_for(&self, backend: &'static str) -> Result<NatsConnection> {
         let stats = Arc::new(Stats::new());
+        // Credentials in the URL are taken out of it and given to the client as options: the
+        // client logs server addresses (at debug level), and the URL must not carry them there.
+        let (urls, url_auth) = split_url_credentials(&self.url);
         let mut opts = match &self.auth {
-            Auth::None => ConnectOptions::new(),
+            Auth::None => match url_auth {
+                Some(UrlAuth::UserPassword(u, p)) => ConnectOptions::new().user_and_password(u, p),
+                Some(UrlAuth::Token(t)) => ConnectOptions::new().token(t),
+                None => ConnectOptions::new(),
+            },
             Auth::UserPassword(u, p) => {
                 ConnectOptions::new().user_and_password(u.clone(), p.clone())
             }
@@ -387,7 +394,7 @@ impl NatsOptions {
             });
         let shown = redact_url(&self.url);
         let client = opts
-            .connect(self.url.as_str())
+            .connect(urls.as_str())
             .await
             .map_err(|e| error::connect(e, backend, &shown))?;
         Ok(NatsConnection { client, stats })
@@ -420,6 +427,69 @@ impl fmt::Debug for NatsOptions {
             .field("queue_group", &self.queue_group)
             .finish()
     }
+}
+
+/// Credentials found in a server URL: `nats://user:password@host` or `nats://token@host`.
+enum UrlAuth {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// Removes the userinfo from each URL and returns the first one's credentials,
+/// percent-decoded (`nats://u:p%40ss@h` is the password `p@ss`).
+fn split_url_credentials(urls: &str) -> (String, Option<UrlAuth>) {
+    let mut auth = None;
+    let clean = urls
+        .split(',')
+        .map(|url| {
+            let url = url.trim();
+            let start = url.find("://").map_or(0, |i| i + 3);
+            let authority_end = url[start..]
+                .find(['/', '?', '#'])
+                .map_or(url.len(), |i| start + i);
+            let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
+                return url.to_owned();
+            };
+            if auth.is_none() {
+                let userinfo = &url[start..at];
+                auth = Some(match userinfo.split_once(':') {
+                    Some((u, p)) => {
+                        UrlAuth::UserPassword(percent_decode_lossy(u), percent_decode_lossy(p))
+                    }
+                    None => UrlAuth::Token(percent_decode_lossy(userinfo)),
+                });
+            }
+            format!("{}{}", &url[..start], &url[at + 1..])
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    (clean, auth)
+}
+
+/// URL percent-decoding; an invalid escape is kept as it is.
+fn percent_decode_lossy(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                // Two hex digits make a value below 256.
+                out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Replaces the userinfo of each URL (`nats://user:pass@host`) with `***`.
@@ -653,6 +723,20 @@ mod tests {
         assert!(s.contains("127.0.0.1:4222"), "{s}");
         let o = NatsOptions::new("n").nkey("SUASEED");
         assert!(!format!("{o:?}").contains("SUASEED"));
+    }
+
+    #[test]
+    fn url_credentials_are_taken_out_of_the_url() {
+        let (clean, auth) = split_url_credentials("nats://u:p%40ss@h:1/x,nats://tok@h2:2");
+        assert_eq!(clean, "nats://h:1/x,nats://h2:2");
+        assert!(matches!(auth, Some(UrlAuth::UserPassword(u, p)) if u == "u" && p == "p@ss"));
+        let (clean, auth) = split_url_credentials("tls://s3cr3t@h:1");
+        assert_eq!(clean, "tls://h:1");
+        assert!(matches!(auth, Some(UrlAuth::Token(t)) if t == "s3cr3t"));
+        let (clean, auth) = split_url_credentials("nats://127.0.0.1:4222, h2:4222");
+        assert_eq!(clean, "nats://127.0.0.1:4222,h2:4222");
+        assert!(auth.is_none());
+        assert_eq!(percent_decode_lossy("a%zz%4"), "a%zz%4");
     }
 
     #[test]

@@ -174,9 +174,17 @@ async fn python_sdk_reads_polybus_structured_mode() -> anyhow::Result<()> {
     assert_every_attribute(&v["event"]);
     let h = &v["headers"];
     assert_eq!(h["Content-Type"], "application/cloudevents+json");
-    assert!(h.get("ce-id").is_none(), "structured mode writes no ce- headers");
+    assert!(
+        h.get("ce-id").is_none(),
+        "structured mode writes no ce- headers"
+    );
     assert_eq!(h["X-Request-Id"], "r-42");
-    assert!(h["traceparent"].as_str().and_then(TraceContext::parse).is_some());
+    assert!(
+        h["traceparent"]
+            .as_str()
+            .and_then(TraceContext::parse)
+            .is_some()
+    );
     Ok(())
 }
 
