@@ -47,7 +47,7 @@ macro_rules! conformance {
             consumer_group_balance per_key_order concurrent_close flush_on_close_loses_nothing
             use_after_close_errors late_subscriber_backlog oversized_payload_rejected
             invalid_topic_rejected publish_json_sets_content_type boxed_backends_work
-            spawned_tasks_work
+            spawned_tasks_work capabilities_match_the_backend
         }
     };
 }

@@ -44,6 +44,7 @@ pub const SCENARIOS: &[&str] = &[
     "publish_json_sets_content_type",
     "boxed_backends_work",
     "spawned_tasks_work",
+    "capabilities_match_the_backend",
 ];
 
 fn not_applicable(f: &impl Fixture, scenario: &str, why: &str) -> Result<()> {
@@ -909,5 +910,24 @@ pub async fn spawned_tasks_work<F: Fixture>(f: &F) -> Result<()> {
     tokio::spawn(async move { p.publish(&t, ev).await }).await??;
     let got = consumer_task.await??;
     ensure!(got == id);
+    Ok(())
+}
+
+/// The fixture declares exactly what the library's consumers declare, so the scenarios above
+/// check the library's own `Capabilities`, not a test-only copy.
+pub async fn capabilities_match_the_backend<F: Fixture>(f: &F) -> Result<()> {
+    let declared = f.capabilities();
+    let plain = f.consumer(None).await?.capabilities();
+    ensure!(
+        plain == declared,
+        "consumer(None) declares {plain:?}, the fixture {declared:?}"
+    );
+    if declared.consumer_groups {
+        let grouped = f.consumer(Some(&f.group())).await?.capabilities();
+        ensure!(
+            grouped == declared,
+            "a group consumer declares {grouped:?}, the fixture {declared:?}"
+        );
+    }
     Ok(())
 }
