@@ -94,6 +94,7 @@ pub struct Instruments {
 impl Instruments {
     /// Registers the handles for `system` with the recorder installed now.
     pub fn new(system: &'static str) -> Self {
+        describe();
         Instruments {
             system,
             published: metrics::counter!(PUBLISHED, "system" => system),
@@ -132,6 +133,20 @@ impl Instruments {
         // Lags beyond 2^53 records lose precision in an f64; no broker is that far behind.
         #[allow(clippy::cast_precision_loss)]
         self.consumer_lag.set(records as f64);
+    }
+}
+
+/// Registers the description and unit of every metric in [`ALL`] with the installed recorder
+/// (Prometheus `# HELP` lines). [`Instruments::new`] calls it.
+pub fn describe() {
+    for (name, kind, help) in ALL {
+        let unit = name.ends_with("_seconds").then_some(metrics::Unit::Seconds);
+        match (kind, unit) {
+            ("counter", _) => metrics::describe_counter!(name, help),
+            ("gauge", _) => metrics::describe_gauge!(name, help),
+            (_, Some(unit)) => metrics::describe_histogram!(name, unit, help),
+            (_, None) => metrics::describe_histogram!(name, help),
+        }
     }
 }
 

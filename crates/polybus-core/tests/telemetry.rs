@@ -165,3 +165,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[test]
+fn every_metric_is_in_docs_metrics_md() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/METRICS.md");
+    let Ok(doc) = std::fs::read_to_string(&path) else {
+        // Outside the repository (a published crate) there is no docs/ to check.
+        return;
+    };
+    for (name, kind, _) in polybus_core::metrics::ALL {
+        let row = format!("| `{name}` | {kind} |");
+        assert!(doc.contains(&row), "docs/METRICS.md lacks the row {row}");
+    }
+}
