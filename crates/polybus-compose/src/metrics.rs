@@ -1,0 +1,33 @@
+//! Metric names, reported through the [`metrics`](https://docs.rs/metrics) facade. Install any
+//! recorder (Prometheus exporter, ...) to collect them; without one they cost next to nothing.
+
+/// Counter: events acknowledged by [`Bus::publish`](crate::Bus::publish).
+pub const PUBLISHED: &str = "polybus_compose_published_total";
+/// Counter: publishes that failed (label `kind`: the error kind).
+pub const PUBLISH_ERRORS: &str = "polybus_compose_publish_errors_total";
+/// Histogram (seconds): time from `publish` call to acknowledgement.
+pub const ACK_LATENCY: &str = "polybus_compose_ack_latency_seconds";
+/// Histogram (seconds): time of the NATS/JetStream publish alone.
+pub const NATS_LATENCY: &str = "polybus_compose_nats_latency_seconds";
+/// Counter: events written to Kafka by the forwarders.
+pub const FORWARDED: &str = "polybus_compose_forwarded_total";
+/// Histogram (seconds): time from entering the spool to the Kafka acknowledgement.
+pub const FORWARD_LATENCY: &str = "polybus_compose_forward_latency_seconds";
+/// Counter: failed forward attempts that will be retried.
+pub const RETRIES: &str = "polybus_compose_retries_total";
+/// Counter: events written to a dead-letter topic.
+pub const DEAD_LETTERS: &str = "polybus_compose_dead_letters_total";
+/// Counter: events moved back from a dead-letter topic by `redrive`.
+pub const REDRIVEN: &str = "polybus_compose_redriven_total";
+/// Counter: spooled events not forwarded because Kafka already had them (same `source`+`id`).
+pub const FORWARD_DEDUP: &str = "polybus_compose_forward_duplicates_total";
+/// Counter: deliveries dropped by the consumer-side dedup layer.
+pub const CONSUME_DEDUP: &str = "polybus_compose_consume_duplicates_total";
+/// Gauge: events in the spool.
+pub const SPOOL_DEPTH: &str = "polybus_compose_spool_depth";
+/// Counter: publishes that waited for room in a full spool (policy `block`).
+pub const SPOOL_FULL_WAITS: &str = "polybus_compose_spool_full_waits_total";
+/// Counter: publishes rejected by a full spool (policy `reject`).
+pub const SPOOL_REJECTED: &str = "polybus_compose_spool_rejected_total";
+/// Counter: switch changes applied.
+pub const SWITCH_CHANGES: &str = "polybus_compose_switch_changes_total";
