@@ -7,7 +7,6 @@ mod errors;
 mod features;
 mod kv;
 mod resilience;
-mod tracing;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {

@@ -3,6 +3,11 @@
 //! consumer (what the composed bus does between NATS and Kafka). With OpenTelemetry (the
 //! `opentelemetry` feature and an `OpenTelemetryLayer`) the spans share the trace id; without
 //! it the `traceparent` polybus writes is carried unchanged.
+//!
+//! A test binary of its own, not a module of `tests/it`: these tests install a thread-local
+//! subscriber, and tracing caches callsite interest process-wide, so a test of another module
+//! hitting polybus' callsites on another thread at the same moment can leave the spans
+//! disabled for this one (tokio-rs/tracing#2874).
 
 #![allow(clippy::await_holding_lock)] // the `serial` lock is held across awaits on purpose
 
@@ -24,7 +29,8 @@ fn otel_trace_id(span: &tracing::Span) -> [u8; 16] {
 /// Publishes on core NATS under `root`, relays the delivery to JetStream, returns both
 /// deliveries (NATS, JetStream).
 async fn nats_relay_jetstream(root: tracing::Span) -> anyhow::Result<(Delivery, Delivery)> {
-    let url = crate::nats_url();
+    let url =
+        std::env::var("POLYBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
     let id = uuid::Uuid::new_v4().simple().to_string();
     let edge = format!("polybus.test.trace.edge.{id}");
     let backbone = format!("polybus.test.trace.backbone.{id}");
@@ -34,9 +40,9 @@ async fn nats_relay_jetstream(root: tracing::Span) -> anyhow::Result<(Delivery, 
     MessageConsumer::subscribe(&mut nats_consumer, &edge).await?;
     let js = JsOptions::new(&url)
         .stream_policy(StreamPolicy::PerTopic {
-            prefix: crate::TEST_PREFIX.into(),
+            prefix: "POLYBUS_TEST_".into(),
         })
-        .stream_settings(StreamSettings::default().max_age(crate::TEST_STREAM_AGE))
+        .stream_settings(StreamSettings::default().max_age(Duration::from_secs(15 * 60)))
         .connect()
         .await?;
     let js_consumer = js.consumer(Some("trace-reader"));
