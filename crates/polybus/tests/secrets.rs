@@ -1,6 +1,7 @@
 //! Secrets never reach `Debug` output, error messages or logs: every configuration type that
-//! takes credentials is formatted with each kind of secret and checked, and a failing connect
-//! with credentials is logged at TRACE level (every crate, async-nats included) and checked.
+//! takes credentials (NatsOptions, JsOptions, KafkaConfig, MqttConfig) is formatted with each
+//! kind of secret and checked, and failing connects with credentials are logged at TRACE level
+//! (every crate, async-nats and rumqttc included) and checked.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use polybus_jetstream::JsOptions;
 use polybus_kafka::{KafkaConfig, SaslMechanism};
+use polybus_mqtt::{MqttConfig, TlsOptions};
 use polybus_nats::NatsOptions;
 
 const SECRETS: [&str; 8] = [
@@ -65,9 +67,29 @@ fn kafka_config_hides_every_credential() {
         .with_tls_client_cert("client.pem", "client.key", Some("pw-key-secret".into()))
         .set("sasl.oauthbearer.config", "clientSecret=pw-oauth-secret")
         .set("ssl.keystore.password", "pw-extra-secret")
-        .set("sasl.oauthbearer.client.secret", "pw-extra-secret");
+        .set("sasl.oauthbearer.client.secret", "pw-extra-secret")
+        .set(
+            "ssl.key.pem",
+            "-----BEGIN PRIVATE KEY-----pw-extra-secret-----END PRIVATE KEY-----",
+        );
     let shown = format!("{cfg:?} {cfg:#?}");
     assert_redacted("KafkaConfig", &shown);
+    assert!(
+        shown.contains("alice"),
+        "the user name stays visible: {shown}"
+    );
+}
+
+#[test]
+fn mqtt_config_hides_every_credential() {
+    let cfg = MqttConfig::new("127.0.0.1", 1883, "client-1")
+        .credentials("alice", "pw-user-secret")
+        .tls(TlsOptions::new().ca_pem("CA").client_auth_pem(
+            "CERT",
+            "-----BEGIN PRIVATE KEY-----pw-key-secret-----END PRIVATE KEY-----",
+        ));
+    let shown = format!("{cfg:?} {cfg:#?}");
+    assert_redacted("MqttConfig", &shown);
     assert!(
         shown.contains("alice"),
         "the user name stays visible: {shown}"
@@ -128,6 +150,12 @@ async fn failed_connects_with_credentials_log_no_secret() {
         .await
         .expect_err("nothing listens on port 1");
     errors.push_str(&format!("{e} {e:?}\n"));
+    let mqtt = MqttConfig::new("127.0.0.1", 1, "secrets-test")
+        .credentials("alice", "pw-user-secret")
+        .connect_timeout(Duration::from_millis(300));
+    if let Err(e) = mqtt.connect().await {
+        errors.push_str(&format!("{e} {e:?}\n"));
+    }
     assert_redacted("connect errors", &errors);
     let logged =
         String::from_utf8_lossy(&logs.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
