@@ -344,22 +344,29 @@ where
     pub async fn publish(&self, subject: &str, payload: impl IntoEvent) -> Result<BusReceipt> {
         let mut event = payload.into_event();
         event.set_source_if_unset(&self.inner.source);
-        let span = tracing::info_span!(
-            "polybus.compose.publish",
-            messaging.system = "polybus-compose",
-            messaging.operation = "publish",
-            messaging.destination.name = subject,
-            messaging.message.id = event.id(),
-        );
-        let result = self.publish_event(subject, event).instrument(span).await;
+        // One trace for the whole way: the trace context goes into the event before it is
+        // cloned for NATS and spooled for Kafka, so the NATS publish, the Kafka forward (in a
+        // background task, maybe after a restart) and every consumer continue it.
+        let span = polybus_core::telemetry::publish_span(BACKEND, subject, &event);
+        polybus_core::telemetry::inject(&span, &mut event);
+        let result = self
+            .publish_event(subject, event)
+            .instrument(span.clone())
+            .await;
         match &result {
             Ok(_) => {
                 Counters::add(&self.inner.counters.published, 1);
                 metrics::counter!(m::PUBLISHED).increment(1);
             }
             Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", polybus_core::metrics::kind_code(e.kind()));
                 Counters::add(&self.inner.counters.publish_errors, 1);
-                metrics::counter!(m::PUBLISH_ERRORS, "kind" => e.kind().as_str()).increment(1);
+                metrics::counter!(
+                    m::PUBLISH_ERRORS,
+                    "kind" => polybus_core::metrics::kind_code(e.kind())
+                )
+                .increment(1);
             }
         }
         result
