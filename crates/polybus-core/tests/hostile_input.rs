@@ -44,6 +44,9 @@ proptest! {
 
     #[test]
     fn structured_round_trip(id in "[a-zA-Z0-9-]{1,20}", kind in "[a-z.]{1,20}", data in proptest::collection::vec(any::<u8>(), 0..64), ext in "[a-z0-9]{1,10}") {
+        // A header named like a context attribute (`id`, `time`, ...) is no extension: it
+        // travels beside the JSON document as a broker header, not in it.
+        prop_assume!(polybus_core::cloudevents::is_extension_name(&ext));
         let ev = Event::builder().id(id).kind(kind).header(ext.clone(), "x").data(data).build().unwrap();
         let (bytes, _) = to_structured(&ev, "t").unwrap();
         let back = from_structured(&bytes, "t").unwrap();
