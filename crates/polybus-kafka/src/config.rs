@@ -197,6 +197,7 @@ impl KafkaConfig {
     /// ```
     /// use polybus_kafka::{KafkaConfig, KeyMapper};
     /// let cfg = KafkaConfig::new("localhost:9092", "g1").with_key_mapper(KeyMapper::PartitionKey);
+    /// assert!(matches!(cfg.key_mapper(), KeyMapper::PartitionKey));
     /// ```
     pub fn with_key_mapper(mut self, mapper: KeyMapper) -> Self {
         self.key_mapper = mapper;
