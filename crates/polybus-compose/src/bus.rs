@@ -405,8 +405,9 @@ where
     /// Drains and stops: new publishes fail with `Closed`, publishes in flight finish, the
     /// forwarders write what the spool holds to Kafka for up to the drain timeout (default
     /// 10 s; less if the spool empties), and what is left stays in the spool for the next
-    /// start. Then the spool is committed durably and both publishers are closed. Nothing
-    /// acknowledged is lost. Closing twice is not an error.
+    /// start. Then the spool is committed durably and both publishers are flushed and closed
+    /// (each bounded by the drain timeout, so a broker that is down does not hold `close`).
+    /// Nothing acknowledged is lost. Closing twice is not an error.
     ///
     /// # Errors
     /// The first error of the final spool commit or of closing a publisher (all are tried).
@@ -431,11 +432,34 @@ where
         }
         let left = inner.spool.depth();
         let mut first_error = inner.spool.shutdown().await.err();
+        // A broker that is down must not hold close() much past the drain timeout: what the
+        // publishers still hold is in the spool anyway.
+        let bound = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        let bounded = |what: &'static str, r: std::result::Result<Result<()>, _>| {
+            r.unwrap_or_else(|_| {
+                Err(Error::new(ErrorKind::Timeout, BACKEND)
+                    .with_message(format!("{what} did not finish within {bound:?}")))
+            })
+        };
+        let kafka_close = async {
+            inner.kafka.flush().await?;
+            inner.kafka.close().await
+        };
+        let nats_close = async {
+            inner.nats.flush().await?;
+            inner.nats.close().await
+        };
         for r in [
-            inner.kafka.flush().await,
-            inner.kafka.close().await,
-            inner.nats.flush().await,
-            inner.nats.close().await,
+            bounded(
+                "closing the Kafka publisher",
+                tokio::time::timeout(bound, kafka_close).await,
+            ),
+            bounded(
+                "closing the NATS publisher",
+                tokio::time::timeout(bound, nats_close).await,
+            ),
         ] {
             if let Err(e) = r {
                 tracing::warn!(error = %e, "closing a publisher of the bus failed");

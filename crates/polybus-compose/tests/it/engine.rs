@@ -468,3 +468,35 @@ async fn subscriptions_are_bounded_and_stop_when_dropped() -> Result<()> {
     bus.close().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn close_with_a_hanging_kafka_returns_after_the_drain_timeout_and_keeps_the_spool()
+-> Result<()> {
+    let mut env = Env::new();
+    env.track("t", "check");
+    // A producer that neither acks nor fails (librdkafka queueing during an outage).
+    env.kafka_pub = env.kafka_pub.clone().with_delay(Duration::from_secs(3600));
+    let bus = env
+        .builder()
+        .drain_timeout(Duration::from_millis(300))
+        .build()
+        .await?;
+    for i in 0..5 {
+        bus.publish("t", keyed("h", i, 2)).await?;
+    }
+    let t = std::time::Instant::now();
+    bus.close().await?;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "close took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(bus.stats().spool_depth, 5);
+    drop(bus);
+    env.kafka_pub = env.kafka_pub.clone().with_delay(Duration::ZERO);
+    let bus = env.bus().await;
+    assert!(bus.wait_forwarded(WAIT).await);
+    assert_eq!(env.drain_kafka("t", "check", 5).await?.len(), 5);
+    bus.close().await?;
+    Ok(())
+}

@@ -5,4 +5,5 @@
 mod brokers;
 mod crash;
 mod engine;
+mod observability;
 mod support;
