@@ -9,6 +9,11 @@ use crate::{
     config::{Broker, Paths, test_env},
 };
 
+/// Bootstrap servers of an Apache Kafka with transactions, for the exactly-once test.
+const TXN_BROKERS: &str = "POLYBUS_KAFKA_TXN_BROKERS";
+/// The test that needs them.
+const TXN_TEST: &str = "transaction_exactly_once_read_committed";
+
 /// Entry point for `cargo xtask test`. Leaves the brokers running afterwards.
 pub(crate) fn run(sh: &Shell, args: &[String]) -> Result<()> {
     let paths = Paths::from_env()?;
@@ -36,10 +41,20 @@ pub(crate) fn run_tests(sh: &Shell, paths: &Paths, extra: &[String]) -> Result<(
     ensure_nextest(sh)?;
     let cargo = cargo();
 
+    // The exactly-once Kafka test needs Apache Kafka (tansu has no transactions). Without one
+    // it is filtered out, so nextest counts it as skipped instead of passed.
+    let mut filter = Vec::new();
+    if std::env::var_os(TXN_BROKERS).is_none() {
+        println!(
+            "test: skipping {TXN_TEST} ({TXN_BROKERS} is not set: it needs Apache Kafka, the \
+             GitHub kafka-transactions job runs it)"
+        );
+        filter = vec!["-E".to_owned(), format!("not test({TXN_TEST})")];
+    }
     println!("test: cargo nextest run (all features, ignored tests included)");
     let nextest = cmd!(
         sh,
-        "{cargo} nextest run --workspace --all-features --run-ignored all --no-fail-fast {extra...}"
+        "{cargo} nextest run --workspace --all-features --run-ignored all --no-fail-fast {filter...} {extra...}"
     )
     .envs(env.iter().map(|(k, v)| (k, v)))
     .run();

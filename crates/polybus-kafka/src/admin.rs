@@ -5,9 +5,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use polybus_core::{Error, ErrorKind, Result};
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::sync::OnceCell;
 
 use crate::KafkaConfig;
@@ -57,7 +58,7 @@ pub fn validate_topic(topic: &str) -> Result<()> {
 ///
 /// ```no_run
 /// use polybus_kafka::{KafkaAdmin, KafkaConfig};
-/// # async fn demo() -> polybus_core::Result<()> {
+/// # #[allow(dead_code)] async fn demo() -> polybus_core::Result<()> {
 /// let admin = KafkaAdmin::new(&KafkaConfig::new("127.0.0.1:9092", "g1"))?;
 /// admin.create_topic("orders", 6, 1).await?; // fails if it exists
 /// admin.ensure_topic("orders").await?;       // fine if it exists
@@ -137,11 +138,10 @@ impl KafkaAdmin {
     /// `NotFound` if it does not exist, otherwise as [`create_topic`](Self::create_topic).
     pub async fn delete_topic(&self, topic: &str) -> Result<()> {
         validate_topic(topic)?;
-        let res = self
-            .client
-            .delete_topics(&[topic], &self.options())
-            .await
-            .map_err(|e| self.request_error(e, "deleting a topic"))?;
+        let res = match self.client.delete_topics(&[topic], &self.options()).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.request_error(e, "deleting a topic").await),
+        };
         match res.into_iter().next() {
             Some(Err((_, code))) => Err(from_code(code, format!("deleting topic {topic:?}"))),
             _ => Ok(()),
@@ -188,18 +188,14 @@ impl KafkaAdmin {
     ) -> Result<Option<RDKafkaErrorCode>> {
         validate_topic(topic)?;
         let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
-        let res = self
-            .client
-            .create_topics(&[new], &self.options())
-            .await
-            .map_err(|e| self.request_error(e, "creating a topic"))?;
+        let res = match self.client.create_topics(&[new], &self.options()).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.request_error(e, "creating a topic").await),
+        };
         Ok(match res.into_iter().next() {
             Some(Err((_, code))) => match code {
                 RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut => {
-                    return Err(timeout_connect(
-                        self.cfg.brokers(),
-                        self.cfg.connect_timeout(),
-                    ));
+                    return Err(self.unreachable().await);
                 }
                 other => Some(other),
             },
@@ -207,14 +203,78 @@ impl KafkaAdmin {
         })
     }
 
-    fn request_error(&self, e: rdkafka::error::KafkaError, what: &str) -> Error {
+    async fn request_error(&self, e: KafkaError, what: &str) -> Error {
         match code_of(&e).map(kind_of_code) {
-            Some(ErrorKind::Timeout | ErrorKind::Connect) => {
-                timeout_connect(self.cfg.brokers(), self.cfg.connect_timeout())
-            }
+            Some(ErrorKind::Timeout | ErrorKind::Connect) => self.unreachable().await,
             _ => from_kafka(e, what.to_owned()),
         }
     }
+
+    /// No answer in time: `Unauthorized` if a short probe sees librdkafka refuse the
+    /// credentials (only tried when SASL is configured), `Connect` otherwise.
+    async fn unreachable(&self) -> Error {
+        let connect = timeout_connect(self.cfg.brokers(), self.cfg.connect_timeout());
+        if !self.cfg.uses_sasl() {
+            return connect;
+        }
+        let config = self.cfg.admin_client_config();
+        let probe = blocking(move || Ok(probe_auth_failure(&config, Duration::from_secs(3)))).await;
+        match probe {
+            Ok(Some(reason)) => Error::new(ErrorKind::Unauthorized, BACKEND).with_message(format!(
+                "the broker at {} refused the credentials: {reason}",
+                self.cfg.brokers()
+            )),
+            _ => connect,
+        }
+    }
+}
+
+/// Collects what librdkafka reports while a throwaway producer connects.
+#[derive(Default)]
+struct ProbeCtx {
+    auth_failure: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for ProbeCtx {
+    fn log(&self, _: rdkafka::config::RDKafkaLogLevel, _: &str, _: &str) {}
+    fn error(&self, error: KafkaError, reason: &str) {
+        if code_of(&error).map(kind_of_code) == Some(ErrorKind::Unauthorized)
+            && let Ok(mut a) = self.auth_failure.lock()
+        {
+            *a = Some(reason.to_owned());
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ProbeCtx {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
+}
+
+/// Connects a throwaway producer with `config` for up to `wait` and returns the reason of an
+/// authentication failure, if librdkafka reports one.
+fn probe_auth_failure(config: &rdkafka::ClientConfig, wait: Duration) -> Option<String> {
+    use rdkafka::producer::Producer as _;
+    let producer: rdkafka::producer::BaseProducer<ProbeCtx> =
+        config.create_with_context(ProbeCtx::default()).ok()?;
+    let deadline = std::time::Instant::now() + wait;
+    // Ask for metadata so a connection (and the SASL handshake) starts.
+    let _ = producer
+        .client()
+        .fetch_metadata(None, Duration::from_millis(500));
+    while std::time::Instant::now() < deadline {
+        producer.poll(Duration::from_millis(100));
+        if let Some(reason) = producer
+            .context()
+            .auth_failure
+            .lock()
+            .ok()
+            .and_then(|a| a.clone())
+        {
+            return Some(reason);
+        }
+    }
+    None
 }
 
 fn timeout_connect(brokers: &str, timeout: Duration) -> Error {
@@ -223,7 +283,7 @@ fn timeout_connect(brokers: &str, timeout: Duration) -> Error {
     ))
 }
 
-fn connect_error(e: rdkafka::error::KafkaError, brokers: &str, timeout: Duration) -> Error {
+fn connect_error(e: KafkaError, brokers: &str, timeout: Duration) -> Error {
     match code_of(&e).map(kind_of_code) {
         Some(ErrorKind::Timeout | ErrorKind::Connect) | None => {
             timeout_connect(brokers, timeout).with_source(e)

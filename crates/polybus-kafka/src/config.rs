@@ -329,6 +329,12 @@ impl KafkaConfig {
     pub fn transactional_id(&self) -> Option<&str> {
         self.transactional_id.as_deref()
     }
+    pub(crate) fn uses_sasl(&self) -> bool {
+        self.sasl.is_some()
+            || self.extra.iter().any(|(k, v)| {
+                k == "security.protocol" && v.to_ascii_uppercase().starts_with("SASL")
+            })
+    }
     pub(crate) fn source(&self) -> Option<&Cow<'static, str>> {
         self.source.as_ref()
     }

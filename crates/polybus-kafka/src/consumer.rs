@@ -143,8 +143,10 @@ impl ClientContext for Ctx {}
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            // Commit what was acknowledged before the partitions go to another member.
-            if let Err(e) = base.commit_consumer_state(CommitMode::Sync) {
+            // Commit what was acknowledged before the partitions go to another member. Async:
+            // this callback runs on the thread polling the consumer (an async worker), and
+            // librdkafka also commits stored offsets on unassign when auto-commit is on.
+            if let Err(e) = base.commit_consumer_state(CommitMode::Async) {
                 tracing::debug!(target: "polybus_kafka", "commit on revoke: {e}");
             }
             if let Ok(mut t) = self.tracker.lock() {
@@ -622,7 +624,7 @@ async fn lag(core: Arc<Core>) -> Result<Vec<PartitionLag>> {
 /// ```no_run
 /// use polybus_core::mq::{MessageConsumer, MessageProducer};
 /// use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
-/// # async fn demo() -> anyhow::Result<()> {
+/// # #[allow(dead_code)] async fn demo() -> anyhow::Result<()> {
 /// let cfg = KafkaConfig::new("localhost:9092", "g1")
 ///     .with_idempotent_producer(true)
 ///     .with_auto_offset_reset("earliest");

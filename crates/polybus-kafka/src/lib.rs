@@ -29,6 +29,39 @@
 //! msg.ack().await?;
 //! # Ok(()) }
 //! ```
+//!
+//! # Delivery semantics
+//!
+//! | | |
+//! |---|---|
+//! | publish | idempotent producer (no duplicates or reordering from retries), acknowledged by the partition leader; a full local queue makes `publish` wait, never drop |
+//! | consume | at-least-once: an offset is committed only once every earlier delivered record of its partition was acked (or termed) |
+//! | nack | local redelivery after the delay, with `delivery_count` + 1; the offset stays uncommitted meanwhile, so a crash or rebalance also redelivers it |
+//! | term | Kafka cannot delete a record: commits past it like `ack` |
+//! | dropped unsettled delivery | handed back to the subscription and redelivered (best effort); [`CAPABILITIES`] still says `redelivery_on_drop = false` because a record acked *after* an unsettled one on the same partition is redelivered too after a restart (Kafka commits one offset per partition) |
+//! | order | per partition, so per key; a nacked record comes back after later ones |
+//! | groups | durable consumer groups; a new group starts at `auto.offset.reset` (`earliest` by default here) |
+//! | rebalance | acked offsets are committed on revoke; settling a revoked partition's delivery is a no-op; the new owner resumes from the committed offset |
+//!
+//! # Topics
+//!
+//! tansu does not create topics on first use, so producers and consumers create a missing
+//! topic (3 partitions, replication 1 by default; [`KafkaConfig::with_create_topics`] turns it
+//! off). Topic names are checked first: `[a-zA-Z0-9._-]`, at most 249 characters, not `.` or
+//! `..` ([`ErrorKind::InvalidTopic`](polybus_core::ErrorKind::InvalidTopic)). The topic check
+//! doubles as the connection check: no broker within the connect timeout gives
+//! [`ErrorKind::Connect`](polybus_core::ErrorKind::Connect), refused SASL credentials
+//! [`ErrorKind::Unauthorized`](polybus_core::ErrorKind::Unauthorized).
+//!
+//! # Transactions
+//!
+//! tansu has no transaction support. The transaction code path is tested against
+//! librdkafka's `MockCluster` (`rdkafka::mocking`), which answers the transaction API but
+//! writes no transaction markers and does not apply transactional offset commits, so it
+//! proves the API flow only. Exactly-once semantics (read_committed isolation, offsets
+//! committed with the outputs) are verified only against Apache Kafka, by the
+//! `transaction_exactly_once_read_committed` test, which runs when `POLYBUS_KAFKA_TXN_BROKERS`
+//! is set (the GitHub workflow's apache/kafka service) and is `#[ignore]`d otherwise.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 

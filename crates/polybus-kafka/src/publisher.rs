@@ -44,7 +44,7 @@ pub const CAPABILITIES: Capabilities = Capabilities::NONE
 /// ```no_run
 /// use polybus_core::mq::MessageProducer;
 /// use polybus_kafka::{KafkaConfig, KafkaProducer};
-/// # async fn demo() -> anyhow::Result<()> {
+/// # #[allow(dead_code)] async fn demo() -> anyhow::Result<()> {
 /// let producer = KafkaProducer::new_with_config(&KafkaConfig::new("127.0.0.1:9092", "g1"))?;
 /// let receipt = producer.send("t", b"hello").await?;
 /// println!("partition {:?} offset {:?}", receipt.partition(), receipt.sequence());

@@ -31,7 +31,7 @@ use crate::{KafkaConfig, KafkaConsumer, KafkaProducer};
 /// use polybus_core::Event;
 /// use polybus_core::mq::MessageConsumer;
 /// use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaTransactionalProducer};
-/// # async fn demo() -> anyhow::Result<()> {
+/// # #[allow(dead_code)] async fn demo() -> anyhow::Result<()> {
 /// let cfg = KafkaConfig::new("127.0.0.1:9092", "enricher")
 ///     .with_transactional_id("enricher-1")
 ///     .with_auto_commit(false);

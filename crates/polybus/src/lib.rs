@@ -9,6 +9,8 @@
 //! | `nats` (alias `mq-nats`) | [`nats`], seed path `nats_client` | `polybus-nats` |
 //! | `jetstream` | [`jetstream`], seed path `nats_client::jetstream` | `polybus-jetstream` |
 //! | `kafka` (alias `mq-kafka`) | [`kafka`], seed path `kafka_client` | `polybus-kafka` |
+//! | `mqtt` (alias `mq-mqtt`) | [`mqtt`], seed path `mqtt_client` | `polybus-mqtt` |
+//! | `compose` | [`compose`] (`Bus`) | `polybus-compose` |
 //! | `full` | all of the above | |
 //!
 //! [`connect`] picks a backend from a URL at run time and hands back erased
@@ -35,6 +37,18 @@ pub use polybus_jetstream as jetstream;
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub use polybus_kafka as kafka;
+
+/// MQTT 3.1.1 and 5 (`polybus-mqtt`).
+#[cfg(feature = "mqtt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mqtt")))]
+pub use polybus_mqtt as mqtt;
+
+/// The seed's MQTT module path: `polybus::mqtt_client::{MqttProducer, MqttConsumer}`.
+#[cfg(feature = "mqtt")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mqtt")))]
+pub mod mqtt_client {
+    pub use polybus_mqtt::{MqttClient, MqttConfig, MqttConsumer, MqttProducer, QoS};
+}
 
 /// The composed bus (`polybus-compose`): `polybus::compose::Bus::builder()`.
 #[cfg(feature = "compose")]

@@ -11,6 +11,7 @@ use polybus_core::{
 /// | `memory://` | a new [`MemoryBroker`] | always |
 /// | `nats://host:4222?group=workers` | core NATS; `group` is the queue group | `nats` |
 /// | `jetstream://host:4222?group=g1` | JetStream; a stream per topic is created on first use; `group` is the durable consumer | `jetstream` |
+/// | `mqtt://host:1883?client_id=c1&group=g1` | MQTT 5; `group` makes shared subscriptions (`$share/g1/...`); a random client id by default | `mqtt` |
 /// | `kafka://host:9092?group=g1&offset=earliest` | Kafka; `group` is the consumer group (default `polybus`) | `kafka` |
 ///
 /// ```
@@ -73,6 +74,28 @@ pub async fn connect(url: &str) -> Result<(BoxPublisher, BoxConsumer)> {
             let publisher = polybus_kafka::KafkaProducer::new_with_config(&cfg)?;
             let consumer = polybus_kafka::KafkaConsumer::new(&cfg)?;
             Ok((publisher.boxed(), BoxConsumer::new(consumer)))
+        }
+        #[cfg(feature = "mqtt")]
+        "mqtt" => {
+            let (host, port) = match parsed.authority.rsplit_once(':') {
+                Some((h, p)) => (
+                    h,
+                    p.parse().map_err(|_| {
+                        Error::new(ErrorKind::Connect, "polybus")
+                            .with_message(format!("bad port in {url:?}"))
+                    })?,
+                ),
+                None => (parsed.authority, 1883),
+            };
+            let client_id = parsed
+                .param("client_id")
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("polybus-{}", polybus_core::new_id()));
+            let client = polybus_mqtt::MqttConfig::new(host, port, client_id)
+                .connect()
+                .await?;
+            let consumer = client.subscriber(parsed.param("group"));
+            Ok((client.producer().boxed(), BoxConsumer::new(consumer)))
         }
         other => Err(Error::unsupported(
             "polybus",

@@ -4,4 +4,7 @@
 
 mod common;
 mod conformance;
+mod errors;
+mod interop;
+mod resilience;
 mod transactions;

@@ -1,0 +1,274 @@
+//! Event <-> MQTT PUBLISH, following the CloudEvents MQTT protocol binding.
+//!
+//! * MQTT 5, binary mode (default): every CloudEvents attribute except `datacontenttype`
+//!   becomes a User Property named exactly like the attribute (`specversion`, `id`, `source`,
+//!   `type`, `time`, `partitionkey`, extensions); `datacontenttype` is the Content Type
+//!   property; plain headers are further User Properties; the payload is the event data.
+//! * MQTT 5, structured mode: the payload is the JSON event format, Content Type
+//!   `application/cloudevents+json`; plain headers are User Properties.
+//! * MQTT 3.1.1: always structured JSON (3.1.1 has no properties). Headers that are not legal
+//!   extension attributes cannot travel and are refused with [`ErrorKind::InvalidHeader`];
+//!   `traceparent`/`tracestate` are carried as extension attributes.
+//!
+//! On receive the mode is detected: a Content Type starting with `application/cloudevents`
+//! means structured; otherwise the User Properties are read as binary mode. A message without
+//! properties whose payload is a JSON object with `specversion` (an MQTT 3.1.1 publisher) is
+//! read as structured. Anything else is a raw message: a plain event around the payload.
+
+use bytes::Bytes;
+use polybus_core::cloudevents::{self, BinaryDecoder, Mode, PLAIN_HEADERS};
+use polybus_core::{Error, ErrorKind, Event, Result};
+use serde_json::Value;
+
+use crate::BACKEND;
+use crate::config::Protocol;
+
+/// What an event becomes on the wire.
+#[derive(Debug)]
+pub(crate) struct Encoded {
+    pub(crate) payload: Bytes,
+    pub(crate) user_properties: Vec<(String, String)>,
+    pub(crate) content_type: Option<String>,
+}
+
+/// Encodes `ev` for `protocol` in `mode`. The payload is not copied in binary mode.
+pub(crate) fn encode(ev: &Event, protocol: Protocol, mode: Mode) -> Result<Encoded> {
+    match (protocol, mode) {
+        (Protocol::V5, Mode::Binary) => {
+            let mut props = Vec::with_capacity(6 + ev.headers().len());
+            let mut plain = Vec::new();
+            let mut content_type = None;
+            cloudevents::write_binary(
+                ev,
+                |name, value| {
+                    if name == "datacontenttype" {
+                        content_type = Some(value.to_owned());
+                    } else {
+                        props.push((name.to_owned(), value.to_owned()));
+                    }
+                },
+                |name, value| plain.push((name.to_owned(), value.to_owned())),
+            );
+            props.append(&mut plain);
+            Ok(Encoded {
+                payload: ev.data().clone(),
+                user_properties: props,
+                content_type,
+            })
+        }
+        (Protocol::V5, _) => {
+            let (json, plain) = cloudevents::to_structured(ev, BACKEND)?;
+            Ok(Encoded {
+                payload: Bytes::from(json),
+                user_properties: plain
+                    .into_iter()
+                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                    .collect(),
+                content_type: Some(cloudevents::STRUCTURED_CONTENT_TYPE.to_owned()),
+            })
+        }
+        (Protocol::V311, _) => {
+            let (json, plain) = cloudevents::to_structured(ev, BACKEND)?;
+            if plain.is_empty() {
+                return Ok(Encoded {
+                    payload: Bytes::from(json),
+                    user_properties: Vec::new(),
+                    content_type: None,
+                });
+            }
+            if let Some((name, _)) = plain.iter().find(|(n, _)| !PLAIN_HEADERS.contains(n)) {
+                return Err(
+                    Error::new(ErrorKind::InvalidHeader, BACKEND).with_message(format!(
+                        "MQTT 3.1.1 has no headers: {name:?} is not a CloudEvents extension name \
+                     (lowercase letters and digits, at most 20), so it cannot travel; use MQTT 5"
+                    )),
+                );
+            }
+            let mut obj: serde_json::Map<String, Value> = serde_json::from_slice(&json)
+                .map_err(|e| Error::new(ErrorKind::Codec, BACKEND).with_source(e))?;
+            for (name, value) in plain {
+                obj.insert(name.to_owned(), Value::String(value.to_owned()));
+            }
+            let json = serde_json::to_vec(&Value::Object(obj))
+                .map_err(|e| Error::new(ErrorKind::Codec, BACKEND).with_source(e))?;
+            Ok(Encoded {
+                payload: Bytes::from(json),
+                user_properties: Vec::new(),
+                content_type: None,
+            })
+        }
+    }
+}
+
+/// Decodes a received PUBLISH into an event.
+pub(crate) fn decode(
+    payload: &Bytes,
+    user_properties: &[(String, String)],
+    content_type: Option<&str>,
+) -> Result<Event> {
+    // A CloudEvents media type other than JSON (for example Avro) is an event format we
+    // cannot read: the binding allows treating it as binary mode and passing it on as it is.
+    if let Some(ct) = content_type
+        && ct
+            .trim_start()
+            .to_ascii_lowercase()
+            .starts_with("application/cloudevents")
+        && (cloudevents::is_structured_content_type(ct) || ct.contains("+json"))
+    {
+        let mut ev = cloudevents::from_structured(payload, BACKEND)?;
+        for (name, value) in user_properties {
+            if !ev.headers().contains(name) {
+                ev.headers_mut()
+                    .append_unchecked(name.clone(), value.clone());
+            }
+        }
+        return Ok(ev);
+    }
+    let has_specversion = user_properties.iter().any(|(n, _)| n == "specversion");
+    if !has_specversion
+        && content_type.is_none()
+        && user_properties.is_empty()
+        && looks_structured(payload)
+    {
+        return cloudevents::from_structured(payload, BACKEND);
+    }
+    let mut dec = BinaryDecoder::new();
+    for (name, value) in user_properties {
+        dec.attribute(name, value.clone());
+    }
+    if let Some(ct) = content_type {
+        dec.content_type(ct);
+    }
+    dec.finish(payload.clone(), BACKEND)
+}
+
+/// A JSON object with a `specversion` member: what an MQTT 3.1.1 CloudEvents publisher sends.
+fn looks_structured(payload: &[u8]) -> bool {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return false;
+    }
+    matches!(serde_json::from_slice::<Value>(payload), Ok(Value::Object(o)) if o.contains_key("specversion"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        Event::builder()
+            .source("urn:t")
+            .kind("k")
+            .key("key-1")
+            .content_type("text/plain")
+            .header("tenant", "eu")
+            .header("X-Request-Id", "r1")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .data("hello")
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn v5_binary_uses_unprefixed_user_properties_and_content_type() {
+        let ev = sample();
+        let enc = encode(&ev, Protocol::V5, Mode::Binary).unwrap();
+        assert_eq!(
+            enc.payload.as_ptr(),
+            ev.data().as_ptr(),
+            "payload not copied"
+        );
+        assert_eq!(enc.content_type.as_deref(), Some("text/plain"));
+        let names: Vec<&str> = enc
+            .user_properties
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect();
+        for n in [
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "time",
+            "partitionkey",
+            "tenant",
+            "X-Request-Id",
+            "traceparent",
+        ] {
+            assert!(names.contains(&n), "{n} missing from {names:?}");
+        }
+        assert!(!names.contains(&"datacontenttype"));
+        let back = decode(
+            &enc.payload,
+            &enc.user_properties,
+            enc.content_type.as_deref(),
+        )
+        .unwrap();
+        assert_eq!(back.id(), ev.id());
+        assert_eq!(back.source(), "urn:t");
+        assert_eq!(back.key(), Some(&b"key-1"[..]));
+        assert_eq!(back.content_type(), Some("text/plain"));
+        assert_eq!(back.headers().get("x-request-id"), Some("r1"));
+        assert_eq!(back.headers().get("tenant"), Some("eu"));
+    }
+
+    #[test]
+    fn v5_structured_round_trip() {
+        let ev = sample();
+        let enc = encode(&ev, Protocol::V5, Mode::Structured).unwrap();
+        assert_eq!(
+            enc.content_type.as_deref(),
+            Some("application/cloudevents+json")
+        );
+        let back = decode(
+            &enc.payload,
+            &enc.user_properties,
+            enc.content_type.as_deref(),
+        )
+        .unwrap();
+        assert_eq!(back.id(), ev.id());
+        assert_eq!(back.data(), ev.data());
+        assert_eq!(back.headers().get("X-Request-Id"), Some("r1"));
+    }
+
+    #[test]
+    fn v311_is_structured_and_refuses_plain_headers() {
+        let err = encode(&sample(), Protocol::V311, Mode::Binary).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidHeader);
+        let ev = Event::builder()
+            .header("tenant", "eu")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .data("x")
+            .build()
+            .unwrap();
+        let enc = encode(&ev, Protocol::V311, Mode::Binary).unwrap();
+        assert!(enc.user_properties.is_empty() && enc.content_type.is_none());
+        let back = decode(&enc.payload, &[], None).unwrap();
+        assert_eq!(back.id(), ev.id());
+        assert_eq!(back.headers().get("tenant"), Some("eu"));
+        assert!(back.headers().get("traceparent").is_some());
+    }
+
+    #[test]
+    fn raw_messages_are_plain_events() {
+        let raw = Bytes::from_static(b"{\"temp\": 21}");
+        let ev = decode(&raw, &[("k".into(), "v".into())], None).unwrap();
+        assert_eq!(ev.data(), &raw);
+        assert_eq!(ev.headers().get("k"), Some("v"));
+        let ev = decode(&raw, &[], None).unwrap();
+        assert_eq!(ev.data(), &raw);
+    }
+
+    #[test]
+    fn a_bad_structured_event_is_a_codec_error() {
+        let bad = Bytes::from_static(b"{\"specversion\":\"1.0\"}");
+        let e = decode(&bad, &[], Some("application/cloudevents+json")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Codec);
+    }
+}
