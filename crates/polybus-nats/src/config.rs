@@ -591,6 +591,25 @@ impl NatsConnection {
             .await
     }
 
+    /// [`publish_refused`](Self::publish_refused) for any subject that starts with `prefix`
+    /// (for example `$JS.API.`).
+    #[doc(hidden)]
+    pub async fn publish_refused_under(
+        &self,
+        prefix: &str,
+        since: u64,
+        backend: &'static str,
+    ) -> Error {
+        self.stats
+            .violations
+            .wait(
+                since,
+                |op, s| op == Op::Publish && s.starts_with(prefix),
+                backend,
+            )
+            .await
+    }
+
     /// Fails with `Unauthorized` if the server refused an earlier publish to `subject` and
     /// that was not reported yet.
     pub(crate) fn earlier_publish_refused(
