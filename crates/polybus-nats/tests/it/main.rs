@@ -3,9 +3,10 @@
 
 mod conformance;
 mod errors;
+mod hostile;
 mod interop;
 mod resilience;
-mod tls;
+mod security;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {
