@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use polybus::{Consumer, Event};
 use polybus::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+use polybus::{Consumer, Event};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

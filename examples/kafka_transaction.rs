@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use polybus::Event;
-use polybus::mq::MessageConsumer;
 use polybus::kafka::rdkafka::mocking::MockCluster;
 use polybus::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, KafkaTransactionalProducer};
+use polybus::mq::MessageConsumer;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
