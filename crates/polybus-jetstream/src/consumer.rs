@@ -65,8 +65,10 @@ pub const CAPABILITIES: Capabilities = Capabilities::NONE
 /// than `max_ack_pending` unsettled deliveries per consumer. A delivery dropped unsettled is
 /// nak'ed; messages pulled but not yet handed out when a subscription is dropped are nak'ed
 /// too, so they return quickly to the other members of the group. Acks are sent without
-/// waiting for the server unless [`ConsumerSettings::confirm_acks`](crate::ConsumerSettings)
-/// is set.
+/// waiting for the server (like async-nats's `ack`) unless
+/// [`ConsumerSettings::confirm_acks`](crate::ConsumerSettings) is set: a process about to exit
+/// calls [`close`](Self::close), which drains the connection so queued acks reach the server.
+/// An ack lost otherwise means a redelivery, never a lost message.
 ///
 /// ```no_run
 /// use polybus_jetstream::{JsConsumer, JsProducer};

@@ -412,6 +412,13 @@ impl KafkaConfig {
                 k == "security.protocol" && v.to_ascii_uppercase().starts_with("SASL")
             })
     }
+    pub(crate) fn uses_tls(&self) -> bool {
+        self.tls.enabled
+            || self
+                .extra
+                .iter()
+                .any(|(k, v)| k == "security.protocol" && v.to_ascii_uppercase().ends_with("SSL"))
+    }
     pub(crate) fn source(&self) -> Option<&Cow<'static, str>> {
         self.source.as_ref()
     }

@@ -13,6 +13,7 @@ use polybus_core::{Error, ErrorKind, Result};
 use tokio::sync::watch;
 
 use crate::error;
+use crate::permissions::{self, Op, Violations};
 use crate::{NatsConsumer, NatsProducer};
 
 /// How to connect to NATS and how to write events: by-value builder ending in
@@ -52,6 +53,7 @@ pub struct NatsOptions {
     subscription_capacity: usize,
     max_reconnects: Option<usize>,
     pub(crate) queue_group: Option<String>,
+    pub(crate) check_publish_permissions: bool,
 }
 
 #[derive(Clone)]
@@ -84,6 +86,7 @@ impl NatsOptions {
             subscription_capacity: 64 * 1024,
             max_reconnects: None,
             queue_group: None,
+            check_publish_permissions: false,
         }
     }
 
@@ -301,6 +304,30 @@ impl NatsOptions {
         self
     }
 
+    /// Confirms every publish with a round trip through the server, so that a publish the
+    /// server refuses for lack of permission fails with
+    /// [`ErrorKind::Unauthorized`] on that very call. Costs one round trip per publish; off by
+    /// default.
+    ///
+    /// Core NATS does not answer a publish: a refused one is dropped by the server, which
+    /// sends an asynchronous `-ERR 'Permissions Violation for Publish to "subject"'`. Without
+    /// this option polybus reports that error on the next publish to the same subject and on
+    /// the next `flush`. Subscriptions are always confirmed this way.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _p = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222")
+    ///     .user_password("app", "s3cret")
+    ///     .check_publish_permissions(true)
+    ///     .producer()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn check_publish_permissions(mut self, on: bool) -> Self {
+        self.check_publish_permissions = on;
+        self
+    }
+
     /// The default event source set with [`source`](Self::source).
     pub fn default_source(&self) -> Option<&Cow<'static, str>> {
         self.source.as_ref()
@@ -425,6 +452,7 @@ impl fmt::Debug for NatsOptions {
             .field("subscription_capacity", &self.subscription_capacity)
             .field("max_reconnects", &self.max_reconnects)
             .field("queue_group", &self.queue_group)
+            .field("check_publish_permissions", &self.check_publish_permissions)
             .finish()
     }
 }
@@ -577,12 +605,145 @@ impl NatsConnection {
     #[doc(hidden)]
     pub async fn round_trip_for(&self, backend: &'static str) -> Result<()> {
         use async_nats::client::RequestErrorKind;
+        let since = self.stats.violations.mark();
         let subject = self.client.new_inbox();
-        match self.client.request(subject, bytes::Bytes::new()).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
-            Err(e) => Err(error::request(e, backend)),
+        // A user without permission on the inbox subjects would never get the answer: the
+        // server's violation ends the wait instead of the request timeout.
+        let inbox = subject
+            .rsplit_once('.')
+            .map_or_else(|| subject.clone(), |(prefix, _)| format!("{prefix}."));
+        let refused = std::pin::pin!(self.stats.violations.wait(
+            since,
+            |_, s| s == subject || s.starts_with(&inbox),
+            backend,
+        ));
+        let answer = std::pin::pin!(self.client.request(subject.clone(), bytes::Bytes::new()));
+        match futures_util::future::select(answer, refused).await {
+            futures_util::future::Either::Left((answer, _)) => match answer {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+                Err(e) => Err(error::request(e, backend)),
+            },
+            futures_util::future::Either::Right((e, _)) => {
+                Err(
+                    Error::new(ErrorKind::Unauthorized, backend).with_message(format!(
+                        "polybus confirms subscriptions and flushes with a request to an unused \
+                     inbox subject, and the server refused it: grant this user publish and \
+                     subscribe permission on \"_INBOX.>\" ({})",
+                        e.message().unwrap_or_default()
+                    )),
+                )
+            }
         }
+    }
+
+    /// Permission violations the server reported on this connection so far (each is also
+    /// logged with `tracing::warn!` and reported to the call it belongs to, see
+    /// [`NatsOptions::check_publish_permissions`]).
+    pub fn permission_violations(&self) -> u64 {
+        self.stats.violations.mark()
+    }
+
+    /// A mark to pass to [`publish_refused`](Self::publish_refused).
+    #[doc(hidden)]
+    pub fn violation_mark(&self) -> u64 {
+        self.stats.violations.mark()
+    }
+
+    /// Resolves with an `Unauthorized` error once the server reports (after `since`) that a
+    /// publish to `subject` was refused; never resolves otherwise. For racing an
+    /// acknowledgement that will not come (JetStream).
+    #[doc(hidden)]
+    pub async fn publish_refused(&self, subject: &str, since: u64, backend: &'static str) -> Error {
+        self.stats
+            .violations
+            .wait(since, |op, s| op == Op::Publish && s == subject, backend)
+            .await
+    }
+
+    /// [`publish_refused`](Self::publish_refused) for any subject that starts with `prefix`
+    /// (for example `$JS.API.`).
+    #[doc(hidden)]
+    pub async fn publish_refused_under(
+        &self,
+        prefix: &str,
+        since: u64,
+        backend: &'static str,
+    ) -> Error {
+        self.stats
+            .violations
+            .wait(
+                since,
+                |op, s| op == Op::Publish && s.starts_with(prefix),
+                backend,
+            )
+            .await
+    }
+
+    /// Fails with `Unauthorized` if the server refused an earlier publish to `subject` and
+    /// that was not reported yet.
+    pub(crate) fn earlier_publish_refused(
+        &self,
+        subject: &str,
+        backend: &'static str,
+    ) -> Result<()> {
+        match self
+            .stats
+            .violations
+            .take_for(Op::Publish, subject, 0, backend)
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A round trip through the server, then fails with `Unauthorized` for any publish the
+    /// server refused and that was not reported yet (waiting briefly for a late one).
+    pub(crate) async fn confirm_publishes(&self, backend: &'static str) -> Result<()> {
+        self.round_trip_for(backend).await?;
+        if let Some(e) = self.stats.violations.take_publishes(backend) {
+            return Err(e);
+        }
+        let late = self
+            .stats
+            .violations
+            .wait(0, |op, _| op == Op::Publish, backend);
+        match tokio::time::timeout(permissions::GRACE, late).await {
+            Ok(e) => Err(e),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A round trip through the server, then fails with `Unauthorized` if the server refused
+    /// `op` on `subject` since `since`. Waits for a late violation only when the server
+    /// requires authentication (without it there are no permissions).
+    pub(crate) async fn confirm(
+        &self,
+        op: Op,
+        subject: &str,
+        since: u64,
+        backend: &'static str,
+    ) -> Result<()> {
+        self.round_trip_for(backend).await?;
+        let grace = if self.client.server_info().auth_required {
+            permissions::GRACE
+        } else {
+            std::time::Duration::ZERO
+        };
+        match self
+            .stats
+            .violations
+            .check(op, subject, since, grace, backend)
+            .await
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the server requires authentication (from its `INFO`).
+    pub(crate) fn auth_required(&self) -> bool {
+        self.client.server_info().auth_required
     }
 
     /// Flushes, then drains the connection (subscriptions get what is in flight, then end) and
@@ -648,6 +809,7 @@ struct Stats {
     server_errors: AtomicU64,
     closed: watch::Sender<bool>,
     observed: bool,
+    violations: Violations,
 }
 
 impl Stats {
@@ -659,6 +821,7 @@ impl Stats {
             server_errors: AtomicU64::new(0),
             closed: watch::Sender::new(false),
             observed: true,
+            violations: Violations::default(),
         }
     }
 
@@ -692,6 +855,9 @@ impl Stats {
             }
             NatsEvent::ServerError(e) => {
                 self.server_errors.fetch_add(1, Ordering::Relaxed);
+                if let async_nats::ServerError::Other(text) = &e {
+                    self.violations.record(text);
+                }
                 tracing::warn!(error = %e, "nats: server error");
             }
             NatsEvent::ClientError(e) => tracing::warn!(error = %e, "nats: client error"),

@@ -20,6 +20,7 @@ use polybus_core::{
 use crate::config::{NatsConnection, NatsOptions};
 use crate::convert::{decode_event, encode_event};
 use crate::error::{self, BACKEND};
+use crate::permissions::Op;
 use crate::publisher::check_size;
 use crate::subject::validate_subscribe_subject;
 
@@ -212,12 +213,16 @@ async fn subscribe(
     subject: String,
     group: Option<String>,
 ) -> Result<Subscriber> {
+    let since = conn.violation_mark();
     let sub = match group {
-        Some(g) => conn.client.queue_subscribe(subject, g).await,
-        None => conn.client.subscribe(subject).await,
+        Some(g) => conn.client.queue_subscribe(subject.clone(), g).await,
+        None => conn.client.subscribe(subject.clone()).await,
     }
     .map_err(|e| error::subscribe(e, BACKEND))?;
-    conn.round_trip_for(BACKEND).await?;
+    // The round trip makes sure the server has the subscription, and that a permission
+    // violation it sent for it has arrived: a refused subscription fails here, `Unauthorized`.
+    conn.confirm(Op::Subscribe, &subject, since, BACKEND)
+        .await?;
     Ok(sub)
 }
 

@@ -1,7 +1,6 @@
 //! The core NATS publisher: at-most-once publish, request-reply.
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,6 +15,7 @@ use tokio::sync::Notify;
 use crate::config::{NatsConnection, NatsOptions};
 use crate::convert::{decode_event, encode_event};
 use crate::error::{self, BACKEND};
+use crate::permissions::Op;
 use crate::subject::validate_publish_subject;
 
 /// Publishes events to NATS subjects (core NATS, at-most-once).
@@ -56,6 +56,7 @@ struct Inner {
     gate: Gate,
     owns_connection: bool,
     telemetry: Telemetry,
+    check_permissions: bool,
 }
 
 impl Drop for Inner {
@@ -117,6 +118,7 @@ impl NatsProducer {
                 gate: Gate::default(),
                 owns_connection,
                 telemetry: Telemetry::new(BACKEND),
+                check_permissions: opts.check_publish_permissions,
             }),
         }
     }
@@ -187,6 +189,7 @@ impl NatsProducer {
 
     fn prepare(&self, subject: &str, mut event: Event) -> Result<(HeaderMap, Bytes)> {
         validate_publish_subject(subject, BACKEND)?;
+        self.inner.conn.earlier_publish_refused(subject, BACKEND)?;
         event.validate()?;
         if let Some(src) = &self.inner.source {
             event.set_source_if_unset(src);
@@ -215,10 +218,22 @@ impl NatsProducer {
 }
 
 impl Publisher for NatsProducer {
-    fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
-        self.publish_event(topic, event)
+    async fn publish(&self, topic: &str, event: Event) -> Result<Receipt> {
+        if !self.inner.check_permissions {
+            return self.publish_event(topic, event).await;
+        }
+        let since = self.inner.conn.violation_mark();
+        let receipt = self.publish_event(topic, event).await?;
+        self.inner
+            .conn
+            .confirm(Op::Publish, topic, since, BACKEND)
+            .await?;
+        Ok(receipt)
     }
 
+    /// Writes what is buffered to the server. When the server requires authentication, also
+    /// makes a round trip through it and fails with `Unauthorized` if it refused a publish
+    /// since the last report (core NATS answers refused publishes only asynchronously).
     async fn flush(&self) -> Result<()> {
         if self.inner.gate.is_closed() {
             return Ok(());
@@ -226,7 +241,11 @@ impl Publisher for NatsProducer {
         self.inner
             .conn
             .flush_for(self.inner.close_timeout, BACKEND)
-            .await
+            .await?;
+        if self.inner.conn.auth_required() {
+            self.inner.conn.confirm_publishes(BACKEND).await?;
+        }
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {

@@ -4,9 +4,10 @@
 mod binding_props;
 mod conformance;
 mod errors;
+mod hostile;
 mod interop;
 mod resilience;
-mod tls;
+mod security;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {
