@@ -5,6 +5,7 @@
 //! directory (`$POLYBUS_CACHE`, else `${XDG_CACHE_HOME:-$HOME/.cache}/polybus`), never under
 //! `target/`. See DESIGN.md, section "Brokers", for why each broker comes from where it does.
 
+mod bench;
 mod broker;
 mod ci;
 mod config;
@@ -35,6 +36,12 @@ Commands:
   test [NEXTEST ARGS...]    broker up all, then `cargo nextest run --workspace --all-features
                             --run-ignored all --no-fail-fast [ARGS]` and the doc tests,
                             with the POLYBUS_* broker variables exported
+  bench [--quick] [ARGS...] broker up all, then the broker workloads in release mode
+                            (`cargo run --release -p polybus-benches --bin loadgen -- ARGS`):
+                            polybus against the raw clients, alternating rounds, medians;
+                            writes target/bench/{results.md,results.json,*.svg}. ARGS:
+                            --rounds N, --only ID[,ID...] (see `loadgen list`); --quick < 2 min
+  bench micro [ARGS...]     the criterion micro-benches (cargo bench -p polybus-benches)
   ci                        what CI runs: fmt, clippy, test, docs; stops the brokers it started
   demo [ARGS...]            cargo run -p polybus-examples --example demo -- [ARGS]
   help                      this text
@@ -70,6 +77,7 @@ fn run() -> Result<()> {
     match command.as_str() {
         "broker" => broker::run(&sh, &rest),
         "test" => test::run(&sh, &rest),
+        "bench" => bench::run(&sh, &rest),
         "ci" => {
             no_args("ci", &rest)?;
             ci::run(&sh)

@@ -170,11 +170,11 @@ impl BinaryDecoder {
     /// (has `specversion`) but a required attribute is missing, the spec version is not 1.0,
     /// or the time is not RFC 3339.
     pub fn finish(self, data: Bytes, backend: &'static str) -> Result<Event> {
-        let mut ev = Event::new(data);
-        ev.set_key(self.key);
-        ev.set_content_type(self.content_type.map(Cow::Owned));
-        *ev.headers_mut() = self.headers;
         let Some(spec) = self.specversion else {
+            let mut ev = Event::new(data);
+            ev.set_key(self.key);
+            ev.set_content_type(self.content_type.map(Cow::Owned));
+            *ev.headers_mut() = self.headers;
             return Ok(ev);
         };
         let codec = |msg: String| Error::new(ErrorKind::Codec, backend).with_message(msg);
@@ -187,9 +187,17 @@ impl BinaryDecoder {
             v.filter(|s| !s.is_empty())
                 .ok_or_else(|| codec(format!("CloudEvent without `{name}`")))
         };
-        ev.set_id(required(self.id, "id")?);
-        ev.set_source(required(self.source, "source")?);
-        ev.set_kind(required(self.kind, "type")?);
+        let id = required(self.id, "id")?;
+        let source = required(self.source, "source")?;
+        let kind = required(self.kind, "type")?;
+        // With the received id from the start: a fresh one would cost a UUIDv7 (and a system
+        // call for its random bits) per received message, only to be replaced.
+        let mut ev = Event::with_id(id, data);
+        ev.set_key(self.key);
+        ev.set_content_type(self.content_type.map(Cow::Owned));
+        *ev.headers_mut() = self.headers;
+        ev.set_source(source);
+        ev.set_kind(kind);
         if let Some(t) = self.time {
             let ts = time::parse_rfc3339(&t)
                 .ok_or_else(|| codec(format!("CloudEvent `time` {t:?} is not RFC 3339")))?;

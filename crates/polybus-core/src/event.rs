@@ -71,6 +71,21 @@ impl Event {
         }
     }
 
+    /// An event with a given id (a received one), the current time and default kind and
+    /// source; no id is generated.
+    pub(crate) fn with_id(id: String, data: impl IntoPayload) -> Self {
+        Event {
+            id,
+            source: None,
+            ts: SystemTime::now(),
+            key: None,
+            kind: Cow::Borrowed(DEFAULT_KIND),
+            data: data.into_payload(),
+            headers: Headers::new(),
+            content_type: None,
+        }
+    }
+
     /// A builder that validates what it is given when [`EventBuilder::build`] runs.
     pub fn builder() -> EventBuilder {
         EventBuilder {
@@ -186,21 +201,25 @@ impl Event {
                 return Err(Error::new(ErrorKind::Codec, "core")
                     .with_message(format!("event attribute `{name}` is empty")));
             }
-            if value.chars().any(char::is_control) {
+            if has_control(value) {
                 return Err(Error::new(ErrorKind::Codec, "core").with_message(format!(
                     "event attribute `{name}` contains a control character"
                 )));
             }
         }
-        if self
-            .content_type()
-            .is_some_and(|ct| ct.chars().any(char::is_control))
-        {
+        if self.content_type().is_some_and(has_control) {
             return Err(Error::new(ErrorKind::Codec, "core")
                 .with_message("content type contains a control character"));
         }
         Ok(())
     }
+}
+
+/// Whether `s` holds a control character (Unicode `Cc`), by bytes first: every publish
+/// validates its event, and almost every value is plain ASCII. `Cc` is U+0000..=U+001F,
+/// U+007F and U+0080..=U+009F, the last encoded as 0xC2 0x80..=0x9F in UTF-8.
+fn has_control(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) && s.chars().any(char::is_control)
 }
 
 impl fmt::Debug for Event {
@@ -386,6 +405,22 @@ mod tests {
         );
         let ev = Event::builder().id("").build().unwrap();
         assert_eq!(ev.id().len(), 36, "empty id replaced by a fresh one");
+    }
+
+    #[test]
+    fn control_characters_by_bytes_and_chars() {
+        for (s, control) in [
+            ("plain", false),
+            ("tab\t", true),
+            ("del\u{7f}", true),
+            ("c1\u{85}", true),
+            ("latin ¢ é", false),
+            ("nbsp\u{a0}", false),
+            ("", false),
+        ] {
+            assert_eq!(has_control(s), control, "{s:?}");
+            assert_eq!(s.chars().any(char::is_control), control, "{s:?}");
+        }
     }
 
     #[test]

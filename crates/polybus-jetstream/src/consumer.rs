@@ -298,6 +298,18 @@ pub struct JsSubscription {
     pull: Option<PullConsumer>,
     ephemeral: bool,
     failures: u32,
+    /// Messages handed out from the active batch.
+    handed: usize,
+    /// The next batch, pulled while the active one is still being handed out, so the
+    /// subscription does not sit idle for a round trip between batches.
+    next: Next,
+}
+
+/// The pull request made ahead of time.
+enum Next {
+    None,
+    Fetching(BoxFuture<'static, Result<Batch, BatchError>>),
+    Ready(Box<Batch>),
 }
 
 enum State {
@@ -337,6 +349,8 @@ impl JsSubscription {
             pull: None,
             ephemeral: false,
             failures: 0,
+            handed: 0,
+            next: Next::None,
         }
     }
 
@@ -347,6 +361,8 @@ impl JsSubscription {
             pull: Some(opened.pull),
             ephemeral: opened.ephemeral,
             failures: 0,
+            handed: 0,
+            next: Next::None,
         };
         sub.state = sub.fetch();
         sub
@@ -367,13 +383,11 @@ impl JsSubscription {
         self.pull.as_ref().map(|p| p.cached_info().name.as_str())
     }
 
-    fn fetch(&self) -> State {
-        let Some(pull) = self.pull.clone() else {
-            return State::Failed(None);
-        };
+    fn pull_request(&self) -> Option<BoxFuture<'static, Result<Batch, BatchError>>> {
+        let pull = self.pull.clone()?;
         let settings = &self.js.options().consumer;
         let (batch, expiry) = (settings.fetch_batch, settings.fetch_expiry);
-        State::Fetching(Box::pin(async move {
+        Some(Box::pin(async move {
             pull.batch()
                 .max_messages(batch)
                 .expires(expiry)
@@ -382,8 +396,41 @@ impl JsSubscription {
         }))
     }
 
+    /// The next batch: the one pulled ahead if there is one, else a new pull request.
+    fn fetch(&mut self) -> State {
+        self.handed = 0;
+        match std::mem::replace(&mut self.next, Next::None) {
+            Next::Ready(batch) => State::Active(batch),
+            Next::Fetching(fut) => State::Fetching(fut),
+            Next::None => match self.pull_request() {
+                Some(fut) => State::Fetching(fut),
+                None => State::Failed(None),
+            },
+        }
+    }
+
+    /// Once half of the active batch is handed out, pulls the next one; drives that request.
+    fn pull_ahead(&mut self, cx: &mut Context<'_>) {
+        if matches!(self.next, Next::None)
+            && self.handed * 2 >= self.js.options().consumer.fetch_batch
+            && let Some(fut) = self.pull_request()
+        {
+            self.next = Next::Fetching(fut);
+        }
+        if let Next::Fetching(fut) = &mut self.next
+            && let Poll::Ready(result) = fut.as_mut().poll(cx)
+        {
+            // A failed request ahead is dropped: the batch end pulls again as usual.
+            self.next = match result {
+                Ok(batch) => Next::Ready(Box::new(batch)),
+                Err(_) => Next::None,
+            };
+        }
+    }
+
     fn pause(&mut self) -> State {
         self.failures = self.failures.saturating_add(1);
+        self.next = Next::None;
         let ms = 100u64 << self.failures.min(6);
         State::Waiting(Box::pin(tokio::time::sleep(Duration::from_millis(ms))))
     }
@@ -453,9 +500,14 @@ impl Stream for JsSubscription {
                     }
                 },
                 State::Active(batch) => match batch.poll_next_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        this.pull_ahead(cx);
+                        return Poll::Pending;
+                    }
                     Poll::Ready(Some(Ok(msg))) => {
                         this.failures = 0;
+                        this.handed += 1;
+                        this.pull_ahead(cx);
                         return Poll::Ready(Some(this.delivery(msg)));
                     }
                     Poll::Ready(Some(Err(e))) => {
@@ -500,6 +552,20 @@ impl Drop for JsSubscription {
         }
         // Give back what was pulled but not handed out, so other members get it at once
         // rather than after `ack_wait`. The batch ends by itself at its expiry.
+        match std::mem::replace(&mut self.next, Next::None) {
+            Next::Ready(batch) => {
+                handle.spawn(nak_rest(*batch, self.js.clone()));
+            }
+            Next::Fetching(fut) => {
+                let js = self.js.clone();
+                handle.spawn(async move {
+                    if let Ok(batch) = fut.await {
+                        nak_rest(batch, js).await;
+                    }
+                });
+            }
+            Next::None => {}
+        }
         match state {
             State::Active(batch) => {
                 handle.spawn(nak_rest(*batch, self.js.clone()));

@@ -6,8 +6,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use async_nats::HeaderValue;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::{HeaderName, HeaderValue, Subject};
 use polybus_core::{Error, Event, IntoPayload, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
@@ -54,6 +54,8 @@ struct Inner {
     /// Topics known to be covered by a stream (only tracked under `StreamPolicy::PerTopic`).
     ensured: Mutex<HashSet<String>>,
     gate: Gate,
+    /// Reuses the constant CloudEvents headers from one event to the next.
+    encoder: polybus_nats::Encoder,
 }
 
 impl JsProducer {
@@ -92,8 +94,10 @@ impl JsProducer {
     }
 
     pub(crate) fn new(js: JetStream, subject: Option<String>, owns_connection: bool) -> Self {
+        let encoder = polybus_nats::Encoder::new(js.options().nats.content_mode());
         JsProducer {
             inner: Arc::new(Inner {
+                encoder,
                 js,
                 subject,
                 owns_connection,
@@ -149,13 +153,12 @@ impl JsProducer {
         if let Some(src) = &opts.nats.default_source() {
             event.set_source_if_unset(src);
         }
-        let (mut headers, payload) =
-            polybus_nats::encode_event(&event, opts.nats.content_mode(), BACKEND)?;
+        let (mut headers, payload) = self.inner.encoder.encode(&event, BACKEND)?;
         let id: HeaderValue = event.id().parse().map_err(|_| {
             Error::new(polybus_core::ErrorKind::InvalidHeader, BACKEND)
                 .with_message("the event id cannot travel as Nats-Msg-Id")
         })?;
-        headers.insert(MSG_ID_HEADER, id);
+        headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
         polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
         self.ensure_stream(topic).await?;
         let since = self.inner.js.connection().violation_mark();
@@ -164,7 +167,7 @@ impl JsProducer {
             .js
             .context()
             .send_publish(
-                topic.to_owned(),
+                Subject::from(topic),
                 PublishMessage::build().payload(payload).headers(headers),
             )
             .await
@@ -206,7 +209,9 @@ impl JsProducer {
         {
             return Ok(());
         }
-        self.inner.js.stream_for(topic).await?;
+        // Boxed: this runs once per topic, and inline its future (stream lookup and creation)
+        // would make every publish future several KiB larger, copied whenever it is moved.
+        Box::pin(self.inner.js.stream_for(topic)).await?;
         self.inner
             .ensured
             .lock()

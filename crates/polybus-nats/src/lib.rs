@@ -71,7 +71,7 @@ mod subject;
 pub use config::{NatsConnection, NatsOptions};
 pub use consumer::{CAPABILITIES, NatsConsumer, NatsRequest, NatsRequests, NatsSubscription};
 pub use convert::{
-    CE_PREFIX, CONTENT_TYPE, decode_event, encode_event, percent_decode, percent_encode,
+    CE_PREFIX, CONTENT_TYPE, Encoder, decode_event, encode_event, percent_decode, percent_encode,
 };
 pub use publisher::{NatsProducer, check_size};
 pub use subject::{MAX_SUBJECT_LEN, validate_publish_subject, validate_subscribe_subject};

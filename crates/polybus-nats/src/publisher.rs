@@ -5,15 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
-use polybus_core::cloudevents::Mode;
 use polybus_core::telemetry::Telemetry;
 use polybus_core::{Error, Event, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
 use crate::config::{NatsConnection, NatsOptions};
-use crate::convert::{decode_event, encode_event};
+use crate::convert::{Encoder, decode_event};
 use crate::error::{self, BACKEND};
 use crate::permissions::Op;
 use crate::subject::validate_publish_subject;
@@ -50,7 +49,7 @@ pub struct NatsProducer {
 struct Inner {
     conn: NatsConnection,
     source: Option<Cow<'static, str>>,
-    mode: Mode,
+    encoder: Encoder,
     request_timeout: Option<Duration>,
     close_timeout: Duration,
     gate: Gate,
@@ -112,7 +111,7 @@ impl NatsProducer {
             inner: Arc::new(Inner {
                 conn,
                 source: opts.source.clone(),
-                mode: opts.mode,
+                encoder: Encoder::new(opts.mode),
                 request_timeout: opts.request_timeout,
                 close_timeout: opts.close_timeout,
                 gate: Gate::default(),
@@ -194,7 +193,7 @@ impl NatsProducer {
         if let Some(src) = &self.inner.source {
             event.set_source_if_unset(src);
         }
-        let (headers, payload) = encode_event(&event, self.inner.mode, BACKEND)?;
+        let (headers, payload) = self.inner.encoder.encode(&event, BACKEND)?;
         check_size(&self.inner.conn, &headers, payload.len(), BACKEND)?;
         Ok((headers, payload))
     }
@@ -210,7 +209,7 @@ impl NatsProducer {
         self.inner
             .conn
             .client
-            .publish_with_headers(subject.to_owned(), headers, payload)
+            .publish_with_headers(Subject::from(subject), headers, payload)
             .await
             .map_err(|e| error::publish(e, BACKEND))?;
         Ok(Receipt::new(subject))

@@ -48,6 +48,9 @@ pub fn validate_subscribe_subject(subject: &str, backend: &'static str) -> Resul
 }
 
 fn validate(subject: &str, backend: &'static str, wildcards: bool) -> Result<()> {
+    if fast_ok(subject.as_bytes(), wildcards) {
+        return Ok(());
+    }
     topic::validate_common(subject, backend, MAX_SUBJECT_LEN)?;
     let invalid = |msg: String| Error::new(ErrorKind::InvalidTopic, backend).with_message(msg);
     let count = subject.split('.').count();
@@ -71,6 +74,34 @@ fn validate(subject: &str, backend: &'static str, wildcards: bool) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// The common case in one pass over the bytes (this runs on every publish): printable ASCII,
+/// no empty token, no wildcard token (with `wildcards`, `*` anywhere and `>` last). `false`
+/// leaves the decision, and the explanation, to the full check.
+fn fast_ok(b: &[u8], wildcards: bool) -> bool {
+    if b.is_empty() || b.len() > MAX_SUBJECT_LEN {
+        return false;
+    }
+    let token_ok = |t: &[u8], last: bool| match t {
+        [] => false,
+        [b'*'] => wildcards,
+        [b'>'] => wildcards && last,
+        _ => true,
+    };
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        if !(0x21..=0x7e).contains(&c) {
+            return false;
+        }
+        if c == b'.' {
+            if !token_ok(&b[start..i], false) {
+                return false;
+            }
+            start = i + 1;
+        }
+    }
+    token_ok(&b[start..], true)
 }
 
 #[cfg(test)]
@@ -101,6 +132,43 @@ mod tests {
         let long = "a".repeat(MAX_SUBJECT_LEN + 1);
         assert!(validate_publish_subject(&long, "nats").is_err());
         assert!(validate_publish_subject(&long[..MAX_SUBJECT_LEN], "nats").is_ok());
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_full_check() {
+        let cases = [
+            "a",
+            "a.b",
+            "a..b",
+            ".a",
+            "a.",
+            "*",
+            ">",
+            "a.*",
+            "a.>",
+            "a.>.b",
+            "*.b",
+            "a*b",
+            "a b",
+            "a\tb",
+            "ü.x",
+            "a.>.>",
+            "#",
+            "+.x",
+            "a.b.c.d.e",
+        ];
+        for s in cases {
+            for wildcards in [false, true] {
+                if fast_ok(s.as_bytes(), wildcards) {
+                    assert!(
+                        validate(s, "nats", wildcards).is_ok(),
+                        "{s:?} wildcards={wildcards}"
+                    );
+                }
+            }
+        }
+        assert!(fast_ok(b"orders.created", false));
+        assert!(fast_ok(b"orders.*.eu.>", true));
     }
 
     #[test]

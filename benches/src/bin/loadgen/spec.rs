@@ -1,0 +1,287 @@
+//! What runs: the workloads, their sizes in the full and the `--quick` mode, and the sides.
+
+use serde::{Deserialize, Serialize};
+
+/// Who does the work in one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Side {
+    /// The polybus adapter through its public API.
+    Polybus,
+    /// The raw client underneath, sending the same CloudEvents headers.
+    Raw,
+    /// The raw client sending the payload without any header (shows what the CloudEvents
+    /// headers cost; not part of the ratio).
+    Bare,
+}
+
+impl Side {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Side::Polybus => "polybus",
+            Side::Raw => "raw",
+            Side::Bare => "bare",
+        }
+    }
+}
+
+/// The kind of work a step does; `child` dispatches on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Kind {
+    /// Core NATS publish, no subscriber: publish N, then flush.
+    NatsPublish,
+    /// Core NATS publish-to-receive: a raw publisher (same for both sides) and the subscriber
+    /// under test; the publisher stays at most a window ahead of the subscriber.
+    NatsSubscribe,
+    /// Core NATS request-reply round trips, one at a time.
+    NatsRequestReply,
+    /// JetStream publish, each publish awaiting the stream's ack, `window` in flight.
+    JsPublish,
+    /// JetStream pull consume of what `JsPublish` stored, ack each.
+    JsConsume,
+    /// Kafka produce, each record awaiting its delivery report, `window` in flight.
+    KafkaProduce,
+    /// Kafka consumer-group consume of what `KafkaProduce` wrote, ack (store offset) each.
+    KafkaConsume,
+    /// MQTT 5 publish-to-receive at QoS 0 (publisher and subscriber on the side under test).
+    MqttQos0,
+    /// MQTT 5 publish-to-receive at QoS 1, acked by the subscriber.
+    MqttQos1,
+    /// The composed bus: `Bus::publish` (JetStream + spool, forwarded to Kafka) against the
+    /// raw Kafka producer, `window` in flight.
+    ComposePublish,
+}
+
+impl Kind {
+    /// Whether the step records a latency histogram (publish-to-ack or round trip).
+    pub(crate) fn has_latency(self) -> bool {
+        matches!(
+            self,
+            Kind::NatsRequestReply
+                | Kind::JsPublish
+                | Kind::KafkaProduce
+                | Kind::MqttQos0
+                | Kind::MqttQos1
+                | Kind::ComposePublish
+        )
+    }
+
+    /// What the latency of this step is.
+    pub(crate) fn latency_label(self) -> &'static str {
+        match self {
+            Kind::NatsRequestReply => "round trip",
+            Kind::MqttQos0 | Kind::MqttQos1 => "publish-to-receive",
+            _ => "publish-to-ack",
+        }
+    }
+}
+
+/// One measured step: one child process per side and round.
+#[derive(Clone, Debug)]
+pub(crate) struct Step {
+    pub(crate) id: &'static str,
+    pub(crate) title: &'static str,
+    pub(crate) kind: Kind,
+    pub(crate) messages: u64,
+    pub(crate) size: usize,
+    /// Publishes (or requests) in flight at once; 1 = one at a time.
+    pub(crate) window: usize,
+    /// Throughput target: polybus >= this x raw.
+    pub(crate) throughput_target: f64,
+}
+
+/// Steps that run back to back for one side (a consume reads what the publish before it
+/// stored), with the sides alternating round by round.
+#[derive(Clone, Debug)]
+pub(crate) struct Group {
+    pub(crate) id: &'static str,
+    pub(crate) sides: &'static [Side],
+    pub(crate) steps: Vec<Step>,
+}
+
+const AB: &[Side] = &[Side::Polybus, Side::Raw];
+const ABC: &[Side] = &[Side::Polybus, Side::Raw, Side::Bare];
+
+/// Rounds per workload: full and quick.
+pub(crate) const ROUNDS: (usize, usize) = (3, 2);
+
+/// The workloads. `quick` divides message counts (by 5 to 10).
+pub(crate) fn groups(quick: bool) -> Vec<Group> {
+    let n = |full: u64, quick_n: u64| if quick { quick_n } else { full };
+    let step = |id, title, kind, messages, size, window| Step {
+        id,
+        title,
+        kind,
+        messages,
+        size,
+        window,
+        throughput_target: crate::report::THROUGHPUT_TARGET,
+    };
+    vec![
+        Group {
+            id: "nats.pub.64",
+            sides: ABC,
+            steps: vec![step(
+                "nats.pub.64",
+                "NATS publish 64 B",
+                Kind::NatsPublish,
+                n(1_000_000, 200_000),
+                64,
+                1,
+            )],
+        },
+        Group {
+            id: "nats.pub.1k",
+            sides: ABC,
+            steps: vec![step(
+                "nats.pub.1k",
+                "NATS publish 1 KiB",
+                Kind::NatsPublish,
+                n(1_000_000, 200_000),
+                1024,
+                1,
+            )],
+        },
+        Group {
+            id: "nats.sub.64",
+            sides: AB,
+            steps: vec![step(
+                "nats.sub.64",
+                "NATS subscribe 64 B",
+                Kind::NatsSubscribe,
+                n(1_000_000, 200_000),
+                64,
+                32_768,
+            )],
+        },
+        Group {
+            id: "nats.sub.1k",
+            sides: AB,
+            steps: vec![step(
+                "nats.sub.1k",
+                "NATS subscribe 1 KiB",
+                Kind::NatsSubscribe,
+                n(1_000_000, 200_000),
+                1024,
+                32_768,
+            )],
+        },
+        Group {
+            id: "nats.reqrep",
+            sides: AB,
+            steps: vec![step(
+                "nats.reqrep",
+                "NATS request-reply 64 B",
+                Kind::NatsRequestReply,
+                n(20_000, 5_000),
+                64,
+                1,
+            )],
+        },
+        Group {
+            id: "jetstream",
+            sides: AB,
+            steps: vec![
+                step(
+                    "js.publish",
+                    "JetStream publish-with-ack 64 B",
+                    Kind::JsPublish,
+                    n(200_000, 40_000),
+                    64,
+                    256,
+                ),
+                step(
+                    "js.consume",
+                    "JetStream pull-consume-with-ack 64 B",
+                    Kind::JsConsume,
+                    n(200_000, 40_000),
+                    64,
+                    1,
+                ),
+            ],
+        },
+        Group {
+            id: "kafka",
+            sides: AB,
+            steps: vec![
+                step(
+                    "kafka.produce",
+                    "Kafka produce 64 B",
+                    Kind::KafkaProduce,
+                    n(1_000_000, 100_000),
+                    64,
+                    10_000,
+                ),
+                step(
+                    "kafka.consume",
+                    "Kafka group consume 64 B",
+                    Kind::KafkaConsume,
+                    n(1_000_000, 100_000),
+                    64,
+                    1,
+                ),
+            ],
+        },
+        Group {
+            id: "mqtt.qos0",
+            sides: AB,
+            steps: vec![step(
+                "mqtt.qos0",
+                "MQTT QoS 0 publish-to-receive 64 B",
+                Kind::MqttQos0,
+                n(200_000, 40_000),
+                64,
+                1024,
+            )],
+        },
+        Group {
+            id: "mqtt.qos1",
+            sides: AB,
+            steps: vec![step(
+                "mqtt.qos1",
+                "MQTT QoS 1 publish-to-receive 64 B",
+                Kind::MqttQos1,
+                n(200_000, 40_000),
+                64,
+                1024,
+            )],
+        },
+        Group {
+            id: "compose",
+            sides: AB,
+            steps: vec![Step {
+                throughput_target: COMPOSE_TARGET,
+                ..step(
+                    "compose.publish",
+                    "Bus publish 64 B (raw: Kafka producer)",
+                    Kind::ComposePublish,
+                    n(200_000, 30_000),
+                    64,
+                    256,
+                )
+            }],
+        },
+    ]
+}
+
+/// The composed bus against the raw Kafka producer: >= 0.8 x (DESIGN.md).
+pub(crate) const COMPOSE_TARGET: f64 = 0.8;
+
+/// Prints the workloads (`loadgen list`).
+pub(crate) fn list() {
+    for (mode, quick) in [("full", false), ("quick", true)] {
+        let rounds = if quick { ROUNDS.1 } else { ROUNDS.0 };
+        println!("{mode} ({rounds} rounds):");
+        for g in groups(quick) {
+            let sides: Vec<_> = g.sides.iter().map(|s| s.name()).collect();
+            println!("  {} [{}]", g.id, sides.join(", "));
+            for s in &g.steps {
+                println!(
+                    "    {:<14} {:>9} x {:>5} B, window {:>6}  {}",
+                    s.id, s.messages, s.size, s.window, s.title
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Kafka: produce with `window` records awaiting their delivery report, into a fresh topic of
+//! 3 partitions (polybus' default), then consume that topic in a fresh group, acking each
+//! record (polybus: `Delivery::ack`; raw: `store_offset_from_message`, both committed in the
+//! background every second). Both sides use the same librdkafka configuration: the raw one
+//! is `KafkaConfig::producer_client_config()` / `consumer_client_config()`.
+
+use std::hint::black_box;
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use futures_util::StreamExt as _;
+use polybus_core::{Consumer as _, Event, Publisher};
+use polybus_kafka::{KafkaAdmin, KafkaConfig, KafkaConsumer, KafkaProducer};
+use rdkafka::Message as _;
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+use super::{Env, RawCloudEvent, payload, windowed};
+use crate::child::{ChildArgs, Outcome};
+use crate::hist::Latency;
+use crate::meter::Meter;
+use crate::spec::Side;
+
+pub(crate) const PARTITIONS: i32 = 3;
+
+fn topic(tag: &str) -> String {
+    format!("bench.kafka.{tag}")
+}
+
+fn config(env: &Env, group: &str) -> KafkaConfig {
+    KafkaConfig::new(env.kafka_brokers.as_str(), group).with_auto_offset_reset("earliest")
+}
+
+/// The CloudEvents Kafka binding headers a raw producer writes.
+fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
+    fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+        Header {
+            key,
+            value: Some(value),
+        }
+    }
+    let (id, time) = (RawCloudEvent::id(), RawCloudEvent::time());
+    OwnedHeaders::new_with_capacity(5)
+        .insert(h("ce_specversion", "1.0"))
+        .insert(h("ce_id", &id))
+        .insert(h("ce_source", ce.source))
+        .insert(h("ce_type", ce.kind))
+        .insert(h("ce_time", &time))
+}
+
+/// Produces N records with `window` awaiting their delivery report at once.
+pub(crate) async fn produce(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<Outcome> {
+    let topic = topic(&a.tag);
+    let cfg = config(env, &format!("bench-{}", a.tag));
+    let admin = KafkaAdmin::new(&cfg)?;
+    let _ = admin.delete_topic(&topic).await;
+    admin.create_topic(&topic, PARTITIONS, 1).await?;
+
+    let data = payload(a.size);
+    let mut latency = Latency::new();
+    let t0;
+    match a.side {
+        Side::Polybus => {
+            let p = KafkaProducer::new_with_config(&cfg)?;
+            // One record before timing, on both sides: metadata, connections and (for polybus)
+            // the topic check happen here, not in the measured window.
+            Publisher::publish(&p, &topic, Event::new(data.clone())).await?;
+            t0 = Instant::now();
+            windowed(a.messages, a.window, meter, &mut latency, |_| {
+                let ev = Event::new(data.clone());
+                let (p, topic) = (&p, topic.as_str());
+                async move {
+                    // The trait method, as every user of the generic API calls it.
+                    Publisher::publish(p, topic, ev).await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            p.close().await?;
+        }
+        Side::Raw | Side::Bare => {
+            let producer: FutureProducer = cfg.producer_client_config().create()?;
+            let ce = RawCloudEvent::new();
+            let record = FutureRecord::<[u8], [u8]>::to(&topic)
+                .payload(&data[..])
+                .headers(raw_headers(&ce));
+            producer
+                .send(record, Timeout::Never)
+                .await
+                .map_err(|(e, _)| anyhow!("produce: {e}"))?;
+            t0 = Instant::now();
+            windowed(a.messages, a.window, meter, &mut latency, |_| {
+                let headers = raw_headers(&ce);
+                let (producer, topic, data) = (&producer, topic.as_str(), data.clone());
+                async move {
+                    let record = FutureRecord::<[u8], [u8]>::to(topic)
+                        .payload(&data[..])
+                        .headers(headers);
+                    producer
+                        .send(record, Timeout::Never)
+                        .await
+                        .map_err(|(e, _)| anyhow!("produce: {e}"))?;
+                    Ok(())
+                }
+            })
+            .await?;
+        }
+    }
+    let elapsed = t0.elapsed();
+    Ok(Outcome {
+        count: latency.len(),
+        elapsed,
+        latency: Some(latency),
+        notes: Vec::new(),
+    })
+}
+
+/// Consumes the N records of the produce step in a fresh group, acking each; measured from
+/// the first record to the last (the group join is not measured). Deletes the topic after.
+pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<Outcome> {
+    let topic = topic(&a.tag);
+    let group = format!("bench-{}-consume", a.tag);
+    let cfg = config(env, &group);
+    let n = a.messages;
+    let stall = Duration::from_secs(60);
+    let mut first: Option<Instant> = None;
+    let mut count = 0u64;
+    match a.side {
+        Side::Polybus => {
+            let consumer = KafkaConsumer::new(&cfg)?;
+            let mut deliveries = pin!(consumer.subscribe(&topic));
+            while count < n {
+                let d = tokio::time::timeout(stall, deliveries.next())
+                    .await
+                    .map_err(|_| anyhow!("no delivery for {stall:?} after {count}"))?
+                    .ok_or_else(|| anyhow!("subscription ended after {count}"))??;
+                first.get_or_insert_with(Instant::now);
+                black_box(d.event().id());
+                d.ack().await?;
+                count += 1;
+                meter.add(1);
+            }
+        }
+        Side::Raw | Side::Bare => {
+            let consumer: StreamConsumer = cfg.consumer_client_config(&group).create()?;
+            consumer.subscribe(&[topic.as_str()])?;
+            while count < n {
+                let m = tokio::time::timeout(stall, consumer.recv())
+                    .await
+                    .map_err(|_| anyhow!("no record for {stall:?} after {count}"))??;
+                first.get_or_insert_with(Instant::now);
+                black_box(m.payload().map(<[u8]>::len));
+                black_box(
+                    m.headers()
+                        .and_then(|h| h.iter().find(|h| h.key == "ce_id").and_then(|h| h.value)),
+                );
+                consumer.store_offset_from_message(&m)?;
+                count += 1;
+                meter.add(1);
+            }
+        }
+    }
+    let elapsed = first.map(|t| t.elapsed()).unwrap_or_default();
+    let admin = KafkaAdmin::new(&cfg)?;
+    let _ = admin.delete_topic(&topic).await;
+    Ok(Outcome {
+        count: count.saturating_sub(1),
+        elapsed,
+        latency: None,
+        notes: Vec::new(),
+    })
+}

@@ -1,0 +1,133 @@
+//! The workloads, one module per broker. Each has a polybus side (public API only:
+//! `Publisher::publish`, `Consumer::subscribe`, `Delivery::ack`) and a raw side (the client
+//! underneath, used as its documentation shows) doing the same work: same payload, same
+//! CloudEvents headers on the wire, same window of publishes in flight, same acks.
+
+pub(crate) mod compose;
+pub(crate) mod jetstream;
+pub(crate) mod kafka;
+pub(crate) mod mqtt;
+pub(crate) mod nats;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+
+use crate::hist::Latency;
+use crate::meter::Meter;
+
+/// Broker addresses, from the `POLYBUS_*` variables `cargo xtask` exports.
+#[derive(Clone, Debug)]
+pub(crate) struct Env {
+    pub(crate) nats_url: String,
+    pub(crate) kafka_brokers: String,
+    pub(crate) mqtt_host: String,
+    pub(crate) mqtt_port: u16,
+}
+
+impl Env {
+    pub(crate) fn from_env() -> Env {
+        let var = |name: &str, default: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .unwrap_or_else(|| default.to_owned())
+        };
+        Env {
+            nats_url: var("POLYBUS_NATS_URL", "nats://127.0.0.1:4222"),
+            kafka_brokers: var("POLYBUS_KAFKA_BROKERS", "127.0.0.1:9092"),
+            mqtt_host: var("POLYBUS_MQTT_HOST", "127.0.0.1"),
+            mqtt_port: var("POLYBUS_MQTT_PORT", "1883").parse().unwrap_or(1883),
+        }
+    }
+}
+
+/// The payload every message of a run shares (cloning it is a reference count).
+pub(crate) fn payload(size: usize) -> Bytes {
+    Bytes::from(
+        (0..size)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// The CloudEvents attributes a raw producer writes by hand for the same wire message as
+/// polybus: specversion, source and type (constant, set up once), and per message a fresh id
+/// (a UUIDv7) and the current time (RFC 3339, formatted with polybus-core's helper, which is
+/// as fast as hand-written digits get).
+pub(crate) struct RawCloudEvent {
+    pub(crate) source: &'static str,
+    pub(crate) kind: &'static str,
+}
+
+impl RawCloudEvent {
+    pub(crate) fn new() -> Self {
+        RawCloudEvent {
+            source: polybus_core::DEFAULT_SOURCE,
+            kind: polybus_core::DEFAULT_KIND,
+        }
+    }
+
+    /// A fresh UUIDv7, as a raw producer would make its ids.
+    pub(crate) fn id() -> String {
+        uuid::Uuid::now_v7().hyphenated().to_string()
+    }
+
+    /// The current time.
+    pub(crate) fn time() -> String {
+        polybus_core::time::format_rfc3339(std::time::SystemTime::now())
+    }
+}
+
+/// Runs `n` operations with at most `window` in flight, recording each one's latency (start
+/// to completion) and bumping the meter as they complete. Both sides use it.
+pub(crate) async fn windowed<F, Fut>(
+    n: u64,
+    window: usize,
+    meter: &Meter,
+    latency: &mut Latency,
+    mut op: F,
+) -> Result<()>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let mut in_flight = FuturesUnordered::new();
+    let mut next = 0u64;
+    let window = window.max(1);
+    while next < n || !in_flight.is_empty() {
+        while next < n && in_flight.len() < window {
+            let started = Instant::now();
+            let fut = op(next);
+            if next == 0 {
+                eprintln!(
+                    "loadgen: one operation future is {} bytes",
+                    std::mem::size_of_val(&fut)
+                );
+            }
+            in_flight.push(async move { fut.await.map(|()| started.elapsed()) });
+            next += 1;
+        }
+        if let Some(done) = in_flight.next().await {
+            latency.record(done?);
+            meter.add(1);
+        }
+    }
+    Ok(())
+}
+
+/// Polls `check` every millisecond until it is true or `timeout` passes.
+pub(crate) async fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
