@@ -1,5 +1,6 @@
 //! `cargo xtask ci`: what CI runs, locally. Steps: fmt, clippy, test (brokers + nextest + doc
-//! tests), docs. Stops at the first failing step; always stops the brokers this run started
+//! tests), docs, cargo-deny (licenses, bans, sources; advisories when the advisory database can
+//! be fetched). Stops at the first failing step; always stops the brokers this run started
 //! (brokers that were already running are left alone).
 
 use std::time::Instant;
@@ -13,11 +14,12 @@ use crate::{
     test,
 };
 
-const STEPS: [&str; 4] = [
+const STEPS: [&str; 5] = [
     "cargo fmt --all --check",
     "cargo clippy --workspace --all-targets --all-features -- -D warnings",
     "cargo xtask test (brokers up, cargo nextest run, cargo test --doc)",
     "RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --all-features --no-deps",
+    "cargo deny check licenses bans sources (and advisories when the database can be fetched)",
 ];
 
 /// Entry point for `cargo xtask ci`.
@@ -96,5 +98,40 @@ fn steps(
             .env("RUSTDOCFLAGS", "-D warnings")
             .run()?)
     })?;
+    step(4, &mut || deny(sh))?;
     Ok(())
+}
+
+/// cargo-deny, if installed (the GitHub audit workflow always runs it). The advisory database
+/// lives on github.com; where that cannot be fetched the advisories check is skipped, saying so.
+fn deny(sh: &Shell) -> Result<()> {
+    let cargo = cargo();
+    if cmd!(sh, "{cargo} deny --version")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_err()
+    {
+        println!(
+            "    skipped: cargo-deny is not installed (`cargo install cargo-deny --locked`); \
+             .github/workflows/audit.yml runs it on GitHub"
+        );
+        return Ok(());
+    }
+    cmd!(sh, "{cargo} deny check licenses bans sources").run()?;
+    if cmd!(sh, "{cargo} deny fetch db")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_err()
+    {
+        println!(
+            "    advisories skipped: the RustSec advisory database (github.com) cannot be \
+             fetched from here; .github/workflows/audit.yml checks advisories weekly"
+        );
+        return Ok(());
+    }
+    Ok(cmd!(sh, "{cargo} deny check advisories").run()?)
 }

@@ -170,13 +170,15 @@ impl BusBuilder {
         self
     }
 
-    /// Uses `publisher` for the fast path instead of connecting to [`nats`](Self::nats).
+    /// Uses `publisher` for the fast path instead of connecting to [`nats`](Self::nats)
+    /// (which, if also set, still provides notifications and KV buckets).
     pub fn nats_publisher(mut self, publisher: impl Publisher + 'static) -> Self {
         self.nats = Some(publisher.boxed());
         self
     }
 
-    /// Uses `publisher` for Kafka instead of connecting to [`kafka`](Self::kafka).
+    /// Uses `publisher` for Kafka instead of connecting to [`kafka`](Self::kafka) (which, if
+    /// also set, still provides the read path's consumers).
     pub fn kafka_publisher(mut self, publisher: impl Publisher + 'static) -> Self {
         self.kafka = Some(publisher.boxed());
         self
@@ -328,8 +330,9 @@ impl BusBuilder {
             mut parts,
         } = self;
         let wants_kv = switch_bucket.is_some() || dedup_bucket.is_some();
+        let wants_nats_reader = parts.nats_consumers.is_none();
         let js = match nats_options {
-            Some(opts) if nats.is_none() || wants_kv => {
+            Some(opts) if nats.is_none() || wants_kv || wants_nats_reader => {
                 Some(JetStream::connect(opts.source(parts.source.clone())).await?)
             }
             _ => None,
@@ -339,33 +342,29 @@ impl BusBuilder {
                 "NATS options (.nats(url)) for the switch or dedup bucket",
             ));
         }
+        if let (Some(js), true) = (&js, wants_nats_reader) {
+            let conn = js.connection().clone();
+            parts.nats_consumers = Some(Arc::new(move |_spec: ConsumerSpec| {
+                let conn = conn.clone();
+                async move { Ok(BoxConsumer::new(NatsConsumer::from_connection(conn))) }
+            }));
+        }
         let nats = match (nats, &js) {
             (Some(p), _) => p,
-            (None, Some(js)) => {
-                if parts.nats_consumers.is_none() {
-                    let conn = js.connection().clone();
-                    parts.nats_consumers = Some(Arc::new(move |_spec: ConsumerSpec| {
-                        let conn = conn.clone();
-                        async move { Ok(BoxConsumer::new(NatsConsumer::from_connection(conn))) }
-                    }));
-                }
-                js.producer().boxed()
-            }
+            (None, Some(js)) => js.producer().boxed(),
             (None, None) => return Err(missing("NATS: call .nats(url) or .nats_publisher(p)")),
         };
+        let kafka_config = kafka_config.map(|cfg| cfg.with_source(parts.source.clone()));
+        if let (Some(cfg), None) = (&kafka_config, &parts.kafka_consumers) {
+            let cfg = cfg.clone();
+            parts.kafka_consumers = Some(Arc::new(move |spec: ConsumerSpec| {
+                let cfg = cfg.clone();
+                async move { kafka_consumer(&cfg, spec) }
+            }));
+        }
         let kafka = match (kafka, kafka_config) {
             (Some(p), _) => p,
-            (None, Some(cfg)) => {
-                let cfg = cfg.with_source(parts.source.clone());
-                let producer = KafkaProducer::new_with_config(&cfg)?;
-                if parts.kafka_consumers.is_none() {
-                    parts.kafka_consumers = Some(Arc::new(move |spec: ConsumerSpec| {
-                        let cfg = cfg.clone();
-                        async move { kafka_consumer(&cfg, spec) }
-                    }));
-                }
-                producer.boxed()
-            }
+            (None, Some(cfg)) => KafkaProducer::new_with_config(&cfg)?.boxed(),
             (None, None) => {
                 return Err(missing(
                     "Kafka: call .kafka(brokers) or .kafka_publisher(p)",

@@ -328,9 +328,9 @@ where
     /// Publishes to the NATS subject `subject` and returns once the event is durable.
     ///
     /// In dual-write mode (the default): the event is published to JetStream (which dedups it
-    /// by `Nats-Msg-Id` = id), then committed to the spool, then acknowledged; a forwarder
-    /// writes it to the mapped Kafka topic in the background and deletes it from the spool
-    /// when Kafka acknowledges. See [`Switches`](crate::Switches) for the other modes. When the spool is full
+    /// by `Nats-Msg-Id` = id) and, concurrently, committed to the spool (fsync); the call
+    /// returns when both are done. A forwarder writes it to the mapped Kafka topic in the
+    /// background and deletes it from the spool when Kafka acknowledges. See [`Switches`](crate::Switches) for the other modes. When the spool is full
     /// the call waits or fails with [`ErrorKind::Rejected`], per its policy.
     ///
     /// # Errors
@@ -338,28 +338,36 @@ where
     /// * [`ErrorKind::InvalidTopic`] if `subject` is not a concrete subject or maps to no
     ///   legal Kafka topic; [`ErrorKind::Codec`] for an invalid event;
     /// * [`ErrorKind::Rejected`] when the spool is full under the `reject` policy;
-    /// * the NATS publisher's error (nothing was spooled);
-    /// * a spool error (the event may be in NATS, not in Kafka; publishing it again is safe:
-    ///   JetStream and consumers dedup by id).
+    /// * the NATS publisher's error, or a spool error. As with any broker, an error does not
+    ///   prove the event went nowhere: the other write may have succeeded (a spooled event
+    ///   still reaches Kafka). Publishing the same [`Event`] again is safe: JetStream, the
+    ///   spool's forwarded keys and consumers all dedup by `source` + `id`.
     pub async fn publish(&self, subject: &str, payload: impl IntoEvent) -> Result<BusReceipt> {
         let mut event = payload.into_event();
         event.set_source_if_unset(&self.inner.source);
-        let span = tracing::info_span!(
-            "polybus.compose.publish",
-            messaging.system = "polybus-compose",
-            messaging.operation = "publish",
-            messaging.destination.name = subject,
-            messaging.message.id = event.id(),
-        );
-        let result = self.publish_event(subject, event).instrument(span).await;
+        // One trace for the whole way: the trace context goes into the event before it is
+        // cloned for NATS and spooled for Kafka, so the NATS publish, the Kafka forward (in a
+        // background task, maybe after a restart) and every consumer continue it.
+        let span = polybus_core::telemetry::publish_span(BACKEND, subject, &event);
+        polybus_core::telemetry::inject(&span, &mut event);
+        let result = self
+            .publish_event(subject, event)
+            .instrument(span.clone())
+            .await;
         match &result {
             Ok(_) => {
                 Counters::add(&self.inner.counters.published, 1);
                 metrics::counter!(m::PUBLISHED).increment(1);
             }
             Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.type", polybus_core::metrics::kind_code(e.kind()));
                 Counters::add(&self.inner.counters.publish_errors, 1);
-                metrics::counter!(m::PUBLISH_ERRORS, "kind" => e.kind().as_str()).increment(1);
+                metrics::counter!(
+                    m::PUBLISH_ERRORS,
+                    "kind" => polybus_core::metrics::kind_code(e.kind())
+                )
+                .increment(1);
             }
         }
         result
@@ -376,19 +384,25 @@ where
         let topic = inner.topics.kafka_topic_shared(subject)?;
         let switches = inner.switches.get();
         let reservation = inner.spool.reserve().await?;
-        let (nats, nats_latency) = if switches.writes_nats() {
-            let t = Instant::now();
-            let receipt = inner.nats.publish(subject, event.clone()).await?;
-            let took = t.elapsed();
-            metrics::histogram!(m::NATS_LATENCY).record(took.as_secs_f64());
-            (Some(receipt), Some(took))
-        } else {
-            (None, None)
-        };
         let id = event.id().to_owned();
         let record = SpoolRecord::new(subject, &topic, event);
         let bucket = inner.spool.bucket_of(&record.event);
-        let spool_sequence = inner.spool.append(reservation, bucket, &record).await?;
+        let spool_write = inner.spool.append(reservation, bucket, &record);
+        // The JetStream publish and the spool commit run concurrently: the acknowledgement
+        // waits for both, so its latency is the slower of the two, not their sum.
+        let (nats, nats_latency, spooled) = if switches.writes_nats() {
+            let nats_publish = async {
+                let t = Instant::now();
+                let r = inner.nats.publish(subject, record.event.clone()).await;
+                (r, t.elapsed())
+            };
+            let ((receipt, took), spooled) = tokio::join!(nats_publish, spool_write);
+            metrics::histogram!(m::NATS_LATENCY).record(took.as_secs_f64());
+            (Some(receipt?), Some(took), spooled)
+        } else {
+            (None, None, spool_write.await)
+        };
+        let spool_sequence = spooled?;
         let latency = started.elapsed();
         metrics::histogram!(m::ACK_LATENCY).record(latency.as_secs_f64());
         Ok(BusReceipt {
@@ -405,8 +419,9 @@ where
     /// Drains and stops: new publishes fail with `Closed`, publishes in flight finish, the
     /// forwarders write what the spool holds to Kafka for up to the drain timeout (default
     /// 10 s; less if the spool empties), and what is left stays in the spool for the next
-    /// start. Then the spool is committed durably and both publishers are closed. Nothing
-    /// acknowledged is lost. Closing twice is not an error.
+    /// start. Then the spool is committed durably and both publishers are flushed and closed
+    /// (each bounded by the drain timeout, so a broker that is down does not hold `close`).
+    /// Nothing acknowledged is lost. Closing twice is not an error.
     ///
     /// # Errors
     /// The first error of the final spool commit or of closing a publisher (all are tried).
@@ -431,11 +446,34 @@ where
         }
         let left = inner.spool.depth();
         let mut first_error = inner.spool.shutdown().await.err();
+        // A broker that is down must not hold close() much past the drain timeout: what the
+        // publishers still hold is in the spool anyway.
+        let bound = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        let bounded = |what: &'static str, r: std::result::Result<Result<()>, _>| {
+            r.unwrap_or_else(|_| {
+                Err(Error::new(ErrorKind::Timeout, BACKEND)
+                    .with_message(format!("{what} did not finish within {bound:?}")))
+            })
+        };
+        let kafka_close = async {
+            inner.kafka.flush().await?;
+            inner.kafka.close().await
+        };
+        let nats_close = async {
+            inner.nats.flush().await?;
+            inner.nats.close().await
+        };
         for r in [
-            inner.kafka.flush().await,
-            inner.kafka.close().await,
-            inner.nats.flush().await,
-            inner.nats.close().await,
+            bounded(
+                "closing the Kafka publisher",
+                tokio::time::timeout(bound, kafka_close).await,
+            ),
+            bounded(
+                "closing the NATS publisher",
+                tokio::time::timeout(bound, nats_close).await,
+            ),
         ] {
             if let Err(e) = r {
                 tracing::warn!(error = %e, "closing a publisher of the bus failed");

@@ -182,14 +182,26 @@ pub(crate) async fn run<K: Publisher + 'static>(
                 }
             }
         });
-        let outcomes = match deadline {
-            None => join_all(sends).await,
-            Some(d) => match tokio::time::timeout_at(d, join_all(sends)).await {
-                Ok(o) => o,
-                // Past the drain deadline: whatever was in flight stays spooled.
-                Err(_) => break,
-            },
+        // Wait for the sends, watching the phase: a close that starts meanwhile bounds the wait
+        // by its drain deadline (a send that never ends must not hold close()).
+        let outcomes = {
+            let mut sends = std::pin::pin!(join_all(sends));
+            loop {
+                let ph = *phase.borrow_and_update();
+                match ph {
+                    Phase::Stop => break None,
+                    Phase::Draining { deadline } => {
+                        break tokio::time::timeout_at(deadline, &mut sends).await.ok();
+                    }
+                    Phase::Running => tokio::select! {
+                        o = &mut sends => break Some(o),
+                        r = phase.changed() => if r.is_err() { break None },
+                    },
+                }
+            }
         };
+        // None: past the drain deadline or stopped; whatever was in flight stays spooled.
+        let Some(outcomes) = outcomes else { break };
 
         let mut done = Vec::new();
         let mut done_keys = Vec::new();

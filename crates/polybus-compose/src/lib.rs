@@ -19,9 +19,9 @@
 //! # Write path
 //!
 //! [`Bus::publish`] publishes the event to JetStream (which dedups by `Nats-Msg-Id` = event
-//! id), commits it to the spool (a [redb](https://docs.rs/redb) database, fsynced, group
-//! commit), and only then returns: **an acknowledged event is durable**, in JetStream and in
-//! the spool. Forwarder tasks (one per bucket of ordering keys) write spooled events to the
+//! id) and, concurrently, commits it to the spool (a [redb](https://docs.rs/redb) database,
+//! fsynced, group commit), and returns when both are done: **an acknowledged event is
+//! durable**, in JetStream and in the spool. Forwarder tasks (one per bucket of ordering keys) write spooled events to the
 //! mapped Kafka topic (idempotent producer) and delete them from the spool once Kafka
 //! acknowledges, so at any time every acknowledged event is in Kafka or in the spool.
 //!

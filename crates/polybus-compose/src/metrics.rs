@@ -3,7 +3,8 @@
 
 /// Counter: events acknowledged by [`Bus::publish`](crate::Bus::publish).
 pub const PUBLISHED: &str = "polybus_compose_published_total";
-/// Counter: publishes that failed (label `kind`: the error kind).
+/// Counter: publishes that failed (label `kind`: the error kind code,
+/// [`polybus_core::metrics::kind_code`]).
 pub const PUBLISH_ERRORS: &str = "polybus_compose_publish_errors_total";
 /// Histogram (seconds): time from `publish` call to acknowledgement.
 pub const ACK_LATENCY: &str = "polybus_compose_ack_latency_seconds";
@@ -31,3 +32,36 @@ pub const SPOOL_FULL_WAITS: &str = "polybus_compose_spool_full_waits_total";
 pub const SPOOL_REJECTED: &str = "polybus_compose_spool_rejected_total";
 /// Counter: switch changes applied.
 pub const SWITCH_CHANGES: &str = "polybus_compose_switch_changes_total";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_metric_is_in_docs_metrics_md() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/METRICS.md");
+        let Ok(doc) = std::fs::read_to_string(&path) else {
+            return; // a published crate has no docs/ beside it
+        };
+        for name in [
+            super::PUBLISHED,
+            super::PUBLISH_ERRORS,
+            super::ACK_LATENCY,
+            super::NATS_LATENCY,
+            super::FORWARDED,
+            super::FORWARD_LATENCY,
+            super::RETRIES,
+            super::DEAD_LETTERS,
+            super::REDRIVEN,
+            super::FORWARD_DEDUP,
+            super::CONSUME_DEDUP,
+            super::SPOOL_DEPTH,
+            super::SPOOL_FULL_WAITS,
+            super::SPOOL_REJECTED,
+            super::SWITCH_CHANGES,
+        ] {
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "docs/METRICS.md lacks {name}"
+            );
+        }
+    }
+}

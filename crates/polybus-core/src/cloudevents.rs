@@ -85,13 +85,21 @@ pub fn write_binary(
     if let Some(key) = ev.key().and_then(|k| std::str::from_utf8(k).ok()) {
         attr("partitionkey", key);
     }
-    for (name, value) in ev.headers().iter() {
-        if is_extension_name(name) {
+    for (i, (name, value)) in ev.headers().iter().enumerate() {
+        if is_attribute_entry(ev.headers(), i, name) {
             attr(name, value);
         } else {
             header(name, value);
         }
     }
+}
+
+/// Whether header `i` (named `name`) becomes a CloudEvents extension attribute: its name is an
+/// extension name and no earlier header has the same name. CloudEvents attributes are
+/// single-valued, so a second value of the same name travels as a plain header and comes back
+/// as a header of that name: nothing is lost in either mode.
+fn is_attribute_entry(headers: &Headers, i: usize, name: &str) -> bool {
+    is_extension_name(name) && !headers.iter().take(i).any(|(n, _)| n == name)
 }
 
 /// Collects attributes and headers received in binary mode and builds the [`Event`].
@@ -224,7 +232,9 @@ pub fn to_structured<'e>(
     let plain: Vec<(&str, &str)> = ev
         .headers()
         .iter()
-        .filter(|(n, _)| !is_extension_name(n))
+        .enumerate()
+        .filter(|(i, (n, _))| !is_attribute_entry(ev.headers(), *i, n))
+        .map(|(_, h)| h)
         .collect();
     let data = ev.data();
     if !data.is_empty() {
@@ -264,11 +274,11 @@ pub fn from_structured(bytes: &[u8], backend: &'static str) -> Result<Event> {
     };
     let mut dec = BinaryDecoder::new();
     let mut data = Bytes::new();
+    let mut data_value = None;
     for (name, value) in obj {
         match (name.as_str(), value) {
-            ("data", Value::String(s)) => data = Bytes::from(s),
             ("data", Value::Null) => {}
-            ("data", v) => data = Bytes::from(v.to_string()),
+            ("data", v) => data_value = Some(v),
             ("data_base64", Value::String(s)) => {
                 data = Bytes::from(
                     BASE64
@@ -285,6 +295,21 @@ pub fn from_structured(bytes: &[u8], backend: &'static str) -> Result<Event> {
     }
     if dec.specversion.is_none() {
         return Err(codec("structured CloudEvent without `specversion`"));
+    }
+    // JSON event format, 3.1: with a JSON content type (or none, which implies JSON) `data`
+    // is the payload as a JSON value, so a JSON string stays a quoted JSON string; with any
+    // other content type a string `data` is the payload's text.
+    match data_value {
+        Some(Value::String(s))
+            if dec
+                .content_type
+                .as_deref()
+                .is_some_and(|ct| !is_json_content_type(ct)) =>
+        {
+            data = Bytes::from(s);
+        }
+        Some(v) => data = Bytes::from(v.to_string()),
+        None => {}
     }
     dec.finish(data, backend)
 }

@@ -3,12 +3,15 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
+use tracing::{Instrument as _, Span};
 
+use crate::metrics::Instruments;
 use crate::{Error, Event, Result};
 
 /// What the broker said about a publish.
@@ -178,6 +181,32 @@ pub struct Delivery {
     sequence: Option<u64>,
     delivery_count: u32,
     acker: Box<dyn Acker>,
+    span: Span,
+    metrics: Option<InFlight>,
+}
+
+/// Counts a delivery in the in-flight gauge until it is settled or dropped.
+struct InFlight(Arc<Instruments>);
+
+impl InFlight {
+    fn new(m: Arc<Instruments>) -> Self {
+        m.in_flight.increment(1.0);
+        InFlight(m)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.decrement(1.0);
+    }
+}
+
+/// Which settlement, for the metrics.
+#[derive(Clone, Copy)]
+enum Settle {
+    Ack,
+    Nack,
+    Term,
 }
 
 impl Delivery {
@@ -190,6 +219,8 @@ impl Delivery {
             sequence: None,
             delivery_count: 1,
             acker: Box::new(acker),
+            span: Span::none(),
+            metrics: None,
         }
     }
     /// Sets the partition.
@@ -206,6 +237,41 @@ impl Delivery {
     pub fn with_delivery_count(mut self, count: u32) -> Self {
         self.delivery_count = count.max(1);
         self
+    }
+
+    /// Attaches the delivery span and the metric handles (adapters call this through
+    /// [`Telemetry::delivered`](crate::telemetry::Telemetry::delivered)). The delivery counts
+    /// as in flight until it is settled or dropped.
+    pub fn with_telemetry(mut self, span: Span, metrics: Arc<Instruments>) -> Self {
+        self.span = span;
+        self.metrics = Some(InFlight::new(metrics));
+        self
+    }
+
+    /// The delivery's span (`process`, see [`telemetry`](crate::telemetry)): a child of the
+    /// publisher's span where the trace context allows. Instrument the processing with it:
+    ///
+    /// ```
+    /// # use polybus_core::{Delivery, Event, NoopAcker};
+    /// use tracing::Instrument as _;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> anyhow::Result<()> {
+    /// # let delivery = Delivery::new(Event::new(b"x"), "t", NoopAcker("doc"));
+    /// let span = delivery.span().clone();
+    /// async {
+    ///     tracing::info!("handling {}", delivery.event().id());
+    ///     delivery.ack().await
+    /// }
+    /// .instrument(span)
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// The W3C trace context the message carried (its `traceparent` header), if valid.
+    pub fn trace_context(&self) -> Option<crate::telemetry::TraceContext> {
+        crate::telemetry::TraceContext::from_headers(self.event.headers())
     }
 
     /// The event.
@@ -249,11 +315,8 @@ impl Delivery {
     ///
     /// # Errors
     /// The broker did not take the ack; the error hands the delivery back for a retry.
-    pub async fn ack(mut self) -> Result<(), AckError> {
-        match self.acker.ack().await {
-            Ok(()) => Ok(()),
-            Err(error) => Err(AckError::new(error, self)),
-        }
+    pub async fn ack(self) -> Result<(), AckError> {
+        self.settle(Settle::Ack, Duration::ZERO).await
     }
 
     /// Asks for redelivery after `delay` (`Duration::ZERO` for at once).
@@ -261,19 +324,37 @@ impl Delivery {
     /// # Errors
     /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) where the broker has no
     /// nack (core NATS, MQTT), or a broker error; the delivery comes back in the error.
-    pub async fn nack(mut self, delay: Duration) -> Result<(), AckError> {
-        match self.acker.nack(delay).await {
-            Ok(()) => Ok(()),
-            Err(error) => Err(AckError::new(error, self)),
-        }
+    pub async fn nack(self, delay: Duration) -> Result<(), AckError> {
+        self.settle(Settle::Nack, delay).await
     }
 
     /// Drops the message for good: it is not redelivered.
     ///
     /// # Errors
     /// As for [`ack`](Self::ack).
-    pub async fn term(mut self) -> Result<(), AckError> {
-        match self.acker.term().await {
+    pub async fn term(self) -> Result<(), AckError> {
+        self.settle(Settle::Term, Duration::ZERO).await
+    }
+
+    async fn settle(mut self, how: Settle, delay: Duration) -> Result<(), AckError> {
+        let start = self.metrics.is_some().then(Instant::now);
+        let span = self.span.clone();
+        let fut = match how {
+            Settle::Ack => self.acker.ack(),
+            Settle::Nack => self.acker.nack(delay),
+            Settle::Term => self.acker.term(),
+        };
+        let result = fut.instrument(span).await;
+        if let (Some(m), Some(start)) = (&self.metrics, start) {
+            let m = &m.0;
+            match (&result, how) {
+                (Ok(()), Settle::Ack) => m.ack_duration.record(start.elapsed().as_secs_f64()),
+                (Ok(()), Settle::Nack) => m.nacked.increment(1),
+                (Ok(()), Settle::Term) => m.terminated.increment(1),
+                (Err(_), _) => m.settle_errors.increment(1),
+            }
+        }
+        match result {
             Ok(()) => Ok(()),
             Err(error) => Err(AckError::new(error, self)),
         }

@@ -1,5 +1,6 @@
 //! Event headers: an ordered, case-insensitive multimap of UTF-8 names and values.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::{Error, ErrorKind, Result};
@@ -28,7 +29,8 @@ pub const MAX_HEADER_NAME_LEN: usize = 256;
 /// ```
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Headers {
-    entries: Vec<(String, String)>,
+    // Names are `Cow` so polybus' own headers (`traceparent`) cost no allocation for the name.
+    entries: Vec<(Cow<'static, str>, String)>,
 }
 
 impl Headers {
@@ -78,8 +80,16 @@ impl Headers {
         let (name, value) = (name.into(), value.into());
         validate(&name, &value)?;
         self.remove(&name);
-        self.entries.push((name, value));
+        self.entries.push((Cow::Owned(name), value));
         Ok(())
+    }
+
+    /// Sets the static `name` (already known to be legal) to `value`, replacing earlier values:
+    /// no allocation for the name.
+    pub(crate) fn insert_static(&mut self, name: &'static str, value: String) {
+        debug_assert!(validate(name, &value).is_ok(), "{name}: {value:?}");
+        self.remove(name);
+        self.entries.push((Cow::Borrowed(name), value));
     }
 
     /// Adds a value for `name`, keeping earlier ones.
@@ -89,14 +99,14 @@ impl Headers {
     pub fn append(&mut self, name: impl Into<String>, value: impl Into<String>) -> Result<()> {
         let (name, value) = (name.into(), value.into());
         validate(&name, &value)?;
-        self.entries.push((name, value));
+        self.entries.push((Cow::Owned(name), value));
         Ok(())
     }
 
     /// Adds an entry without validating it. For adapters that decode headers which the broker
     /// already accepted and that must be passed on unchanged.
     pub fn append_unchecked(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        self.entries.push((name.into(), value.into()));
+        self.entries.push((Cow::Owned(name.into()), value.into()));
     }
 
     /// Removes every value of `name`; returns how many were removed.
@@ -108,7 +118,7 @@ impl Headers {
 
     /// Iterates over `(name, value)` pairs in insertion order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
-        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+        self.entries.iter().map(|(n, v)| (n.as_ref(), v.as_str()))
     }
 }
 

@@ -12,6 +12,9 @@
 //! * [`BoxPublisher`] / [`BoxConsumer`]: erased types for brokers chosen at run time.
 //! * [`MemoryBroker`]: an in-process backend for tests and embedding.
 //! * [`cloudevents`]: the CloudEvents mapping the broker bindings share.
+//! * [`telemetry`]: a `tracing` span per publish and per delivery with the OpenTelemetry
+//!   messaging attributes, and W3C `traceparent` carried across brokers; [`metrics`]: counters,
+//!   gauges and histograms through the `metrics` facade.
 //!
 //! This crate depends on no broker client.
 //!
@@ -49,6 +52,8 @@ mod error;
 mod event;
 mod headers;
 mod memory;
+pub mod metrics;
+pub mod telemetry;
 pub mod time;
 pub mod topic;
 mod traits;

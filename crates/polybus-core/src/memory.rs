@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use futures_core::Stream;
 
+use crate::telemetry::Telemetry;
 use crate::traits::MessageConsumer;
 use crate::{
     AckFuture, Acker, Backlog, Capabilities, Consumer, Delivery, Error, ErrorKind, Event, Ordering,
@@ -138,6 +139,7 @@ impl MemoryBroker {
             broker: self.clone(),
             closed: Arc::new(AtomicBool::new(false)),
             source: None,
+            telemetry: Telemetry::new(BACKEND),
         }
     }
 
@@ -146,6 +148,7 @@ impl MemoryBroker {
         MemoryConsumer {
             broker: self.clone(),
             group: None,
+            telemetry: Telemetry::new(BACKEND),
         }
     }
 
@@ -154,6 +157,7 @@ impl MemoryBroker {
         MemoryConsumer {
             broker: self.clone(),
             group: Some(group.into()),
+            telemetry: Telemetry::new(BACKEND),
         }
     }
 
@@ -209,6 +213,7 @@ pub struct MemoryPublisher {
     broker: MemoryBroker,
     closed: Arc<AtomicBool>,
     source: Option<Cow<'static, str>>,
+    telemetry: Telemetry,
 }
 
 impl MemoryPublisher {
@@ -219,6 +224,11 @@ impl MemoryPublisher {
     }
 
     async fn publish_inner(&self, topic: &str, mut event: Event) -> Result<Receipt> {
+        let scope = self.telemetry.publish(topic, &mut event);
+        scope.run(self.publish_traced(topic, event)).await
+    }
+
+    async fn publish_traced(&self, topic: &str, mut event: Event) -> Result<Receipt> {
         if self.closed.load(AtomicOrdering::Acquire) {
             return Err(Error::closed(BACKEND).with_message("publisher is closed"));
         }
@@ -279,6 +289,7 @@ impl Publisher for MemoryPublisher {
 pub struct MemoryConsumer {
     broker: MemoryBroker,
     group: Option<String>,
+    telemetry: Telemetry,
 }
 
 impl Consumer for MemoryConsumer {
@@ -293,6 +304,7 @@ impl Consumer for MemoryConsumer {
             max_in_flight: self.broker.inner.config.max_in_flight,
             error,
             failed: false,
+            telemetry: self.telemetry.clone(),
         }
     }
 
@@ -308,6 +320,7 @@ pub struct MemorySubscription {
     max_in_flight: usize,
     error: Option<Error>,
     failed: bool,
+    telemetry: Telemetry,
 }
 
 impl fmt::Debug for MemorySubscription {
@@ -348,7 +361,7 @@ impl Stream for MemorySubscription {
             let delivery = Delivery::new(event, topic, acker)
                 .with_sequence(offset)
                 .with_delivery_count(attempt);
-            return Poll::Ready(Some(Ok(delivery)));
+            return Poll::Ready(Some(Ok(this.telemetry.delivered(delivery))));
         }
         if !state.waiters.iter().any(|w| w.will_wake(cx.waker())) {
             state.waiters.push(cx.waker().clone());

@@ -43,6 +43,7 @@ struct Shared {
     opts: JsOptions,
     /// Topic -> the stream covering it, once resolved.
     streams: Mutex<HashMap<String, String>>,
+    telemetry: polybus_core::telemetry::Telemetry,
 }
 
 impl Drop for Shared {
@@ -98,6 +99,7 @@ impl JetStream {
                 ctx,
                 opts,
                 streams: Mutex::default(),
+                telemetry: polybus_core::telemetry::Telemetry::new(BACKEND),
             }),
         }
     }
@@ -114,6 +116,10 @@ impl JetStream {
 
     pub(crate) fn options(&self) -> &JsOptions {
         &self.inner.opts
+    }
+
+    pub(crate) fn telemetry(&self) -> &polybus_core::telemetry::Telemetry {
+        &self.inner.telemetry
     }
 
     /// A producer sharing this connection (`close` does not close the connection).
@@ -235,6 +241,22 @@ impl JetStream {
     /// `NotFound` when no stream covers it under [`StreamPolicy::Existing`]; `InvalidTopic` for
     /// an illegal subject; others as for [`ensure_stream`](Self::ensure_stream).
     pub async fn stream_for(&self, topic: &str) -> Result<String> {
+        // A user who may not call the JetStream API gets no answer, only the server's
+        // permission violation: that ends the wait, as `Unauthorized`.
+        let since = self.inner.conn.violation_mark();
+        let refused = std::pin::pin!(
+            self.inner
+                .conn
+                .publish_refused_under("$JS.API.", since, BACKEND)
+        );
+        let found = std::pin::pin!(self.find_stream(topic));
+        match futures_util::future::select(found, refused).await {
+            futures_util::future::Either::Left((found, _)) => found,
+            futures_util::future::Either::Right((e, _)) => Err(e),
+        }
+    }
+
+    async fn find_stream(&self, topic: &str) -> Result<String> {
         polybus_nats::validate_subscribe_subject(topic, BACKEND)?;
         if let Some(s) = lock(&self.inner.streams).get(topic) {
             return Ok(s.clone());

@@ -65,8 +65,10 @@ pub const CAPABILITIES: Capabilities = Capabilities::NONE
 /// than `max_ack_pending` unsettled deliveries per consumer. A delivery dropped unsettled is
 /// nak'ed; messages pulled but not yet handed out when a subscription is dropped are nak'ed
 /// too, so they return quickly to the other members of the group. Acks are sent without
-/// waiting for the server unless [`ConsumerSettings::confirm_acks`](crate::ConsumerSettings)
-/// is set.
+/// waiting for the server (like async-nats's `ack`) unless
+/// [`ConsumerSettings::confirm_acks`](crate::ConsumerSettings) is set: a process about to exit
+/// calls [`close`](Self::close), which drains the connection so queued acks reach the server.
+/// An ack lost otherwise means a redelivery, never a lost message.
 ///
 /// ```no_run
 /// use polybus_jetstream::{JsConsumer, JsProducer};
@@ -440,7 +442,15 @@ impl JsSubscription {
             .unwrap_or((None, 1));
         let (message, acker) = msg.split();
         let mut event =
-            polybus_nats::decode_event(message.headers.as_ref(), message.payload, BACKEND)?;
+            match polybus_nats::decode_event(message.headers.as_ref(), message.payload, BACKEND) {
+                Ok(event) => event,
+                Err(e) => {
+                    // The acker drops here unsettled: the server redelivers after `ack_wait`
+                    // until `max_deliver`, as for any message the application cannot take.
+                    self.js.telemetry().decode_failed(&e);
+                    return Err(e);
+                }
+            };
         event.headers_mut().remove(MSG_ID_HEADER);
         let acker = JsAcker {
             acker: Some(acker),
@@ -452,7 +462,7 @@ impl JsSubscription {
         if let Some(seq) = sequence {
             d = d.with_sequence(seq);
         }
-        Ok(d)
+        Ok(self.js.telemetry().delivered(d))
     }
 }
 

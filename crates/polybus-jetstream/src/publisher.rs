@@ -141,6 +141,11 @@ impl JsProducer {
     }
 
     async fn publish_event(&self, topic: &str, mut event: Event) -> Result<Receipt> {
+        let scope = self.inner.js.telemetry().publish(topic, &mut event);
+        scope.run(self.publish_traced(topic, event)).await
+    }
+
+    async fn publish_traced(&self, topic: &str, mut event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
         polybus_nats::validate_publish_subject(topic, BACKEND)?;
         event.validate()?;
@@ -156,6 +161,7 @@ impl JsProducer {
         headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
         polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
         self.ensure_stream(topic).await?;
+        let since = self.inner.js.connection().violation_mark();
         let ack = self
             .inner
             .js
@@ -165,9 +171,21 @@ impl JsProducer {
                 PublishMessage::build().payload(payload).headers(headers),
             )
             .await
-            .map_err(|e| error::publish(e, topic))?
-            .await
             .map_err(|e| error::publish(e, topic))?;
+        // A publish the user may not make is dropped by the server, which reports it
+        // asynchronously: that report ends the wait for an acknowledgement that cannot come.
+        let refused = self
+            .inner
+            .js
+            .connection()
+            .publish_refused(topic, since, BACKEND);
+        let ack = std::pin::pin!(ack.into_future());
+        let ack = match futures_util::future::select(ack, std::pin::pin!(refused)).await {
+            futures_util::future::Either::Left((ack, _)) => {
+                ack.map_err(|e| error::publish(e, topic))?
+            }
+            futures_util::future::Either::Right((e, _)) => return Err(e),
+        };
         Ok(Receipt::new(topic)
             .with_sequence(ack.sequence)
             .with_duplicate(ack.duplicate))

@@ -166,7 +166,7 @@ impl KafkaAdmin {
         let topic = topic.to_owned();
         let timeout = self.cfg.connect_timeout();
         let brokers = self.cfg.brokers().to_owned();
-        blocking(move || {
+        let found = blocking(move || {
             let md = client
                 .inner()
                 .fetch_metadata(Some(&topic), timeout)
@@ -177,7 +177,11 @@ impl KafkaAdmin {
                 .find(|t| t.name() == topic && t.error().is_none())
                 .map(|t| t.partitions().len()))
         })
-        .await
+        .await;
+        match found {
+            Err(e) if e.kind() == ErrorKind::Connect => Err(self.explain_unreachable(e).await),
+            other => other,
+        }
     }
 
     async fn create(
@@ -210,38 +214,86 @@ impl KafkaAdmin {
         }
     }
 
-    /// No answer in time: `Unauthorized` if a short probe sees librdkafka refuse the
-    /// credentials (only tried when SASL is configured), `Connect` otherwise.
+    /// No answer in time: see [`explain_unreachable`](Self::explain_unreachable).
     async fn unreachable(&self) -> Error {
-        let connect = timeout_connect(self.cfg.brokers(), self.cfg.connect_timeout());
-        if !self.cfg.uses_sasl() {
+        self.explain_unreachable(timeout_connect(
+            self.cfg.brokers(),
+            self.cfg.connect_timeout(),
+        ))
+        .await
+    }
+
+    /// No answer in time (`connect`): when SASL or TLS is configured, a short probe asks
+    /// librdkafka why. Refused credentials are `Unauthorized`; a failed TLS handshake stays
+    /// `Connect` with librdkafka's reason (certificate verify failed, ...), or is
+    /// `Unauthorized` when the broker refused our client certificate.
+    async fn explain_unreachable(&self, connect: Error) -> Error {
+        if !self.cfg.uses_sasl() && !self.cfg.uses_tls() {
             return connect;
         }
         let config = self.cfg.admin_client_config();
         let probe = blocking(move || Ok(probe_auth_failure(&config, Duration::from_secs(3)))).await;
+        let brokers = self.cfg.brokers();
         match probe {
-            Ok(Some(reason)) => Error::new(ErrorKind::Unauthorized, BACKEND).with_message(format!(
-                "the broker at {} refused the credentials: {reason}",
-                self.cfg.brokers()
-            )),
+            Ok(Some(Failure::Auth(reason))) => Error::new(ErrorKind::Unauthorized, BACKEND)
+                .with_message(format!(
+                    "the broker at {brokers} refused the credentials: {reason}"
+                )),
+            Ok(Some(Failure::Tls(reason))) => {
+                let refused_us = [
+                    "alert",
+                    "certificate required",
+                    "unknown ca",
+                    "bad certificate",
+                ]
+                .iter()
+                .any(|s| reason.to_ascii_lowercase().contains(s))
+                    && !reason.contains("certificate verify failed");
+                let kind = if refused_us {
+                    ErrorKind::Unauthorized
+                } else {
+                    ErrorKind::Connect
+                };
+                Error::new(kind, BACKEND).with_message(format!(
+                    "TLS handshake with {brokers} failed (certificate not trusted, host name \
+                     mismatch, or client certificate refused): {reason}"
+                ))
+            }
             _ => connect,
         }
     }
 }
 
+/// Why librdkafka could not talk to the broker.
+enum Failure {
+    /// SASL refused.
+    Auth(String),
+    /// The TLS handshake failed.
+    Tls(String),
+}
+
 /// Collects what librdkafka reports while a throwaway producer connects.
 #[derive(Default)]
 struct ProbeCtx {
-    auth_failure: std::sync::Mutex<Option<String>>,
+    failure: std::sync::Mutex<Option<Failure>>,
 }
 
 impl ClientContext for ProbeCtx {
     fn log(&self, _: rdkafka::config::RDKafkaLogLevel, _: &str, _: &str) {}
     fn error(&self, error: KafkaError, reason: &str) {
-        if code_of(&error).map(kind_of_code) == Some(ErrorKind::Unauthorized)
-            && let Ok(mut a) = self.auth_failure.lock()
+        let failure = match code_of(&error) {
+            Some(RDKafkaErrorCode::SSL) => Failure::Tls(reason.to_owned()),
+            Some(code) if kind_of_code(code) == ErrorKind::Unauthorized => {
+                Failure::Auth(reason.to_owned())
+            }
+            // A TLS failure is often reported as a transport failure naming SSL.
+            _ if reason.contains("SSL") => Failure::Tls(reason.to_owned()),
+            _ => return,
+        };
+        if let Ok(mut f) = self.failure.lock()
+            && f.is_none()
         {
-            *a = Some(reason.to_owned());
+            *f = Some(failure);
         }
     }
 }
@@ -252,8 +304,8 @@ impl rdkafka::producer::ProducerContext for ProbeCtx {
 }
 
 /// Connects a throwaway producer with `config` for up to `wait` and returns the reason of an
-/// authentication failure, if librdkafka reports one.
-fn probe_auth_failure(config: &rdkafka::ClientConfig, wait: Duration) -> Option<String> {
+/// authentication or TLS failure, if librdkafka reports one.
+fn probe_auth_failure(config: &rdkafka::ClientConfig, wait: Duration) -> Option<Failure> {
     use rdkafka::producer::Producer as _;
     let producer: rdkafka::producer::BaseProducer<ProbeCtx> =
         config.create_with_context(ProbeCtx::default()).ok()?;
@@ -264,14 +316,14 @@ fn probe_auth_failure(config: &rdkafka::ClientConfig, wait: Duration) -> Option<
         .fetch_metadata(None, Duration::from_millis(500));
     while std::time::Instant::now() < deadline {
         producer.poll(Duration::from_millis(100));
-        if let Some(reason) = producer
+        if let Some(failure) = producer
             .context()
-            .auth_failure
+            .failure
             .lock()
             .ok()
-            .and_then(|a| a.clone())
+            .and_then(|mut f| f.take())
         {
-            return Some(reason);
+            return Some(failure);
         }
     }
     None

@@ -2,10 +2,13 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use polybus_core::cloudevents::Mode;
-use polybus_core::{Error, ErrorKind, Result};
+use polybus_core::{Error, ErrorKind, Event, Result};
 use rdkafka::ClientConfig;
 
 use crate::error::BACKEND;
@@ -60,6 +63,51 @@ struct Tls {
     key_password: Option<Secret>,
 }
 
+/// How the record key of a published event is chosen (the CloudEvents Kafka binding's "Key
+/// Mapper"). Whatever it returns, the event itself is not changed: its `partitionkey`
+/// attribute is still written.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum KeyMapper {
+    /// The event's key (the binding's default: the user-provided record key).
+    #[default]
+    EventKey,
+    /// The `partitionkey` attribute as written, if present (the binding's opt-in mapper).
+    /// polybus writes `partitionkey` from the event key when it is UTF-8, so this differs
+    /// from [`EventKey`](Self::EventKey) only for keys that are not UTF-8: they get no record
+    /// key (and so a random partition).
+    PartitionKey,
+    /// Any function of the event.
+    Custom(KeyFn),
+}
+
+/// A custom key mapping function, for [`KeyMapper::Custom`].
+pub type KeyFn = Arc<dyn Fn(&Event) -> Option<Bytes> + Send + Sync>;
+
+impl KeyMapper {
+    /// The record key for `event`.
+    pub fn key(&self, event: &Event) -> Option<Bytes> {
+        match self {
+            KeyMapper::EventKey => event.key_bytes().cloned(),
+            KeyMapper::PartitionKey => event
+                .key_bytes()
+                .filter(|k| std::str::from_utf8(k).is_ok())
+                .cloned(),
+            KeyMapper::Custom(f) => f(event),
+        }
+    }
+}
+
+impl fmt::Debug for KeyMapper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KeyMapper::EventKey => "EventKey",
+            KeyMapper::PartitionKey => "PartitionKey",
+            KeyMapper::Custom(_) => "Custom(..)",
+        })
+    }
+}
+
 /// Configuration of a Kafka connection, as the seed writes it:
 ///
 /// ```
@@ -75,7 +123,8 @@ struct Tls {
 /// 1000000`, stored offsets auto-committed every second, a 10 s connect timeout.
 ///
 /// Secrets (SASL password, TLS key password, and passthrough properties whose name contains
-/// `password` or `secret`) never appear in `Debug` output:
+/// `password`, `secret`, `token`, `credential`, `private` or `key.pem`, and
+/// `sasl.oauthbearer.config`) never appear in `Debug` output:
 ///
 /// ```
 /// use polybus_kafka::{KafkaConfig, SaslMechanism};
@@ -108,6 +157,8 @@ pub struct KafkaConfig {
     sasl: Option<Sasl>,
     tls: Tls,
     extra: Vec<(String, String)>,
+    key_mapper: KeyMapper,
+    lag_interval: Duration,
 }
 
 impl KafkaConfig {
@@ -136,7 +187,33 @@ impl KafkaConfig {
             sasl: None,
             tls: Tls::default(),
             extra: Vec::new(),
+            key_mapper: KeyMapper::EventKey,
+            lag_interval: Duration::from_secs(10),
         }
+    }
+
+    /// Chooses the record key of published events (default [`KeyMapper::EventKey`]).
+    ///
+    /// ```
+    /// use polybus_kafka::{KafkaConfig, KeyMapper};
+    /// let cfg = KafkaConfig::new("localhost:9092", "g1").with_key_mapper(KeyMapper::PartitionKey);
+    /// assert!(matches!(cfg.key_mapper(), KeyMapper::PartitionKey));
+    /// ```
+    pub fn with_key_mapper(mut self, mapper: KeyMapper) -> Self {
+        self.key_mapper = mapper;
+        self
+    }
+
+    /// The key mapper.
+    pub fn key_mapper(&self) -> &KeyMapper {
+        &self.key_mapper
+    }
+
+    /// How often consumers report their lag to the `polybus_consumer_lag` gauge (librdkafka
+    /// statistics, `statistics.interval.ms`; default 10 s, `Duration::ZERO` turns it off).
+    pub fn with_lag_interval(mut self, interval: Duration) -> Self {
+        self.lag_interval = interval;
+        self
     }
 
     /// Turns the idempotent producer (`enable.idempotence`, on by default) on or off. With it,
@@ -335,6 +412,13 @@ impl KafkaConfig {
                 k == "security.protocol" && v.to_ascii_uppercase().starts_with("SASL")
             })
     }
+    pub(crate) fn uses_tls(&self) -> bool {
+        self.tls.enabled
+            || self
+                .extra
+                .iter()
+                .any(|(k, v)| k == "security.protocol" && v.to_ascii_uppercase().ends_with("SSL"))
+    }
     pub(crate) fn source(&self) -> Option<&Cow<'static, str>> {
         self.source.as_ref()
     }
@@ -420,6 +504,10 @@ impl KafkaConfig {
         );
         c.set("auto.offset.reset", &self.auto_offset_reset);
         c.set(
+            "statistics.interval.ms",
+            self.lag_interval.as_millis().to_string(),
+        );
+        c.set(
             "isolation.level",
             if self.isolation_read_committed {
                 "read_committed"
@@ -461,7 +549,14 @@ impl KafkaConfig {
 
 fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.contains("sasl.oauthbearer.config")
+    k.contains("password")
+        || k.contains("secret")
+        || k.contains("sasl.oauthbearer.config")
+        // `ssl.key.pem`: the private key itself, inline.
+        || k.contains("key.pem")
+        || k.contains("private")
+        || k.contains("token")
+        || k.contains("credential")
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -498,6 +593,8 @@ impl fmt::Debug for KafkaConfig {
             .field("sasl", &self.sasl)
             .field("tls", &self.tls)
             .field("extra", &extra)
+            .field("key_mapper", &self.key_mapper)
+            .field("lag_interval", &self.lag_interval)
             .finish()
     }
 }

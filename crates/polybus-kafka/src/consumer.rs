@@ -136,9 +136,25 @@ impl Tracker {
 
 struct Ctx {
     tracker: Arc<Mutex<Tracker>>,
+    telemetry: polybus_core::telemetry::Telemetry,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the summed consumer lag of
+    /// the partitions this member consumes goes to the `polybus_consumer_lag` gauge.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        self.telemetry
+            .instruments()
+            .set_consumer_lag(u64::try_from(lag).unwrap_or(0));
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -172,6 +188,7 @@ struct Core {
     topics: Arc<TopicEnsurer>,
     group: String,
     timeout: Duration,
+    telemetry: polybus_core::telemetry::Telemetry,
 }
 
 impl Core {
@@ -182,10 +199,12 @@ impl Core {
                 .with_message("a Kafka consumer must be created inside a tokio runtime"));
         }
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let telemetry = polybus_core::telemetry::Telemetry::new(BACKEND);
         let consumer: Native = cfg
             .consumer_client_config(group)
             .create_with_context(Ctx {
                 tracker: Arc::clone(&tracker),
+                telemetry: telemetry.clone(),
             })
             .map_err(|e| from_kafka(e, "creating the consumer"))?;
         Ok(Arc::new(Core {
@@ -194,6 +213,7 @@ impl Core {
             topics: TopicEnsurer::new(cfg),
             group: group.to_owned(),
             timeout: cfg.connect_timeout(),
+            telemetry,
         }))
     }
 
@@ -444,7 +464,7 @@ impl Reader {
         if let Ok(o) = u64::try_from(offset) {
             d = d.with_sequence(o);
         }
-        d
+        self.core.telemetry.delivered(d)
     }
 
     /// The next delivery. Cancel-safe: a message taken from librdkafka is returned in the
@@ -506,6 +526,7 @@ impl Reader {
                             Err(e) => {
                                 // A record that claims to be a CloudEvent but is malformed: it is
                                 // reported once and committed past (it can never be decoded).
+                                self.core.telemetry.decode_failed(&e);
                                 let mut a = self.acker(None, topic, partition, offset, epoch, 1);
                                 let _ = a.settle();
                                 return Some(Err(e.with_message(format!("record at {}/{partition}@{offset} is not a valid CloudEvent", m.topic()))));
@@ -598,6 +619,10 @@ async fn lag(core: Arc<Core>) -> Result<Vec<PartitionLag>> {
                 lag: (high - committed.unwrap_or(low)).max(0),
             });
         }
+        let total: i64 = out.iter().map(|p| p.lag).sum();
+        core.telemetry
+            .instruments()
+            .set_consumer_lag(u64::try_from(total).unwrap_or(0));
         Ok(out)
     })
     .await

@@ -74,7 +74,7 @@ mod publisher;
 mod transaction;
 
 pub use admin::{KafkaAdmin, MAX_TOPIC_LEN, validate_topic};
-pub use config::{KafkaConfig, SaslMechanism};
+pub use config::{KafkaConfig, KeyFn, KeyMapper, SaslMechanism};
 pub use consumer::{KafkaConsumer, KafkaStream, PartitionLag};
 pub use publisher::{CAPABILITIES, KafkaProducer};
 pub use transaction::{KafkaTransactionalProducer, next_offsets};

@@ -64,6 +64,8 @@ struct Inner {
     source: Option<Cow<'static, str>>,
     max_bytes: usize,
     brokers: String,
+    key_mapper: crate::config::KeyMapper,
+    telemetry: polybus_core::telemetry::Telemetry,
 }
 
 impl std::fmt::Debug for KafkaProducer {
@@ -102,6 +104,8 @@ impl KafkaProducer {
                 source: cfg.source().cloned(),
                 max_bytes: cfg.message_max_bytes(),
                 brokers: cfg.brokers().to_owned(),
+                key_mapper: cfg.key_mapper().clone(),
+                telemetry: polybus_core::telemetry::Telemetry::new(BACKEND),
             }),
         }
     }
@@ -124,6 +128,11 @@ impl KafkaProducer {
     /// broker answers while the topic is checked; `Timeout` when the record could not be
     /// delivered within `message.timeout.ms`; `Unauthorized` without permission.
     pub async fn publish(&self, topic: &str, mut event: Event) -> Result<Receipt> {
+        let scope = self.inner.telemetry.publish(topic, &mut event);
+        scope.run(self.publish_traced(topic, event)).await
+    }
+
+    async fn publish_traced(&self, topic: &str, mut event: Event) -> Result<Receipt> {
         if self.inner.closed.load(AtomicOrdering::Acquire) {
             return Err(closed("the producer"));
         }
@@ -131,7 +140,7 @@ impl KafkaProducer {
         if let Some(src) = &self.inner.source {
             event.set_source_if_unset(src);
         }
-        let encoded = convert::encode(&event, self.inner.mode)?;
+        let encoded = convert::encode(&event, self.inner.mode, &self.inner.key_mapper)?;
         if encoded.size > self.inner.max_bytes {
             return Err(
                 Error::new(ErrorKind::PayloadTooLarge, BACKEND).with_message(format!(
@@ -156,9 +165,12 @@ impl KafkaProducer {
             headers,
             ..
         } = encoded;
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic)
-            .payload(&value[..])
-            .headers(headers);
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+        // Binary mode without data is a record without value (a tombstone), as the binding
+        // says; structured mode always has a value.
+        if !value.is_empty() {
+            record = record.payload(&value[..]);
+        }
         if let Some(k) = key.as_deref() {
             record = record.key(k);
         }

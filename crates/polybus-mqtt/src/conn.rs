@@ -44,6 +44,8 @@ pub(crate) struct Inner {
     shutdown: Notify,
     done_tx: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Spans, trace context and metrics of every producer and consumer on this connection.
+    pub(crate) telemetry: polybus_core::telemetry::Telemetry,
 }
 
 /// A request handed (or to be handed) to rumqttc, in order.
@@ -132,6 +134,7 @@ impl Inner {
             shutdown: Notify::new(),
             done_tx,
             task: Mutex::new(None),
+            telemetry: polybus_core::telemetry::Telemetry::new(BACKEND),
         });
         let task = tokio::spawn(run(inner.clone(), driver));
         *inner.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -747,6 +750,7 @@ impl Inner {
         {
             Ok(ev) => ev,
             Err(e) => {
+                self.telemetry.decode_failed(&e);
                 // A malformed CloudEvent: tell the consumers, and consume it so it does not
                 // come back for ever.
                 for id in &targets {

@@ -113,6 +113,11 @@ impl MqttConsumer {
     /// and every buffered delivery was taken; a malformed CloudEvent as
     /// [`ErrorKind::Codec`](polybus_core::ErrorKind::Codec) (that message is consumed).
     pub async fn next(&mut self) -> Result<Delivery> {
+        let item = self.next_raw().await;
+        item.map(|d| self.handle.inner.telemetry.delivered(d))
+    }
+
+    async fn next_raw(&mut self) -> Result<Delivery> {
         tokio::select! {
             biased;
             item = self.rx.recv() => item.unwrap_or_else(|| Err(Error::closed(BACKEND))),
@@ -325,8 +330,12 @@ impl Stream for MqttSubscription {
                 }
             }
         }
+        // The delivery span is opened here, in the consumer's task, not in the connection's.
+        let telemetry = &this.handle.inner.telemetry;
         match this.rx.as_mut() {
-            Some(rx) => rx.poll_recv(cx),
+            Some(rx) => rx
+                .poll_recv(cx)
+                .map(|item| item.map(|r| r.map(|d| telemetry.delivered(d)))),
             None => Poll::Ready(None),
         }
     }

@@ -31,6 +31,22 @@ pub(crate) struct Encoded {
     pub(crate) content_type: Option<String>,
 }
 
+/// CloudEvents context attribute names (and the structured-mode data members): as MQTT 5 user
+/// properties they mean the attribute.
+const CONTEXT_ATTRIBUTES: [&str; 11] = [
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "time",
+    "datacontenttype",
+    "dataschema",
+    "subject",
+    "partitionkey",
+    "data",
+    "data_base64",
+];
+
 /// Encodes `ev` for `protocol` in `mode`. The payload is not copied in binary mode.
 pub(crate) fn encode(ev: &Event, protocol: Protocol, mode: Mode) -> Result<Encoded> {
     match (protocol, mode) {
@@ -49,6 +65,19 @@ pub(crate) fn encode(ev: &Event, protocol: Protocol, mode: Mode) -> Result<Encod
                 },
                 |name, value| plain.push((name.to_owned(), value.to_owned())),
             );
+            // User properties carry attributes without a prefix, so a plain header named like a
+            // context attribute would be read back as that attribute.
+            if let Some((name, _)) = plain
+                .iter()
+                .find(|(n, _)| CONTEXT_ATTRIBUTES.contains(&n.as_str()))
+            {
+                return Err(
+                    Error::new(ErrorKind::InvalidHeader, BACKEND).with_message(format!(
+                        "header {name:?} is a CloudEvents attribute name, which MQTT 5 binary mode \
+                     carries as a user property of the same name; rename it or use structured mode"
+                    )),
+                );
+            }
             props.append(&mut plain);
             Ok(Encoded {
                 payload: ev.data().clone(),
@@ -116,8 +145,16 @@ pub(crate) fn decode(
         && (cloudevents::is_structured_content_type(ct) || ct.contains("+json"))
     {
         let mut ev = cloudevents::from_structured(payload, BACKEND)?;
+        // User properties that repeat an attribute of the JSON body (a writer may copy them)
+        // are skipped; every other one is a header, repeated names included.
+        let from_json = ev.headers().len();
         for (name, value) in user_properties {
-            if !ev.headers().contains(name) {
+            let in_body = ev
+                .headers()
+                .iter()
+                .take(from_json)
+                .any(|(n, _)| n == name.as_str());
+            if !in_body {
                 ev.headers_mut()
                     .append_unchecked(name.clone(), value.clone());
             }
@@ -270,5 +307,210 @@ mod tests {
         let bad = Bytes::from_static(b"{\"specversion\":\"1.0\"}");
         let e = decode(&bad, &[], Some("application/cloudevents+json")).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Codec);
+    }
+
+    #[test]
+    fn v5_binary_refuses_a_plain_header_named_like_an_attribute() {
+        let ev = Event::builder().header("type", "x").build().unwrap();
+        let e = encode(&ev, Protocol::V5, Mode::Binary).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidHeader);
+        // Structured mode carries it (the attributes are in the JSON body).
+        let enc = encode(&ev, Protocol::V5, Mode::Structured).unwrap();
+        let back = decode(
+            &enc.payload,
+            &enc.user_properties,
+            enc.content_type.as_deref(),
+        )
+        .unwrap();
+        assert_eq!(back.headers().get("type"), Some("x"));
+        assert_eq!(back.kind(), ev.kind());
+    }
+
+    mod props {
+        //! Property tests of the CloudEvents MQTT binding (MQTT 5 binary and structured, MQTT
+        //! 3.1.1 structured): arbitrary events round-trip with every attribute, and decoding
+        //! arbitrary payloads and properties never panics. 10,000 cases each.
+
+        use std::time::{Duration, UNIX_EPOCH};
+
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            "[^\\p{Cc}]{1,24}"
+        }
+
+        #[derive(Debug, Clone)]
+        struct Case {
+            id: String,
+            source: String,
+            kind: String,
+            micros: u64,
+            key: Option<String>,
+            content_type: Option<String>,
+            extensions: Vec<(String, String)>,
+            plain: Vec<(String, String)>,
+            traceparent: bool,
+            data: Vec<u8>,
+            json: i64,
+        }
+
+        fn case() -> impl Strategy<Value = Case> {
+            (
+                (text(), text(), text(), 0u64..253_402_300_799_000_000),
+                (
+                    proptest::option::of("[^\\p{Cc}]{0,16}"),
+                    prop_oneof![
+                        Just(None),
+                        Just(Some("application/json".to_owned())),
+                        Just(Some("text/plain; charset=utf-8".to_owned())),
+                        Just(Some("application/octet-stream".to_owned())),
+                    ],
+                ),
+                (
+                    prop::collection::btree_map("[a-z][a-z0-9]{0,9}", "[^\\p{Cc}]{0,16}", 0..4),
+                    prop::collection::vec(("X-[A-Za-z0-9-]{1,10}", "[^\\p{Cc}]{0,16}"), 0..3),
+                    any::<bool>(),
+                ),
+                (prop::collection::vec(any::<u8>(), 0..64), any::<i64>()),
+            )
+                .prop_map(
+                    |(
+                        (id, source, kind, micros),
+                        (key, content_type),
+                        (ext, plain, tp),
+                        (data, json),
+                    )| Case {
+                        id,
+                        source,
+                        kind,
+                        micros,
+                        key,
+                        content_type,
+                        extensions: ext
+                            .into_iter()
+                            .filter(|(n, _)| polybus_core::cloudevents::is_extension_name(n))
+                            .collect(),
+                        plain,
+                        traceparent: tp,
+                        data,
+                        json,
+                    },
+                )
+        }
+
+        impl Case {
+            fn event(&self, structured: bool, with_plain: bool) -> Event {
+                let json = self
+                    .content_type
+                    .as_deref()
+                    .is_some_and(cloudevents::is_json_content_type);
+                let data = if structured && json {
+                    format!("{{\"n\":{}}}", self.json).into_bytes()
+                } else {
+                    self.data.clone()
+                };
+                let mut b = Event::builder()
+                    .id(self.id.clone())
+                    .source(self.source.clone())
+                    .kind(self.kind.clone())
+                    .time(UNIX_EPOCH + Duration::from_micros(self.micros))
+                    .data(data);
+                if let Some(k) = &self.key {
+                    b = b.key(k.clone().into_bytes());
+                }
+                if let Some(ct) = &self.content_type {
+                    b = b.content_type(ct.clone());
+                }
+                for (n, v) in &self.extensions {
+                    b = b.header(n.clone(), v.clone());
+                }
+                if with_plain {
+                    for (n, v) in &self.plain {
+                        b = b.header(n.clone(), v.clone());
+                    }
+                }
+                if self.traceparent {
+                    b = b.header(
+                        "traceparent",
+                        polybus_core::telemetry::TraceContext::new_root().to_string(),
+                    );
+                }
+                b.build().expect("valid event")
+            }
+        }
+
+        fn sorted(ev: &Event) -> Vec<(String, String)> {
+            let mut h: Vec<_> = ev
+                .headers()
+                .iter()
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .collect();
+            h.sort();
+            h
+        }
+
+        fn round_trip(sent: &Event, protocol: Protocol, mode: Mode) -> Result<(), TestCaseError> {
+            let enc = encode(sent, protocol, mode).expect("encodes");
+            let got = decode(
+                &enc.payload,
+                &enc.user_properties,
+                enc.content_type.as_deref(),
+            )
+            .expect("decodes");
+            prop_assert_eq!(got.id(), sent.id());
+            prop_assert_eq!(got.source(), sent.source());
+            prop_assert_eq!(got.kind(), sent.kind());
+            prop_assert_eq!(got.time(), sent.time());
+            prop_assert_eq!(got.key(), sent.key());
+            prop_assert_eq!(got.content_type(), sent.content_type());
+            prop_assert_eq!(sorted(&got), sorted(sent));
+            prop_assert_eq!(got.data(), sent.data());
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            #[test]
+            fn v5_binary_round_trips_every_attribute(c in case()) {
+                round_trip(&c.event(false, true), Protocol::V5, Mode::Binary)?;
+            }
+
+            #[test]
+            fn v5_structured_round_trips_every_attribute(c in case()) {
+                round_trip(&c.event(true, true), Protocol::V5, Mode::Structured)?;
+            }
+
+            #[test]
+            fn v311_structured_round_trips_every_attribute(c in case()) {
+                round_trip(&c.event(true, false), Protocol::V311, Mode::Structured)?;
+            }
+
+            #[test]
+            fn decoding_arbitrary_messages_never_panics(
+                payload in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..64),
+                    "\\{\"specversion\":\"1.0\"[ -~]{0,40}".prop_map(String::into_bytes),
+                ],
+                props in prop::collection::vec(
+                    (
+                        prop_oneof![
+                            "(specversion|id|source|type|time|partitionkey|datacontenttype)",
+                            "[ -~]{0,10}",
+                        ],
+                        prop_oneof![Just("1.0".to_owned()), "\\PC{0,20}"],
+                    ),
+                    0..8,
+                ),
+                content_type in proptest::option::of(prop_oneof![
+                    Just("application/cloudevents+json".to_owned()),
+                    Just("application/cloudevents+avro".to_owned()),
+                    "\\PC{0,20}",
+                ]),
+            ) {
+                let _ = decode(&Bytes::from(payload), &props, content_type.as_deref());
+            }
+        }
     }
 }

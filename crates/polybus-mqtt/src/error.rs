@@ -11,6 +11,47 @@ pub(crate) fn err(kind: ErrorKind, msg: impl Into<std::borrow::Cow<'static, str>
     Error::new(kind, BACKEND).with_message(msg)
 }
 
+/// What a TLS failure means, for the error message.
+fn tls_note(tls: &rustls::Error) -> String {
+    use rustls::AlertDescription as A;
+    match tls {
+        rustls::Error::InvalidCertificate(c) => format!(
+            "TLS: the broker's certificate was refused ({c:?}: an untrusted CA, another host \
+             name, or expired)"
+        ),
+        rustls::Error::AlertReceived(
+            alert @ (A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::UnsupportedCertificate
+            | A::AccessDenied),
+        ) => format!("TLS: the broker refused our client certificate (alert {alert:?})"),
+        other => format!("TLS handshake failed: {other}"),
+    }
+}
+
+fn io_tls(io: &std::io::Error) -> Option<&rustls::Error> {
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+}
+
+/// `Error::new(kind)` with the source, and a message when `tls` failed.
+fn with_tls_note(
+    kind: ErrorKind,
+    tls: Option<&rustls::Error>,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    let err = Error::new(kind, BACKEND);
+    let err = match tls {
+        Some(tls) => err.with_message(tls_note(tls)),
+        None => err,
+    };
+    err.with_source(e)
+}
+
 /// A connection-level error of MQTT 5.
 pub(crate) fn connection_v5(e: rumqttc::v5::ConnectionError) -> Error {
     use rumqttc::v5::{ConnectionError as C, StateError as S};
@@ -37,16 +78,22 @@ pub(crate) fn connection_v5(e: rumqttc::v5::ConnectionError) -> Error {
         C::Tls(_) | C::MqttState(_) => ErrorKind::Connect,
         C::RequestsDone => ErrorKind::Closed,
     };
-    Error::new(kind, BACKEND).with_source(e)
+    let tls = match &e {
+        C::MqttState(S::Deserialization(rumqttc::v5::mqttbytes::Error::Io(io)))
+        | C::Io(io)
+        | C::MqttState(S::Io(io))
+        | C::Tls(rumqttc::TlsError::Io(io)) => io_tls(io),
+        C::Tls(rumqttc::TlsError::TLS(tls)) => Some(tls),
+        _ => None,
+    }
+    .cloned();
+    with_tls_note(kind, tls.as_ref(), e)
 }
 
 /// An I/O error: `Connect`, unless it carries the broker's TLS refusal of our client
 /// certificate, which is `Unauthorized`.
 fn io_kind(e: &std::io::Error) -> ErrorKind {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
+    match io_tls(e) {
         Some(tls) => tls_kind(tls),
         None => ErrorKind::Connect,
     }
@@ -86,7 +133,16 @@ pub(crate) fn connection_v4(e: rumqttc::ConnectionError) -> Error {
         C::RequestsDone => ErrorKind::Closed,
         _ => ErrorKind::Connect,
     };
-    Error::new(kind, BACKEND).with_source(e)
+    let tls = match &e {
+        C::Io(io)
+        | C::MqttState(S::Io(io))
+        | C::MqttState(S::Deserialization(rumqttc::Error::Io(io)))
+        | C::Tls(rumqttc::TlsError::Io(io)) => io_tls(io),
+        C::Tls(rumqttc::TlsError::TLS(tls)) => Some(tls),
+        _ => None,
+    }
+    .cloned();
+    with_tls_note(kind, tls.as_ref(), e)
 }
 
 fn connack_code_v5(code: p5::ConnectReturnCode) -> ErrorKind {
@@ -156,9 +212,12 @@ pub(crate) fn suback_v5(code: p5::SubscribeReasonCode) -> Result<QoS, Error> {
 pub(crate) fn suback_v4(code: rumqttc::SubscribeReasonCode) -> Result<QoS, Error> {
     match code {
         rumqttc::SubscribeReasonCode::Success(q) => Ok(qos_from_v4(q)),
+        // MQTT 3.1.1 has one failure code for every refusal; brokers send it for a filter
+        // the client may not subscribe to (mosquitto: an ACL denial).
         rumqttc::SubscribeReasonCode::Failure => Err(err(
-            ErrorKind::Rejected,
-            "the broker refused the subscription (SUBACK 0x80: not allowed or not supported)",
+            ErrorKind::Unauthorized,
+            "the broker refused the subscription (SUBACK 0x80; MQTT 3.1.1 gives no reason, \
+             usually a missing permission)",
         )),
     }
 }
@@ -228,6 +287,18 @@ mod tests {
                 .unwrap_err()
                 .kind(),
             ErrorKind::Unsupported
+        );
+        assert_eq!(
+            suback_v4(rumqttc::SubscribeReasonCode::Failure)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Unauthorized
+        );
+        assert_eq!(
+            suback_v5(p5::SubscribeReasonCode::NotAuthorized)
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Unauthorized
         );
         assert_eq!(
             suback_v4(rumqttc::SubscribeReasonCode::Success(

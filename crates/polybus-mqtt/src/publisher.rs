@@ -132,6 +132,19 @@ impl MqttProducer {
         qos: QoS,
         retain: bool,
     ) -> Result<Receipt> {
+        let scope = self.handle.inner.telemetry.publish(topic, &mut event);
+        scope
+            .run(self.publish_traced(topic, event, qos, retain))
+            .await
+    }
+
+    async fn publish_traced(
+        &self,
+        topic: &str,
+        mut event: Event,
+        qos: QoS,
+        retain: bool,
+    ) -> Result<Receipt> {
         let inner = &self.handle.inner;
         if inner.is_closed() {
             return Err(polybus_core::Error::closed(crate::BACKEND)

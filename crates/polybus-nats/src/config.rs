@@ -13,6 +13,7 @@ use polybus_core::{Error, ErrorKind, Result};
 use tokio::sync::watch;
 
 use crate::error;
+use crate::permissions::{self, Op, Violations};
 use crate::{NatsConsumer, NatsProducer};
 
 /// How to connect to NATS and how to write events: by-value builder ending in
@@ -52,6 +53,7 @@ pub struct NatsOptions {
     subscription_capacity: usize,
     max_reconnects: Option<usize>,
     pub(crate) queue_group: Option<String>,
+    pub(crate) check_publish_permissions: bool,
 }
 
 #[derive(Clone)]
@@ -84,6 +86,7 @@ impl NatsOptions {
             subscription_capacity: 64 * 1024,
             max_reconnects: None,
             queue_group: None,
+            check_publish_permissions: false,
         }
     }
 
@@ -301,6 +304,30 @@ impl NatsOptions {
         self
     }
 
+    /// Confirms every publish with a round trip through the server, so that a publish the
+    /// server refuses for lack of permission fails with
+    /// [`ErrorKind::Unauthorized`] on that very call. Costs one round trip per publish; off by
+    /// default.
+    ///
+    /// Core NATS does not answer a publish: a refused one is dropped by the server, which
+    /// sends an asynchronous `-ERR 'Permissions Violation for Publish to "subject"'`. Without
+    /// this option polybus reports that error on the next publish to the same subject and on
+    /// the next `flush`. Subscriptions are always confirmed this way.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let _p = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222")
+    ///     .user_password("app", "s3cret")
+    ///     .check_publish_permissions(true)
+    ///     .producer()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn check_publish_permissions(mut self, on: bool) -> Self {
+        self.check_publish_permissions = on;
+        self
+    }
+
     /// The default event source set with [`source`](Self::source).
     pub fn default_source(&self) -> Option<&Cow<'static, str>> {
         self.source.as_ref()
@@ -350,8 +377,15 @@ impl NatsOptions {
     #[doc(hidden)]
     pub async fn connect_for(&self, backend: &'static str) -> Result<NatsConnection> {
         let stats = Arc::new(Stats::new());
+        // Credentials in the URL are taken out of it and given to the client as options: the
+        // client logs server addresses (at debug level), and the URL must not carry them there.
+        let (urls, url_auth) = split_url_credentials(&self.url);
         let mut opts = match &self.auth {
-            Auth::None => ConnectOptions::new(),
+            Auth::None => match url_auth {
+                Some(UrlAuth::UserPassword(u, p)) => ConnectOptions::new().user_and_password(u, p),
+                Some(UrlAuth::Token(t)) => ConnectOptions::new().token(t),
+                None => ConnectOptions::new(),
+            },
             Auth::UserPassword(u, p) => {
                 ConnectOptions::new().user_and_password(u.clone(), p.clone())
             }
@@ -387,7 +421,7 @@ impl NatsOptions {
             });
         let shown = redact_url(&self.url);
         let client = opts
-            .connect(self.url.as_str())
+            .connect(urls.as_str())
             .await
             .map_err(|e| error::connect(e, backend, &shown))?;
         Ok(NatsConnection { client, stats })
@@ -418,8 +452,72 @@ impl fmt::Debug for NatsOptions {
             .field("subscription_capacity", &self.subscription_capacity)
             .field("max_reconnects", &self.max_reconnects)
             .field("queue_group", &self.queue_group)
+            .field("check_publish_permissions", &self.check_publish_permissions)
             .finish()
     }
+}
+
+/// Credentials found in a server URL: `nats://user:password@host` or `nats://token@host`.
+enum UrlAuth {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// Removes the userinfo from each URL and returns the first one's credentials,
+/// percent-decoded (`nats://u:p%40ss@h` is the password `p@ss`).
+fn split_url_credentials(urls: &str) -> (String, Option<UrlAuth>) {
+    let mut auth = None;
+    let clean = urls
+        .split(',')
+        .map(|url| {
+            let url = url.trim();
+            let start = url.find("://").map_or(0, |i| i + 3);
+            let authority_end = url[start..]
+                .find(['/', '?', '#'])
+                .map_or(url.len(), |i| start + i);
+            let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
+                return url.to_owned();
+            };
+            if auth.is_none() {
+                let userinfo = &url[start..at];
+                auth = Some(match userinfo.split_once(':') {
+                    Some((u, p)) => {
+                        UrlAuth::UserPassword(percent_decode_lossy(u), percent_decode_lossy(p))
+                    }
+                    None => UrlAuth::Token(percent_decode_lossy(userinfo)),
+                });
+            }
+            format!("{}{}", &url[..start], &url[at + 1..])
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    (clean, auth)
+}
+
+/// URL percent-decoding; an invalid escape is kept as it is.
+fn percent_decode_lossy(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                // Two hex digits make a value below 256.
+                out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Replaces the userinfo of each URL (`nats://user:pass@host`) with `***`.
@@ -510,12 +608,145 @@ impl NatsConnection {
     #[doc(hidden)]
     pub async fn round_trip_for(&self, backend: &'static str) -> Result<()> {
         use async_nats::client::RequestErrorKind;
+        let since = self.stats.violations.mark();
         let subject = self.client.new_inbox();
-        match self.client.request(subject, bytes::Bytes::new()).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
-            Err(e) => Err(error::request(e, backend)),
+        // A user without permission on the inbox subjects would never get the answer: the
+        // server's violation ends the wait instead of the request timeout.
+        let inbox = subject
+            .rsplit_once('.')
+            .map_or_else(|| subject.clone(), |(prefix, _)| format!("{prefix}."));
+        let refused = std::pin::pin!(self.stats.violations.wait(
+            since,
+            |_, s| s == subject || s.starts_with(&inbox),
+            backend,
+        ));
+        let answer = std::pin::pin!(self.client.request(subject.clone(), bytes::Bytes::new()));
+        match futures_util::future::select(answer, refused).await {
+            futures_util::future::Either::Left((answer, _)) => match answer {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == RequestErrorKind::NoResponders => Ok(()),
+                Err(e) => Err(error::request(e, backend)),
+            },
+            futures_util::future::Either::Right((e, _)) => {
+                Err(
+                    Error::new(ErrorKind::Unauthorized, backend).with_message(format!(
+                        "polybus confirms subscriptions and flushes with a request to an unused \
+                     inbox subject, and the server refused it: grant this user publish and \
+                     subscribe permission on \"_INBOX.>\" ({})",
+                        e.message().unwrap_or_default()
+                    )),
+                )
+            }
         }
+    }
+
+    /// Permission violations the server reported on this connection so far (each is also
+    /// logged with `tracing::warn!` and reported to the call it belongs to, see
+    /// [`NatsOptions::check_publish_permissions`]).
+    pub fn permission_violations(&self) -> u64 {
+        self.stats.violations.mark()
+    }
+
+    /// A mark to pass to [`publish_refused`](Self::publish_refused).
+    #[doc(hidden)]
+    pub fn violation_mark(&self) -> u64 {
+        self.stats.violations.mark()
+    }
+
+    /// Resolves with an `Unauthorized` error once the server reports (after `since`) that a
+    /// publish to `subject` was refused; never resolves otherwise. For racing an
+    /// acknowledgement that will not come (JetStream).
+    #[doc(hidden)]
+    pub async fn publish_refused(&self, subject: &str, since: u64, backend: &'static str) -> Error {
+        self.stats
+            .violations
+            .wait(since, |op, s| op == Op::Publish && s == subject, backend)
+            .await
+    }
+
+    /// [`publish_refused`](Self::publish_refused) for any subject that starts with `prefix`
+    /// (for example `$JS.API.`).
+    #[doc(hidden)]
+    pub async fn publish_refused_under(
+        &self,
+        prefix: &str,
+        since: u64,
+        backend: &'static str,
+    ) -> Error {
+        self.stats
+            .violations
+            .wait(
+                since,
+                |op, s| op == Op::Publish && s.starts_with(prefix),
+                backend,
+            )
+            .await
+    }
+
+    /// Fails with `Unauthorized` if the server refused an earlier publish to `subject` and
+    /// that was not reported yet.
+    pub(crate) fn earlier_publish_refused(
+        &self,
+        subject: &str,
+        backend: &'static str,
+    ) -> Result<()> {
+        match self
+            .stats
+            .violations
+            .take_for(Op::Publish, subject, 0, backend)
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A round trip through the server, then fails with `Unauthorized` for any publish the
+    /// server refused and that was not reported yet (waiting briefly for a late one).
+    pub(crate) async fn confirm_publishes(&self, backend: &'static str) -> Result<()> {
+        self.round_trip_for(backend).await?;
+        if let Some(e) = self.stats.violations.take_publishes(backend) {
+            return Err(e);
+        }
+        let late = self
+            .stats
+            .violations
+            .wait(0, |op, _| op == Op::Publish, backend);
+        match tokio::time::timeout(permissions::GRACE, late).await {
+            Ok(e) => Err(e),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A round trip through the server, then fails with `Unauthorized` if the server refused
+    /// `op` on `subject` since `since`. Waits for a late violation only when the server
+    /// requires authentication (without it there are no permissions).
+    pub(crate) async fn confirm(
+        &self,
+        op: Op,
+        subject: &str,
+        since: u64,
+        backend: &'static str,
+    ) -> Result<()> {
+        self.round_trip_for(backend).await?;
+        let grace = if self.client.server_info().auth_required {
+            permissions::GRACE
+        } else {
+            std::time::Duration::ZERO
+        };
+        match self
+            .stats
+            .violations
+            .check(op, subject, since, grace, backend)
+            .await
+        {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the server requires authentication (from its `INFO`).
+    pub(crate) fn auth_required(&self) -> bool {
+        self.client.server_info().auth_required
     }
 
     /// Flushes, then drains the connection (subscriptions get what is in flight, then end) and
@@ -581,6 +812,7 @@ struct Stats {
     server_errors: AtomicU64,
     closed: watch::Sender<bool>,
     observed: bool,
+    violations: Violations,
 }
 
 impl Stats {
@@ -592,6 +824,7 @@ impl Stats {
             server_errors: AtomicU64::new(0),
             closed: watch::Sender::new(false),
             observed: true,
+            violations: Violations::default(),
         }
     }
 
@@ -616,6 +849,7 @@ impl Stats {
             }
             NatsEvent::SlowConsumer(sid) => {
                 let total = self.slow_consumers.fetch_add(1, Ordering::Relaxed) + 1;
+                polybus_core::metrics::record_slow_consumer_drops("nats", 1);
                 tracing::warn!(
                     sid,
                     total,
@@ -624,6 +858,9 @@ impl Stats {
             }
             NatsEvent::ServerError(e) => {
                 self.server_errors.fetch_add(1, Ordering::Relaxed);
+                if let async_nats::ServerError::Other(text) = &e {
+                    self.violations.record(text);
+                }
                 tracing::warn!(error = %e, "nats: server error");
             }
             NatsEvent::ClientError(e) => tracing::warn!(error = %e, "nats: client error"),
@@ -655,6 +892,20 @@ mod tests {
         assert!(s.contains("127.0.0.1:4222"), "{s}");
         let o = NatsOptions::new("n").nkey("SUASEED");
         assert!(!format!("{o:?}").contains("SUASEED"));
+    }
+
+    #[test]
+    fn url_credentials_are_taken_out_of_the_url() {
+        let (clean, auth) = split_url_credentials("nats://u:p%40ss@h:1/x,nats://tok@h2:2");
+        assert_eq!(clean, "nats://h:1/x,nats://h2:2");
+        assert!(matches!(auth, Some(UrlAuth::UserPassword(u, p)) if u == "u" && p == "p@ss"));
+        let (clean, auth) = split_url_credentials("tls://s3cr3t@h:1");
+        assert_eq!(clean, "tls://h:1");
+        assert!(matches!(auth, Some(UrlAuth::Token(t)) if t == "s3cr3t"));
+        let (clean, auth) = split_url_credentials("nats://127.0.0.1:4222, h2:4222");
+        assert_eq!(clean, "nats://127.0.0.1:4222,h2:4222");
+        assert!(auth.is_none());
+        assert_eq!(percent_decode_lossy("a%zz%4"), "a%zz%4");
     }
 
     #[test]

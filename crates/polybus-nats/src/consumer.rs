@@ -11,6 +11,7 @@ use async_nats::{Message, Subject, Subscriber};
 use futures_core::Stream;
 use futures_util::future::BoxFuture;
 use polybus_core::cloudevents::Mode;
+use polybus_core::telemetry::Telemetry;
 use polybus_core::{
     Backlog, Capabilities, Consumer, Delivery, Error, Event, MessageConsumer, NoopAcker, Ordering,
     Result,
@@ -19,6 +20,7 @@ use polybus_core::{
 use crate::config::{NatsConnection, NatsOptions};
 use crate::convert::{decode_event, encode_event};
 use crate::error::{self, BACKEND};
+use crate::permissions::Op;
 use crate::publisher::check_size;
 use crate::subject::validate_subscribe_subject;
 
@@ -70,6 +72,7 @@ pub struct NatsConsumer {
     close_timeout: std::time::Duration,
     subscriptions: Vec<(String, Subscriber)>,
     next_index: usize,
+    telemetry: Telemetry,
 }
 
 impl NatsConsumer {
@@ -100,6 +103,7 @@ impl NatsConsumer {
             close_timeout: opts.close_timeout,
             subscriptions: Vec::new(),
             next_index: 0,
+            telemetry: Telemetry::new(BACKEND),
         }
     }
 
@@ -170,6 +174,7 @@ impl NatsConsumer {
         if let Err(e) = validate_subscribe_subject(subject, BACKEND) {
             return NatsSubscription {
                 state: State::Failed(Some(e)),
+                telemetry: self.telemetry.clone(),
             };
         }
         let conn = self.conn.clone();
@@ -179,6 +184,7 @@ impl NatsConsumer {
             state: State::Subscribing(Box::pin(
                 async move { subscribe(&conn, subject, group).await },
             )),
+            telemetry: self.telemetry.clone(),
         }
     }
 }
@@ -207,22 +213,32 @@ async fn subscribe(
     subject: String,
     group: Option<String>,
 ) -> Result<Subscriber> {
+    let since = conn.violation_mark();
     let sub = match group {
-        Some(g) => conn.client.queue_subscribe(subject, g).await,
-        None => conn.client.subscribe(subject).await,
+        Some(g) => conn.client.queue_subscribe(subject.clone(), g).await,
+        None => conn.client.subscribe(subject.clone()).await,
     }
     .map_err(|e| error::subscribe(e, BACKEND))?;
-    conn.round_trip_for(BACKEND).await?;
+    // The round trip makes sure the server has the subscription, and that a permission
+    // violation it sent for it has arrived: a refused subscription fails here, `Unauthorized`.
+    conn.confirm(Op::Subscribe, &subject, since, BACKEND)
+        .await?;
     Ok(sub)
 }
 
-fn delivery(msg: Message) -> Result<Delivery> {
-    let event = decode_event(msg.headers.as_ref(), msg.payload, BACKEND)?;
-    Ok(Delivery::new(
-        event,
-        msg.subject.as_str(),
-        NoopAcker(BACKEND),
-    ))
+/// Decodes `msg` into a delivery with its span and metrics (a decode failure is counted).
+fn delivery(msg: Message, telemetry: &Telemetry) -> Result<Delivery> {
+    match decode_event(msg.headers.as_ref(), msg.payload, BACKEND) {
+        Ok(event) => Ok(telemetry.delivered(Delivery::new(
+            event,
+            msg.subject.as_str(),
+            NoopAcker(BACKEND),
+        ))),
+        Err(e) => {
+            telemetry.decode_failed(&e);
+            Err(e)
+        }
+    }
 }
 
 impl Consumer for NatsConsumer {
@@ -261,7 +277,7 @@ impl MessageConsumer for NatsConsumer {
                     match Pin::new(&mut self.subscriptions[idx].1).poll_next(cx) {
                         Poll::Ready(Some(msg)) => {
                             self.next_index = idx + 1;
-                            return Poll::Ready(delivery(msg));
+                            return Poll::Ready(delivery(msg, &self.telemetry));
                         }
                         Poll::Ready(None) => {
                             ended = Some(idx);
@@ -287,6 +303,7 @@ impl MessageConsumer for NatsConsumer {
 /// on.
 pub struct NatsSubscription {
     state: State,
+    telemetry: Telemetry,
 }
 
 enum State {
@@ -328,9 +345,9 @@ impl Stream for NatsSubscription {
     type Item = Result<Delivery>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut()
-            .poll_message(cx)
-            .map(|m| m.map(|r| r.and_then(delivery)))
+        let this = self.get_mut();
+        this.poll_message(cx)
+            .map(|m| m.map(|r| r.and_then(|msg| delivery(msg, &this.telemetry))))
     }
 }
 

@@ -18,9 +18,69 @@ pub(crate) fn connect(e: async_nats::ConnectError, backend: &'static str, url: &
         | ConnectErrorKind::Io
         | ConnectErrorKind::MaxReconnects => ErrorKind::Connect,
     };
+    let (kind, message) = match tls_failure(&e) {
+        Some((tls_kind, what)) => (tls_kind, format!("connecting to {url}: TLS: {what}")),
+        None if e.kind() == ConnectErrorKind::Tls => (
+            ErrorKind::Connect,
+            format!(
+                "connecting to {url}: TLS could not be set up (CA or client certificate files, \
+                 or the server name)"
+            ),
+        ),
+        None => (kind, format!("connecting to {url}")),
+    };
     Error::new(kind, backend)
-        .with_message(format!("connecting to {url}"))
+        .with_message(message)
         .with_source(e)
+}
+
+/// A TLS handshake failure somewhere in the source chain of `e`: a server certificate we do
+/// not trust is `Connect` (naming why: unknown CA, wrong host name, expired); the server
+/// refusing our client certificate is `Unauthorized`.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<(ErrorKind, String)> {
+    use async_nats::rustls::{AlertDescription as A, CertificateError as C, Error as Tls};
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let tls = err.downcast_ref::<Tls>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<Tls>())
+        });
+        if let Some(tls) = tls {
+            return Some(match tls {
+                Tls::InvalidCertificate(cert) => {
+                    let why = match cert {
+                        C::UnknownIssuer => "it is not signed by a trusted CA".to_owned(),
+                        C::NotValidForName | C::NotValidForNameContext { .. } => {
+                            "it is not valid for the host name connected to".to_owned()
+                        }
+                        C::Expired | C::ExpiredContext { .. } => "it has expired".to_owned(),
+                        other => format!("{other:?}"),
+                    };
+                    (
+                        ErrorKind::Connect,
+                        format!("the server certificate was refused: {why}"),
+                    )
+                }
+                Tls::AlertReceived(
+                    alert @ (A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnknownCA
+                    | A::CertificateUnknown
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::UnsupportedCertificate
+                    | A::AccessDenied),
+                ) => (
+                    ErrorKind::Unauthorized,
+                    format!("the server refused our client certificate (alert {alert:?})"),
+                ),
+                other => (ErrorKind::Connect, format!("handshake failed: {other}")),
+            });
+        }
+        next = err.source();
+    }
+    None
 }
 
 pub(crate) fn publish(e: client::PublishError, backend: &'static str) -> Error {

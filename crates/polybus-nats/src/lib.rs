@@ -64,6 +64,7 @@ mod config;
 mod consumer;
 mod convert;
 mod error;
+mod permissions;
 mod publisher;
 mod subject;
 

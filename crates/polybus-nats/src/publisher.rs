@@ -1,19 +1,20 @@
 //! The core NATS publisher: at-most-once publish, request-reply.
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
+use polybus_core::telemetry::Telemetry;
 use polybus_core::{Error, Event, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
 use crate::config::{NatsConnection, NatsOptions};
 use crate::convert::{Encoder, decode_event};
 use crate::error::{self, BACKEND};
+use crate::permissions::Op;
 use crate::subject::validate_publish_subject;
 
 /// Publishes events to NATS subjects (core NATS, at-most-once).
@@ -53,6 +54,8 @@ struct Inner {
     close_timeout: Duration,
     gate: Gate,
     owns_connection: bool,
+    telemetry: Telemetry,
+    check_permissions: bool,
 }
 
 impl Drop for Inner {
@@ -113,6 +116,8 @@ impl NatsProducer {
                 close_timeout: opts.close_timeout,
                 gate: Gate::default(),
                 owns_connection,
+                telemetry: Telemetry::new(BACKEND),
+                check_permissions: opts.check_publish_permissions,
             }),
         }
     }
@@ -154,23 +159,36 @@ impl NatsProducer {
         timeout: Option<Duration>,
     ) -> Result<Event> {
         let _guard = self.inner.gate.enter()?;
-        let (headers, payload) = self.prepare(subject, event)?;
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(payload)
-            .timeout(timeout);
-        let reply = self
-            .inner
-            .conn
-            .client
-            .send_request(subject.to_owned(), request)
-            .await
-            .map_err(|e| error::request(e, BACKEND))?;
+        let mut event = event;
+        // A request is a publish with a reply: the same span, trace context and metrics.
+        let scope = self.inner.telemetry.publish(subject, &mut event);
+        let mut reply = None;
+        let sent = scope
+            .run(async {
+                let (headers, payload) = self.prepare(subject, event)?;
+                let request = async_nats::Request::new()
+                    .headers(headers)
+                    .payload(payload)
+                    .timeout(timeout);
+                let message = self
+                    .inner
+                    .conn
+                    .client
+                    .send_request(subject.to_owned(), request)
+                    .await
+                    .map_err(|e| error::request(e, BACKEND))?;
+                reply = Some(message);
+                Ok(Receipt::new(subject))
+            })
+            .await;
+        sent?;
+        let reply = reply.ok_or_else(|| Error::closed(BACKEND).with_message("no reply"))?;
         decode_event(reply.headers.as_ref(), reply.payload, BACKEND)
     }
 
     fn prepare(&self, subject: &str, mut event: Event) -> Result<(HeaderMap, Bytes)> {
         validate_publish_subject(subject, BACKEND)?;
+        self.inner.conn.earlier_publish_refused(subject, BACKEND)?;
         event.validate()?;
         if let Some(src) = &self.inner.source {
             event.set_source_if_unset(src);
@@ -180,7 +198,12 @@ impl NatsProducer {
         Ok((headers, payload))
     }
 
-    async fn publish_event(&self, subject: &str, event: Event) -> Result<Receipt> {
+    async fn publish_event(&self, subject: &str, mut event: Event) -> Result<Receipt> {
+        let scope = self.inner.telemetry.publish(subject, &mut event);
+        scope.run(self.publish_traced(subject, event)).await
+    }
+
+    async fn publish_traced(&self, subject: &str, event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
         let (headers, payload) = self.prepare(subject, event)?;
         self.inner
@@ -194,10 +217,22 @@ impl NatsProducer {
 }
 
 impl Publisher for NatsProducer {
-    fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
-        self.publish_event(topic, event)
+    async fn publish(&self, topic: &str, event: Event) -> Result<Receipt> {
+        if !self.inner.check_permissions {
+            return self.publish_event(topic, event).await;
+        }
+        let since = self.inner.conn.violation_mark();
+        let receipt = self.publish_event(topic, event).await?;
+        self.inner
+            .conn
+            .confirm(Op::Publish, topic, since, BACKEND)
+            .await?;
+        Ok(receipt)
     }
 
+    /// Writes what is buffered to the server. When the server requires authentication, also
+    /// makes a round trip through it and fails with `Unauthorized` if it refused a publish
+    /// since the last report (core NATS answers refused publishes only asynchronously).
     async fn flush(&self) -> Result<()> {
         if self.inner.gate.is_closed() {
             return Ok(());
@@ -205,7 +240,11 @@ impl Publisher for NatsProducer {
         self.inner
             .conn
             .flush_for(self.inner.close_timeout, BACKEND)
-            .await
+            .await?;
+        if self.inner.conn.auth_required() {
+            self.inner.conn.confirm_publishes(BACKEND).await?;
+        }
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {

@@ -107,6 +107,19 @@ impl fmt::Display for Kind {
     }
 }
 
+/// How [`BrokerProcess::start`] decides that a broker is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Readiness {
+    /// The broker answers its protocol's probe in plaintext and anonymously (NATS `INFO` with
+    /// JetStream, an MQTT CONNACK, a Kafka ApiVersions response). The default.
+    #[default]
+    Protocol,
+    /// The port accepts TCP connections. For listeners the plaintext anonymous probe cannot
+    /// talk to (TLS only, passwords required); the test then connects with a real client,
+    /// retrying briefly (see [`retry`]).
+    TcpAccept,
+}
+
 /// A broker process owned by one test.
 pub struct BrokerProcess {
     kind: Kind,
@@ -115,6 +128,7 @@ pub struct BrokerProcess {
     args: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    readiness: Readiness,
 }
 
 impl fmt::Debug for BrokerProcess {
@@ -150,7 +164,7 @@ impl BrokerProcess {
             args.push("-c".into());
             args.push(conf.display().to_string());
         }
-        Self::launch(Kind::Nats, port, program, args, dir).await
+        Self::launch(Kind::Nats, port, program, args, dir, Readiness::Protocol).await
     }
 
     /// Starts mosquitto with persistence on. `extra_conf` goes right after the
@@ -161,6 +175,16 @@ impl BrokerProcess {
     /// # Errors
     /// The binary is missing or the broker does not become ready.
     pub async fn mosquitto(extra_conf: &str) -> Result<Self> {
+        Self::mosquitto_with(extra_conf, Readiness::Protocol).await
+    }
+
+    /// [`mosquitto`](Self::mosquitto) with a choice of readiness check: use
+    /// [`Readiness::TcpAccept`] when `extra_conf` makes the listener TLS-only or refuses
+    /// anonymous clients.
+    ///
+    /// # Errors
+    /// The binary is missing or the broker does not become ready.
+    pub async fn mosquitto_with(extra_conf: &str, readiness: Readiness) -> Result<Self> {
         let dir = tempdir("mosquitto")?;
         let port = free_port()?;
         let data = dir.path().join("data");
@@ -181,7 +205,7 @@ impl BrokerProcess {
             PathBuf::from("/usr/sbin/mosquitto"),
         );
         let args = vec!["-c".into(), path.display().to_string()];
-        Self::launch(Kind::Mqtt, port, program, args, dir).await
+        Self::launch(Kind::Mqtt, port, program, args, dir, readiness).await
     }
 
     /// Starts tansu with the given storage.
@@ -189,6 +213,20 @@ impl BrokerProcess {
     /// # Errors
     /// The binary is missing or the broker does not become ready.
     pub async fn tansu(storage: TansuStorage) -> Result<Self> {
+        Self::tansu_with(storage, &[], Readiness::Protocol).await
+    }
+
+    /// [`tansu`](Self::tansu) with more `broker` flags (for example `--cert`/`--key`, or
+    /// `--authentication`) and a choice of readiness check ([`Readiness::TcpAccept`] for a TLS
+    /// listener).
+    ///
+    /// # Errors
+    /// The binary is missing or the broker does not become ready.
+    pub async fn tansu_with(
+        storage: TansuStorage,
+        extra_args: &[&str],
+        readiness: Readiness,
+    ) -> Result<Self> {
         let dir = tempdir("tansu")?;
         let port = free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
@@ -199,7 +237,7 @@ impl BrokerProcess {
             TansuStorage::Sqlite => "sqlite://tansu.db".to_owned(),
         };
         let program = binary("POLYBUS_TANSU_BIN", cache_dir().join("tansu/bin/tansu"));
-        let args = vec![
+        let mut args = vec![
             "broker".into(),
             "--listener-url".into(),
             url.clone(),
@@ -208,7 +246,8 @@ impl BrokerProcess {
             "--storage-engine".into(),
             engine,
         ];
-        Self::launch(Kind::Kafka, port, program, args, dir).await
+        args.extend(extra_args.iter().map(|a| (*a).to_owned()));
+        Self::launch(Kind::Kafka, port, program, args, dir, readiness).await
     }
 
     async fn launch(
@@ -217,6 +256,7 @@ impl BrokerProcess {
         program: PathBuf,
         args: Vec<String>,
         dir: tempfile::TempDir,
+        readiness: Readiness,
     ) -> Result<Self> {
         if !program.exists() {
             bail!(
@@ -231,6 +271,7 @@ impl BrokerProcess {
             args,
             dir,
             child: None,
+            readiness,
         };
         this.start().await?;
         Ok(this)
@@ -256,12 +297,18 @@ impl BrokerProcess {
             .spawn()
             .with_context(|| format!("spawning {}", self.program.display()))?;
         self.child = Some(child);
-        let (kind, port) = (self.kind, self.port);
+        let (kind, port, readiness) = (self.kind, self.port, self.readiness);
         let mut child = self.child.take().expect("just set");
         let (child, ready) = tokio::task::spawn_blocking(move || {
-            let ready = probe::wait_ready(kind, port, READY_TIMEOUT, &log, || {
-                child.try_wait().ok().flatten().map(|s| s.to_string())
-            });
+            let exited = |child: &mut Child| child.try_wait().ok().flatten().map(|s| s.to_string());
+            let ready = match readiness {
+                Readiness::Protocol => {
+                    probe::wait_ready(kind, port, READY_TIMEOUT, &log, || exited(&mut child))
+                }
+                Readiness::TcpAccept => {
+                    wait_tcp(kind, port, READY_TIMEOUT, &log, || exited(&mut child))
+                }
+            };
             (child, ready)
         })
         .await?;
@@ -327,6 +374,59 @@ impl Drop for BrokerProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+/// Polls until `port` accepts a TCP connection, the process exits, or `timeout`.
+fn wait_tcp(
+    kind: Kind,
+    port: u16,
+    timeout: Duration,
+    log: &Path,
+    mut exited: impl FnMut() -> Option<String>,
+) -> Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+            return Ok(format!("{kind} accepts TCP on {addr}"));
+        }
+        if let Some(status) = exited() {
+            bail!(
+                "{kind} exited ({status}) before listening on {addr}; its log {}:\n{}",
+                log.display(),
+                probe::log_tail(log, 20)
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "{kind} did not listen on {addr} within {}s; its log {}:\n{}",
+                timeout.as_secs(),
+                log.display(),
+                probe::log_tail(log, 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `op` until it succeeds or `within` has passed, 100 ms apart; returns the last error.
+/// For the first client connection to a broker started with [`Readiness::TcpAccept`].
+///
+/// # Errors
+/// The last error of `op` once `within` has passed.
+pub async fn retry<T, E, F, Fut>(within: Duration, mut op: F) -> std::result::Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }

@@ -27,6 +27,7 @@ mod config {
 mod memory;
 pub mod suite;
 pub mod support;
+pub mod tls;
 
 pub use fixture::Fixture;
 pub use memory::MemoryFixture;

@@ -34,3 +34,30 @@ async fn mosquitto_starts_restarts_and_stops() -> anyhow::Result<()> {
 async fn tansu_starts_restarts_and_stops() -> anyhow::Result<()> {
     check_restart(BrokerProcess::tansu(TansuStorage::Sqlite).await?).await
 }
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn tls_only_mosquitto_is_ready_by_tcp_accept_and_restarts() -> anyhow::Result<()> {
+    use polybus_testkit::brokers::Readiness;
+    let pki = polybus_testkit::tls::TestPki::generate()?;
+    let conf = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\n",
+        pki.ca().display(),
+        pki.server_cert().display(),
+        pki.server_key().display()
+    );
+    check_restart(BrokerProcess::mosquitto_with(&conf, Readiness::TcpAccept).await?).await
+}
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn tansu_with_takes_extra_flags() -> anyhow::Result<()> {
+    use polybus_testkit::brokers::Readiness;
+    let broker =
+        BrokerProcess::tansu_with(TansuStorage::Memory, &["--silent"], Readiness::Protocol).await?;
+    assert!(
+        broker.pid().is_some(),
+        "started with the extra flag, answering ApiVersions"
+    );
+    check_restart(broker).await
+}

@@ -5,6 +5,22 @@
 
 use polybus::mq::{MessageConsumer, MessageProducer};
 
+/// Durable consumers may hold messages from earlier runs: ack them until our "hello" (within
+/// 30 s).
+async fn ack_until_hello(consumer: &mut impl MessageConsumer) -> anyhow::Result<()> {
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let msg = consumer.next().await?;
+            let ours = msg.payload() == b"hello";
+            msg.ack().await?;
+            if ours {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await?
+}
+
 #[tokio::test]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn seed_nats() -> anyhow::Result<()> {
@@ -24,18 +40,7 @@ async fn seed_jetstream() -> anyhow::Result<()> {
     let p = JsProducer::connect("nats://127.0.0.1:4222", "stream", "subject").await?;
     let mut c = JsConsumer::connect("nats://127.0.0.1:4222", "stream", "consumer").await?;
     p.send(b"hello").await?;
-    // The durable consumer may hold messages from earlier runs: read until ours.
-    tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        loop {
-            let msg = c.next().await?;
-            let ours = msg.payload() == b"hello";
-            msg.ack().await?;
-            if ours {
-                return anyhow::Ok(());
-            }
-        }
-    })
-    .await?
+    ack_until_hello(&mut c).await
 }
 
 #[tokio::test]
@@ -48,18 +53,7 @@ async fn seed_kafka() -> anyhow::Result<()> {
     let producer = KafkaProducer::new_with_config(&cfg)?;
     let mut consumer = KafkaConsumer::new_with_config(&cfg, &["t"])?;
     producer.send("t", b"hello").await?;
-    // Group g1 may have earlier runs' records pending: read until a "hello".
-    tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        loop {
-            let msg = consumer.next().await?;
-            let ours = msg.payload() == b"hello";
-            msg.ack().await?;
-            if ours {
-                return anyhow::Ok(());
-            }
-        }
-    })
-    .await?
+    ack_until_hello(&mut consumer).await
 }
 
 #[tokio::test]

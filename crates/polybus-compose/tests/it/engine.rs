@@ -358,11 +358,19 @@ async fn close_drains_in_flight_forwards_and_then_refuses_publishes() -> Result<
     let mut env = Env::new();
     env.kafka_pub = env.kafka_pub.clone().with_delay(Duration::from_millis(5));
     env.track("t", "check");
-    let bus = env.builder().max_in_flight(4).build().await?;
+    // Forwarding paused while publishing, resumed right before close: close starts with a
+    // full spool and has to drain it.
+    let bus = env
+        .builder()
+        .max_in_flight(4)
+        .initial_switches(Switches::default().with_pause_forwarding(true))
+        .build()
+        .await?;
     for i in 0..200 {
         bus.publish("t", keyed("c", i, 10)).await?;
     }
-    assert!(bus.spool_depth() > 0, "still forwarding when close starts");
+    assert_eq!(bus.spool_depth(), 200);
+    bus.switches().set(Switches::default());
     bus.close().await?;
     assert_eq!(bus.spool_depth(), 0, "close drained the spool into Kafka");
     assert_eq!(env.drain_kafka("t", "check", 200).await?.len(), 200);
@@ -465,6 +473,38 @@ async fn subscriptions_are_bounded_and_stop_when_dropped() -> Result<()> {
     let mut s = std::pin::pin!(c.subscribe("t"));
     let d = tokio::time::timeout(WAIT, s.next()).await?.expect("open")?;
     assert!(d.event().id().starts_with("b-"));
+    bus.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn close_with_a_hanging_kafka_returns_after_the_drain_timeout_and_keeps_the_spool()
+-> Result<()> {
+    let mut env = Env::new();
+    env.track("t", "check");
+    // A producer that neither acks nor fails (librdkafka queueing during an outage).
+    env.kafka_pub = env.kafka_pub.clone().with_delay(Duration::from_secs(3600));
+    let bus = env
+        .builder()
+        .drain_timeout(Duration::from_millis(300))
+        .build()
+        .await?;
+    for i in 0..5 {
+        bus.publish("t", keyed("h", i, 2)).await?;
+    }
+    let t = std::time::Instant::now();
+    bus.close().await?;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "close took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(bus.stats().spool_depth, 5);
+    drop(bus);
+    env.kafka_pub = env.kafka_pub.clone().with_delay(Duration::ZERO);
+    let bus = env.bus().await;
+    assert!(bus.wait_forwarded(WAIT).await);
+    assert_eq!(env.drain_kafka("t", "check", 5).await?.len(), 5);
     bus.close().await?;
     Ok(())
 }

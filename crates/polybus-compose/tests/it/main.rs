@@ -2,6 +2,8 @@
 //! `cargo test`), crash safety with a killed child process, and the real-broker acceptance
 //! runs (ignored unless brokers are up: `cargo xtask test`).
 
+mod brokers;
 mod crash;
 mod engine;
+mod observability;
 mod support;

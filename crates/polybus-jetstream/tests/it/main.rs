@@ -7,6 +7,7 @@ mod errors;
 mod features;
 mod kv;
 mod resilience;
+mod security;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {

@@ -1,6 +1,9 @@
 //! Interop with kafka-python (the venv Python; `POLYBUS_PYTHON` overrides the path): it reads
 //! what polybus writes (CloudEvents `ce_*` headers and the key), and polybus reads what it
-//! writes (plain headers, and CloudEvents binary-mode headers) into events.
+//! writes (plain headers, and CloudEvents binary-mode headers) into events. The Python
+//! `cloudevents` SDK's Kafka binding does the same in binary and structured mode, checking
+//! every attribute (id, source, type, specversion, time, datacontenttype, partitionkey, an
+//! extension), the record key, the data and the W3C `traceparent`.
 
 use std::time::Duration;
 
@@ -152,4 +155,189 @@ async fn kafka_python_reads_polybus_and_polybus_reads_kafka_python() -> anyhow::
         "{ce:?}"
     );
     Ok(())
+}
+
+/// The Python `cloudevents` SDK's Kafka binding over kafka-python: reads one record and
+/// prints every attribute, or writes one event in binary or structured mode.
+const SDK: &str = r#"
+import base64, json, sys, uuid
+from datetime import datetime, timedelta, timezone
+from kafka import KafkaConsumer, KafkaProducer
+from cloudevents.core.bindings import kafka as ce_kafka
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+brokers, mode, topic = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode == "read":
+    c = KafkaConsumer(topic, bootstrap_servers=brokers, group_id="py-" + uuid.uuid4().hex,
+                      auto_offset_reset="earliest", consumer_timeout_ms=30000)
+    for m in c:
+        headers = {k: v for k, v in m.headers}
+        ev = ce_kafka.from_kafka(ce_kafka.KafkaMessage(headers=headers, key=m.key, value=m.value or b""), JSONFormat())
+        data = ev.get_data()
+        if isinstance(data, (bytes, bytearray)):
+            data = {"base64": base64.b64encode(data).decode()}
+        print(json.dumps({
+            "key": m.key.decode() if m.key is not None else None,
+            "headers": {k: v.decode() for k, v in m.headers},
+            "event": {
+                "id": ev.get_id(), "source": ev.get_source(), "type": ev.get_type(),
+                "specversion": ev.get_specversion(),
+                "time_micros": (ev.get_time() - EPOCH) // timedelta(microseconds=1),
+                "datacontenttype": ev.get_datacontenttype(),
+                "partitionkey": ev.get_extension("partitionkey"),
+                "tenant": ev.get_extension("tenant"),
+                "data": data,
+            },
+        }))
+        break
+    c.close()
+else:
+    ev = CloudEvent({
+        "id": "py-1", "source": "urn:python sdk/€", "type": "py.event", "specversion": "1.0",
+        "time": datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc),
+        "datacontenttype": "application/json", "partitionkey": "customer 42", "tenant": "eu west",
+    }, {"from": "python"})
+    m = ce_kafka.to_binary(ev, JSONFormat()) if mode == "write-binary" else ce_kafka.to_structured(ev, JSONFormat())
+    key = m.key.encode() if isinstance(m.key, str) else m.key
+    headers = list(m.headers.items()) + [("traceparent", sys.argv[4].encode())]
+    p = KafkaProducer(bootstrap_servers=brokers)
+    p.send(topic, key=key, value=m.value, headers=headers)
+    p.flush()
+    p.close()
+"#;
+
+/// 2026-01-02T03:04:05.123456Z in microseconds since the epoch.
+const TIME_MICROS: u64 = 1_767_323_045_123_456;
+
+async fn sdk_reads_polybus(mode: polybus_core::cloudevents::Mode) -> anyhow::Result<Value> {
+    let b = brokers();
+    let cfg = test_config(&b, "unused").with_mode(mode);
+    let t = topic("interop-sdk-out");
+    let ev = Event::builder()
+        .id("id-1 ü")
+        .source("urn:polybus test/€")
+        .kind("order.created")
+        .time(std::time::UNIX_EPOCH + Duration::from_micros(TIME_MICROS))
+        .key("customer 42")
+        .content_type("application/json")
+        .header("tenant", "eu €")
+        .header("X-Plain", "yes")
+        .data(&br#"{"order":1}"#[..])
+        .build()?;
+    KafkaProducer::new_with_config(&cfg)?
+        .publish(&t, ev)
+        .await?;
+    let line = python(SDK, &[&b, "read", &t]).await?;
+    serde_json::from_str(line.trim()).with_context(|| format!("python printed {line:?}"))
+}
+
+fn ensure_every_attribute(v: &Value) -> anyhow::Result<()> {
+    let e = &v["event"];
+    for (name, want) in [
+        ("id", serde_json::json!("id-1 ü")),
+        ("source", serde_json::json!("urn:polybus test/€")),
+        ("type", serde_json::json!("order.created")),
+        ("specversion", serde_json::json!("1.0")),
+        ("time_micros", serde_json::json!(TIME_MICROS)),
+        ("datacontenttype", serde_json::json!("application/json")),
+        ("partitionkey", serde_json::json!("customer 42")),
+        ("tenant", serde_json::json!("eu €")),
+        ("data", serde_json::json!({"order": 1})),
+    ] {
+        ensure!(e[name] == want, "{name}: {} (all: {v})", e[name]);
+    }
+    ensure!(v["key"] == "customer 42", "record key {}", v["key"]);
+    ensure!(v["headers"]["X-Plain"] == "yes", "{v}");
+    let tp = v["headers"]["traceparent"].as_str().unwrap_or_default();
+    ensure!(
+        polybus_core::telemetry::TraceContext::parse(tp).is_some(),
+        "traceparent {tp:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn cloudevents_sdk_reads_polybus_binary_mode() -> anyhow::Result<()> {
+    let v = sdk_reads_polybus(polybus_core::cloudevents::Mode::Binary).await?;
+    ensure_every_attribute(&v)?;
+    let h = &v["headers"];
+    ensure!(h["ce_time"] == "2026-01-02T03:04:05.123456Z", "{h}");
+    ensure!(
+        h["ce_source"] == "urn:polybus test/€",
+        "no percent-encoding on Kafka: {h}"
+    );
+    ensure!(h["content-type"] == "application/json", "{h}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn cloudevents_sdk_reads_polybus_structured_mode() -> anyhow::Result<()> {
+    let v = sdk_reads_polybus(polybus_core::cloudevents::Mode::Structured).await?;
+    ensure_every_attribute(&v)?;
+    ensure!(
+        v["headers"]["content-type"] == "application/cloudevents+json",
+        "{v}"
+    );
+    Ok(())
+}
+
+async fn polybus_reads_sdk(mode: &str) -> anyhow::Result<()> {
+    let b = brokers();
+    let cfg = test_config(&b, "unused");
+    let t = topic("interop-sdk-in");
+    KafkaAdmin::new(&cfg)?.ensure_topic(&t).await?;
+    let tc = polybus_core::telemetry::TraceContext::new_root();
+    python(SDK, &[&b, mode, &t, &tc.to_string()]).await?;
+    let consumer = KafkaConsumer::new_anonymous(&cfg)?;
+    let mut stream = consumer.subscribe(&t);
+    let d = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .context("no record from the SDK")?
+        .context("stream ended")??;
+    let ev = d.event();
+    ensure!(ev.id() == "py-1", "{mode}: {ev:?}");
+    ensure!(ev.source() == "urn:python sdk/€", "{mode}: {ev:?}");
+    ensure!(ev.kind() == "py.event", "{mode}: {ev:?}");
+    ensure!(
+        ev.time() == std::time::UNIX_EPOCH + Duration::from_micros(TIME_MICROS),
+        "{mode}: {}",
+        polybus_core::time::format_rfc3339(ev.time())
+    );
+    ensure!(
+        ev.content_type() == Some("application/json"),
+        "{mode}: {ev:?}"
+    );
+    ensure!(ev.key() == Some(&b"customer 42"[..]), "{mode}: {ev:?}");
+    ensure!(
+        ev.headers().get("tenant") == Some("eu west"),
+        "{mode}: {ev:?}"
+    );
+    let data: Value = serde_json::from_slice(d.payload())?;
+    ensure!(
+        data == serde_json::json!({"from": "python"}),
+        "{mode}: {data}"
+    );
+    ensure!(
+        d.trace_context() == Some(tc),
+        "{mode}: traceparent extracted"
+    );
+    ensure!(d.partition().is_some() && d.sequence().is_some());
+    d.ack().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn polybus_reads_cloudevents_sdk_binary_mode() -> anyhow::Result<()> {
+    polybus_reads_sdk("write-binary").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn polybus_reads_cloudevents_sdk_structured_mode() -> anyhow::Result<()> {
+    polybus_reads_sdk("write-structured").await
 }

@@ -5,6 +5,8 @@
 mod common;
 mod conformance;
 mod errors;
+mod hostile;
 mod interop;
 mod resilience;
+mod security;
 mod transactions;

@@ -130,6 +130,14 @@ async fn broker_restart_mid_run_loses_no_acked_record() -> anyhow::Result<()> {
     let acked_ids = publishing.await?;
     producer.close().await?;
     let deadline = Instant::now() + Duration::from_secs(180);
+    // After a tansu 0.6.0 restart on sqlite, a librdkafka member sometimes stops fetching some
+    // partitions for good (a plain rdkafka reader shows the same: 0, then 3,594, then 10,000 of
+    // 10,000 records on the same data). A member that makes no progress for 30 s is replaced by
+    // a new member of the same group, which resumes from the committed offsets: the at-least-once
+    // recovery a service would do. The figures say how often that was needed.
+    let mut consumer = consumer;
+    let mut replaced = 0;
+    let (mut last_unique, mut last_progress) = (0, Instant::now());
     loop {
         let (unique, missing) = {
             let c = counts.lock().await;
@@ -143,7 +151,19 @@ async fn broker_restart_mid_run_loses_no_acked_record() -> anyhow::Result<()> {
             break;
         }
         if Instant::now() > deadline {
-            bail!("{missing} acknowledged records never arrived ({unique} unique consumed)");
+            bail!(
+                "{missing} acknowledged records never arrived ({unique} unique consumed, \
+                 {replaced} stalled members replaced)"
+            );
+        }
+        if unique > last_unique {
+            (last_unique, last_progress) = (unique, Instant::now());
+        } else if last_progress.elapsed() > Duration::from_secs(30) {
+            consumer.abort();
+            consumer = spawn_counter(cfg.clone(), t.clone(), Arc::clone(&counts));
+            replaced += 1;
+            last_progress = Instant::now();
+            println!("consumer made no progress for 30 s at {unique} unique: replaced it");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -155,7 +175,8 @@ async fn broker_restart_mid_run_loses_no_acked_record() -> anyhow::Result<()> {
     let failed = failed.lock().await.len();
     println!(
         "restart run: published {N}, acked by broker {} (failed {failed}), consumed {} unique in {} deliveries, \
-         duplicates {duplicates}, lost acked 0; killed after {at_kill} acks, broker back at {restarted_at:?}",
+         duplicates {duplicates}, lost acked 0, stalled members replaced {replaced}; killed after {at_kill} acks, \
+         broker back at {restarted_at:?}",
         acked_ids.len(),
         c.consumed.len(),
         c.deliveries,

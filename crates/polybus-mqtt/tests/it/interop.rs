@@ -1,5 +1,7 @@
 //! Other MQTT programs read what polybus writes and polybus reads what they write:
-//! mosquitto_sub / mosquitto_pub (Debian mosquitto-clients), MQTT 5 and 3.1.1.
+//! mosquitto_sub / mosquitto_pub (Debian mosquitto-clients), MQTT 5 and 3.1.1. Each direction
+//! checks every CloudEvents attribute (id, source, type, specversion, time, datacontenttype,
+//! partitionkey, an extension) and the W3C `traceparent`, not just the payload.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -10,6 +12,14 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use crate::support;
+
+/// 2026-01-02T03:04:05.123456Z.
+const TIME: &str = "2026-01-02T03:04:05.123456Z";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn fixed_time() -> std::time::SystemTime {
+    polybus_core::time::parse_rfc3339(TIME).expect("valid")
+}
 
 const SUB: &str = "/usr/bin/mosquitto_sub";
 const PUB: &str = "/usr/bin/mosquitto_pub";
@@ -87,6 +97,7 @@ async fn mosquitto_sub_reads_payload_and_user_properties_polybus_wrote() -> anyh
     let ev = Event::builder()
         .source("urn:polybus:interop")
         .kind("polybus.interop")
+        .time(fixed_time())
         .key("k-7")
         .content_type("text/plain")
         .header("tenant", "eu")
@@ -115,7 +126,12 @@ async fn mosquitto_sub_reads_payload_and_user_properties_polybus_wrote() -> anyh
     assert_eq!(get("partitionkey"), Some("k-7"));
     assert_eq!(get("tenant"), Some("eu"));
     assert_eq!(get("X-Request-Id"), Some("r-42"));
-    assert!(get("time").is_some());
+    assert_eq!(get("time"), Some(TIME));
+    let tp = get("traceparent").expect("traceparent user property");
+    assert!(
+        polybus_core::telemetry::TraceContext::parse(tp).is_some(),
+        "{tp}"
+    );
     assert_eq!(
         get("datacontenttype"),
         None,
@@ -204,6 +220,25 @@ async fn polybus_reads_what_mosquitto_pub_wrote_with_user_properties() -> anyhow
         "user-property",
         "region",
         "north",
+        "-D",
+        "publish",
+        "user-property",
+        "time",
+        TIME,
+        "-D",
+        "publish",
+        "user-property",
+        "partitionkey",
+        "sensor-9",
+        "-D",
+        "publish",
+        "user-property",
+        "traceparent",
+        TRACEPARENT,
+        "-D",
+        "publish",
+        "content-type",
+        "text/plain",
     ])
     .await?;
     let d = tokio::time::timeout(Duration::from_secs(10), c.next()).await??;
@@ -211,16 +246,39 @@ async fn polybus_reads_what_mosquitto_pub_wrote_with_user_properties() -> anyhow
     assert_eq!(ev.id(), "mp-1");
     assert_eq!(ev.source(), "urn:mosquitto_pub");
     assert_eq!(ev.kind(), "org.example.reading");
+    assert_eq!(ev.time(), fixed_time());
+    assert_eq!(
+        ev.content_type(),
+        Some("text/plain"),
+        "Content Type property"
+    );
+    assert_eq!(ev.key(), Some(&b"sensor-9"[..]), "partitionkey");
     assert_eq!(ev.headers().get("region"), Some("north"));
+    assert_eq!(
+        d.trace_context().map(|tc| tc.to_string()).as_deref(),
+        Some(TRACEPARENT)
+    );
     assert_eq!(d.payload(), b"ce-data");
     d.ack().await?;
 
     // A structured JSON CloudEvent from an MQTT 3.1.1 publisher (no properties at all).
-    let json = r#"{"specversion":"1.0","id":"mp-2","source":"urn:v311","type":"t.v311","datacontenttype":"application/json","data":{"ok":true}}"#;
-    mosquitto_pub(&["-V", "mqttv311", "-q", "1", "-t", &topic, "-m", json]).await?;
+    let json = format!(
+        r#"{{"specversion":"1.0","id":"mp-2","source":"urn:v311","type":"t.v311","time":"{TIME}","datacontenttype":"application/json","partitionkey":"p-1","region":"south","traceparent":"{TRACEPARENT}","data":{{"ok":true}}}}"#
+    );
+    mosquitto_pub(&["-V", "mqttv311", "-q", "1", "-t", &topic, "-m", &json]).await?;
     let d = tokio::time::timeout(Duration::from_secs(10), c.next()).await??;
-    assert_eq!(d.event().id(), "mp-2");
-    assert_eq!(d.event().kind(), "t.v311");
+    let ev = d.event();
+    assert_eq!(ev.id(), "mp-2");
+    assert_eq!(ev.source(), "urn:v311");
+    assert_eq!(ev.kind(), "t.v311");
+    assert_eq!(ev.time(), fixed_time());
+    assert_eq!(ev.content_type(), Some("application/json"));
+    assert_eq!(ev.key(), Some(&b"p-1"[..]));
+    assert_eq!(ev.headers().get("region"), Some("south"));
+    assert_eq!(
+        d.trace_context().map(|tc| tc.to_string()).as_deref(),
+        Some(TRACEPARENT)
+    );
     assert_eq!(d.payload(), b"{\"ok\":true}");
     d.ack().await?;
     client.close().await?;
@@ -239,6 +297,8 @@ async fn mqtt311_publishes_structured_json_mosquitto_sub_can_read() -> anyhow::R
     let ev = Event::builder()
         .source("urn:polybus:v311")
         .kind("t.v311")
+        .time(fixed_time())
+        .key("k-311")
         .content_type("application/json")
         .header("tenant", "eu")
         .data(&br#"{"n":1}"#[..])
@@ -250,8 +310,19 @@ async fn mqtt311_publishes_structured_json_mosquitto_sub_can_read() -> anyhow::R
     let v: serde_json::Value = serde_json::from_str(&line)?;
     assert_eq!(v["specversion"], "1.0");
     assert_eq!(v["id"], ev.id());
+    assert_eq!(v["source"], "urn:polybus:v311");
     assert_eq!(v["type"], "t.v311");
+    assert_eq!(v["time"], TIME);
+    assert_eq!(v["datacontenttype"], "application/json");
+    assert_eq!(v["partitionkey"], "k-311");
     assert_eq!(v["tenant"], "eu");
+    assert!(
+        v["traceparent"]
+            .as_str()
+            .and_then(polybus_core::telemetry::TraceContext::parse)
+            .is_some(),
+        "traceparent as an extension attribute: {v}"
+    );
     assert_eq!(v["data"]["n"], 1);
     client.close().await?;
     Ok(())

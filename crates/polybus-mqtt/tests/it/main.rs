@@ -2,8 +2,9 @@
 
 mod conformance;
 mod errors;
+mod hostile;
 mod interop;
 mod perf;
 mod resilience;
+mod security;
 mod support;
-mod tls;

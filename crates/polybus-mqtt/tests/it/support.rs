@@ -42,7 +42,7 @@ pub(crate) async fn connect(what: &str) -> polybus_core::Result<MqttClient> {
 /// anonymously, so it cannot tell when a TLS-only or password-only broker is ready.
 pub(crate) struct OwnMosquitto {
     _child: tokio::process::Child,
-    pub(crate) dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl OwnMosquitto {
@@ -76,7 +76,10 @@ impl OwnMosquitto {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(OwnMosquitto { _child: child, dir })
+        Ok(OwnMosquitto {
+            _child: child,
+            _dir: dir,
+        })
     }
 }
 

@@ -199,6 +199,11 @@ async fn wrong_credentials_are_unauthorized() -> anyhow::Result<()> {
         .await?;
     p.publish("authorized", Event::new("ok")).await?;
     p.close().await?;
+    // So do the right ones in the URL (taken out of the URL the client sees and logs).
+    let p =
+        NatsProducer::connect(&format!("nats://app:s3cret@127.0.0.1:{}", server.port())).await?;
+    p.publish("authorized", Event::new("ok")).await?;
+    p.close().await?;
     Ok(())
 }
 
@@ -214,6 +219,9 @@ async fn token_auth_works_and_wrong_token_is_unauthorized() -> anyhow::Result<()
     assert_eq!(e.kind(), ErrorKind::Unauthorized, "{e}");
     NatsOptions::new(server.url())
         .token("t0ken")
+        .connect()
+        .await?;
+    NatsOptions::new(format!("nats://t0ken@127.0.0.1:{}", server.port()))
         .connect()
         .await?;
     Ok(())

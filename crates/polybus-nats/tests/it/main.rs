@@ -1,11 +1,13 @@
 //! Integration tests against a real nats-server (`cargo xtask test`, or
 //! `cargo test -p polybus-nats -- --include-ignored` with a server on `POLYBUS_NATS_URL`).
 
+mod binding_props;
 mod conformance;
 mod errors;
+mod hostile;
 mod interop;
 mod resilience;
-mod tls;
+mod security;
 
 /// The shared server's URL.
 pub(crate) fn nats_url() -> String {

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use polybus_core::{ErrorKind, Event};
-use polybus_nats::{NatsConsumer, NatsOptions};
+use polybus::nats::{NatsConsumer, NatsOptions};
+use polybus::{ErrorKind, Event};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

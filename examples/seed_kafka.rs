@@ -1,7 +1,7 @@
 //! The seed's Kafka snippet, verbatim modulo paths (`c12_middlewares` -> `polybus_kafka`).
 //! Needs a Kafka-protocol broker on localhost:9092 (`cargo xtask broker up kafka`).
 
-use polybus_core::mq::{MessageConsumer, MessageProducer};
+use polybus::mq::{MessageConsumer, MessageProducer};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -9,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn demo_kafka() -> anyhow::Result<()> {
-    use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+    use polybus::kafka_client::{KafkaConfig, KafkaConsumer, KafkaProducer};
 
     let cfg = KafkaConfig::new("localhost:9092", "g1")
         .with_idempotent_producer(true)

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use polybus_mqtt::{MqttClient, MqttConfig};
+use polybus::mqtt::{MqttClient, MqttConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

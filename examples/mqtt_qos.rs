@@ -9,8 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use polybus_core::{Event, Publisher};
-use polybus_mqtt::{MqttClient, QoS};
+use polybus::mqtt::{MqttClient, QoS};
+use polybus::{Event, Publisher};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

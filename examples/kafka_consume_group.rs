@@ -5,15 +5,15 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use polybus_core::{Consumer, Event};
-use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+use polybus::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+use polybus::{Consumer, Event};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let brokers =
         std::env::var("POLYBUS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let topic = format!("example-group-{}", uuid::Uuid::new_v4().simple());
-    let group = format!("billing-{}", uuid::Uuid::new_v4().simple());
+    let topic = format!("example-group-{}", polybus::new_id());
+    let group = format!("billing-{}", polybus::new_id());
     let cfg = KafkaConfig::new(brokers, group)
         .with_auto_offset_reset("earliest")
         .with_session_timeout(Duration::from_secs(6), Duration::from_millis(500));

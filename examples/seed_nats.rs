@@ -1,12 +1,12 @@
 //! The seed's NATS snippet (seed 000, "NATS 示例"), with only the crate paths changed and a
 //! `connect` where the seed's unit structs had none. Needs nats-server on 127.0.0.1:4222.
 
-use polybus_core::mq::{MessageConsumer, MessageProducer};
+use polybus::mq::{MessageConsumer, MessageProducer};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let prod = polybus_nats::NatsProducer::connect("nats://127.0.0.1:4222").await?;
-    let mut cons = polybus_nats::NatsConsumer::connect("nats://127.0.0.1:4222").await?;
+    let prod = polybus::nats_client::NatsProducer::connect("nats://127.0.0.1:4222").await?;
+    let mut cons = polybus::nats_client::NatsConsumer::connect("nats://127.0.0.1:4222").await?;
     cons.subscribe("t").await?;
     prod.send("t", b"hello").await?;
     let msg = cons.next().await?;

@@ -1,8 +1,8 @@
 //! Publishes keyed CloudEvents to Kafka and prints each receipt (partition, offset).
 //! `POLYBUS_KAFKA_BROKERS` (default 127.0.0.1:9092).
 
-use polybus_core::Event;
-use polybus_kafka::{KafkaConfig, KafkaProducer};
+use polybus::Event;
+use polybus::kafka::{KafkaConfig, KafkaProducer};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

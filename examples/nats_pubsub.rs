@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use polybus_core::{Consumer, Event, Publisher};
-use polybus_nats::{NatsConsumer, NatsOptions};
+use polybus::nats::{NatsConsumer, NatsOptions};
+use polybus::{Consumer, Event, Publisher};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use polybus_core::Event;
-use polybus_core::mq::MessageConsumer;
-use polybus_kafka::rdkafka::mocking::MockCluster;
-use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, KafkaTransactionalProducer};
+use polybus::Event;
+use polybus::kafka::rdkafka::mocking::MockCluster;
+use polybus::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, KafkaTransactionalProducer};
+use polybus::mq::MessageConsumer;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
             (mock.bootstrap_servers(), false)
         }
     };
-    let group = format!("enricher-{}", uuid::Uuid::new_v4().simple());
+    let group = format!("enricher-{}", polybus::new_id());
     let base = KafkaConfig::new(brokers, group).with_create_topics(create_topics);
 
     let plain = KafkaProducer::new_with_config(&base)?;
@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let cfg = base
-        .with_transactional_id(format!("enricher-{}", uuid::Uuid::new_v4().simple()))
+        .with_transactional_id(format!("enricher-{}", polybus::new_id()))
         .with_auto_commit(false);
     let producer = KafkaTransactionalProducer::new_with_config(&cfg)?;
     producer.init_transactions().await?;

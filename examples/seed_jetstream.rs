@@ -2,7 +2,7 @@
 //! paths changed; the ack follows DESIGN.md. Needs nats-server with JetStream on
 //! 127.0.0.1:4222.
 
-use polybus_jetstream::{JsConsumer, JsProducer};
+use polybus::nats_client::jetstream::{JsConsumer, JsProducer};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -17,5 +17,7 @@ async fn main() -> anyhow::Result<()> {
         msg.delivery_count()
     );
     msg.ack().await?;
+    // Acks are queued, not confirmed: drain the connection before the process exits.
+    c.close().await?;
     Ok(())
 }

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use polybus_core::{Event, Publisher};
-use polybus_jetstream::{ConsumerSettings, JsOptions, StreamSettings};
+use polybus::jetstream::{ConsumerSettings, JsOptions, StreamSettings};
+use polybus::{Event, Publisher};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -3,8 +3,8 @@
 //! Needs mosquitto on 127.0.0.1:1883 (`cargo xtask broker up mqtt`).
 //! Run: `cargo run -p polybus-mqtt --example seed_mqtt`
 
-use polybus_core::mq::{MessageConsumer, MessageProducer};
-use polybus_mqtt::{MqttConsumer, MqttProducer};
+use polybus::mq::{MessageConsumer, MessageProducer};
+use polybus::mqtt_client::{MqttConsumer, MqttProducer};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
