@@ -1,6 +1,6 @@
 //! Topic names and topic administration.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -360,6 +360,9 @@ pub(crate) struct TopicEnsurer {
     cfg: KafkaConfig,
     admin: OnceCell<KafkaAdmin>,
     known: Mutex<HashSet<String>>,
+    /// One check per topic at a time: concurrent first publishes to a topic wait for the
+    /// same CreateTopics instead of each sending its own (10 000 in flight sent 10 000).
+    pending: Mutex<HashMap<String, Arc<OnceCell<()>>>>,
 }
 
 impl TopicEnsurer {
@@ -368,6 +371,7 @@ impl TopicEnsurer {
             cfg: cfg.clone(),
             admin: OnceCell::new(),
             known: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashMap::new()),
         })
     }
 
@@ -382,13 +386,25 @@ impl TopicEnsurer {
         if !self.cfg.creates_topics() || self.is_known(topic) {
             return Ok(());
         }
-        let admin = self
-            .admin
-            .get_or_try_init(|| async { KafkaAdmin::new(&self.cfg) })
+        let check = match self.pending.lock() {
+            Ok(mut p) => Arc::clone(p.entry(topic.to_owned()).or_default()),
+            Err(_) => Arc::new(OnceCell::new()),
+        };
+        // The first caller checks; the others wait for it (and retry if it failed).
+        check
+            .get_or_try_init(|| async {
+                let admin = self
+                    .admin
+                    .get_or_try_init(|| async { KafkaAdmin::new(&self.cfg) })
+                    .await?;
+                admin.ensure_topic(topic).await
+            })
             .await?;
-        admin.ensure_topic(topic).await?;
         if let Ok(mut k) = self.known.lock() {
             k.insert(topic.to_owned());
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(topic);
         }
         Ok(())
     }

@@ -39,6 +39,23 @@ fn push(headers: OwnedHeaders, size: &mut usize, name: &str, value: &str) -> Own
     })
 }
 
+/// The header of a known CloudEvents attribute (`datacontenttype` is `content-type`); `None`
+/// for extensions, which get `ce_<name>`.
+fn attribute_header(attribute: &str) -> Option<&'static str> {
+    Some(match attribute {
+        "specversion" => "ce_specversion",
+        "id" => "ce_id",
+        "source" => "ce_source",
+        "type" => "ce_type",
+        "time" => "ce_time",
+        "datacontenttype" => CONTENT_TYPE,
+        "partitionkey" => "ce_partitionkey",
+        "subject" => "ce_subject",
+        "dataschema" => "ce_dataschema",
+        _ => return None,
+    })
+}
+
 /// Encodes `ev` for the wire in `mode`, the record key chosen by `keys`.
 pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded> {
     let key = keys.key(ev);
@@ -59,22 +76,33 @@ pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded
             Bytes::from(doc)
         }
         _ => {
-            let mut attrs: Vec<(String, String)> = Vec::with_capacity(8);
+            // Attributes go straight into the headers (no intermediate strings, static names
+            // for the known ones: this runs for every record); plain headers, rare, follow
+            // them as before.
+            let state = std::cell::RefCell::new((Some(headers), size, String::with_capacity(24)));
             let mut plain: Vec<(String, String)> = Vec::new();
             cloudevents::write_binary(
                 ev,
-                |n, v| attrs.push((n.to_owned(), v.to_owned())),
+                |n, v| {
+                    let (headers, size, buf) = &mut *state.borrow_mut();
+                    let name = match attribute_header(n) {
+                        Some(name) => name,
+                        None => {
+                            buf.clear();
+                            buf.push_str(CE_PREFIX);
+                            buf.push_str(n);
+                            buf.as_str()
+                        }
+                    };
+                    if let Some(h) = headers.take() {
+                        *headers = Some(push(h, size, name, v));
+                    }
+                },
                 |n, v| plain.push((n.to_owned(), v.to_owned())),
             );
-            for (n, v) in &attrs {
-                if n == "datacontenttype" {
-                    headers = push(headers, &mut size, CONTENT_TYPE, v);
-                } else {
-                    let name = format!("{CE_PREFIX}{n}");
-                    headers = push(headers, &mut size, &name, v);
-                }
-            }
-            // Plain headers as-is.
+            let (written, written_size, _) = state.into_inner();
+            headers = written.unwrap_or_default();
+            size = written_size;
             for (n, v) in &plain {
                 headers = push(headers, &mut size, n, v);
             }
@@ -225,6 +253,24 @@ mod tests {
         assert_eq!(get("X-Req"), Some("r"));
         assert_eq!(enc.key.as_deref(), Some(&b"k1"[..]));
         assert_eq!(enc.value, ev.data());
+        // Attributes in write_binary's order, then the plain headers; the size counts them.
+        let order: Vec<&str> = h.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            order,
+            [
+                "ce_specversion",
+                "ce_id",
+                "ce_source",
+                "ce_type",
+                "ce_time",
+                "content-type",
+                "ce_partitionkey",
+                "ce_tenant",
+                "X-Req"
+            ]
+        );
+        let counted: usize = h.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert_eq!(enc.size, counted + 2 + ev.data().len());
 
         let hv = raw(&h);
         let back = decode_parts(enc.value.clone(), enc.key.clone(), &hv, None).unwrap();
