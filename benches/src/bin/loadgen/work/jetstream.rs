@@ -82,6 +82,7 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
                 let mut h = template.clone();
                 h.insert("ce-id", id.as_str());
                 h.insert("ce-time", RawCloudEvent::time());
+                h.insert("traceparent", RawCloudEvent::traceparent());
                 h.insert("Nats-Msg-Id", id);
                 let (ctx, subj, data) = (&ctx, subj.clone(), data.clone());
                 async move {

@@ -42,13 +42,18 @@ fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
             value: Some(value),
         }
     }
-    let (id, time) = (RawCloudEvent::id(), RawCloudEvent::time());
-    OwnedHeaders::new_with_capacity(5)
+    let (id, time, trace) = (
+        RawCloudEvent::id(),
+        RawCloudEvent::time(),
+        RawCloudEvent::traceparent(),
+    );
+    OwnedHeaders::new_with_capacity(6)
         .insert(h("ce_specversion", "1.0"))
         .insert(h("ce_id", &id))
         .insert(h("ce_source", ce.source))
         .insert(h("ce_type", ce.kind))
         .insert(h("ce_time", &time))
+        .insert(h("traceparent", &trace))
 }
 
 /// Produces N records with `window` awaiting their delivery report at once.

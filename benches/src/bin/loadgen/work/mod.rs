@@ -57,8 +57,8 @@ pub(crate) fn payload(size: usize) -> Bytes {
 
 /// The CloudEvents attributes a raw producer writes by hand for the same wire message as
 /// polybus: specversion, source and type (constant, set up once), and per message a fresh id
-/// (a UUIDv7) and the current time (RFC 3339, formatted with polybus-core's helper, which is
-/// as fast as hand-written digits get).
+/// (a UUIDv7), the current time (RFC 3339, formatted with polybus-core's helper, which is as
+/// fast as hand-written digits get) and a `traceparent`.
 pub(crate) struct RawCloudEvent {
     pub(crate) source: &'static str,
     pub(crate) kind: &'static str,
@@ -80,6 +80,13 @@ impl RawCloudEvent {
     /// The current time.
     pub(crate) fn time() -> String {
         polybus_core::time::format_rfc3339(std::time::SystemTime::now())
+    }
+
+    /// A W3C `traceparent` starting a new sampled trace (random trace and span ids), which
+    /// polybus writes on every publish that has none.
+    pub(crate) fn traceparent() -> String {
+        let (trace, span) = (rand::random::<u128>().max(1), rand::random::<u64>().max(1));
+        format!("00-{trace:032x}-{span:016x}-01")
     }
 }
 

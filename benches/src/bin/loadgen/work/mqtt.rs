@@ -192,6 +192,7 @@ pub(crate) async fn pub_sub(env: &Env, a: &ChildArgs, meter: &Meter, qos: u8) ->
                     ("source".into(), ce.source.into()),
                     ("type".into(), ce.kind.into()),
                     ("time".into(), RawCloudEvent::time()),
+                    ("traceparent".into(), RawCloudEvent::traceparent()),
                 ],
                 ..Default::default()
             };

@@ -29,11 +29,12 @@ pub(crate) fn raw_template() -> HeaderMap {
     h
 }
 
-/// The headers of one raw message: the template, a fresh id and the time.
+/// The headers of one raw message: the template, a fresh id, the time and a trace context.
 fn raw_headers(template: &HeaderMap) -> HeaderMap {
     let mut h = template.clone();
     h.insert("ce-id", RawCloudEvent::id());
     h.insert("ce-time", RawCloudEvent::time());
+    h.insert("traceparent", RawCloudEvent::traceparent());
     h
 }
 
