@@ -499,15 +499,22 @@ impl PublishScope<'_> {
 
     /// Runs the broker call inside the span, then records the outcome: the receipt's position
     /// in the span, the published counter and latency histogram, or the error kind.
-    pub async fn run<F>(self, fut: F) -> Result<Receipt>
+    ///
+    /// A combinator rather than an `async fn`: an `async fn` would keep the broker call's
+    /// future twice in its state (the argument, and the instrumented copy), which doubled the
+    /// size of every adapter's publish future (JetStream 1.6 -> 3.6 KiB), copied whenever a
+    /// publish future is moved.
+    pub fn run<F>(self, fut: F) -> impl Future<Output = Result<Receipt>>
     where
         F: Future<Output = Result<Receipt>>,
     {
+        use futures_util::FutureExt as _;
         use tracing::Instrument as _;
         let span = self.span.clone();
-        let result = fut.instrument(span).await;
-        self.finish(&result);
-        result
+        fut.instrument(span).map(move |result| {
+            self.finish(&result);
+            result
+        })
     }
 
     /// Records the outcome of a publish done without [`run`](Self::run).
