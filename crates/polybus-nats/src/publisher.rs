@@ -198,9 +198,15 @@ impl NatsProducer {
         Ok((headers, payload))
     }
 
-    async fn publish_event(&self, subject: &str, mut event: Event) -> Result<Receipt> {
+    /// Not an `async fn`: the telemetry scope wraps the publish future directly, so the
+    /// future every publish returns holds it once.
+    fn publish_event(
+        &self,
+        subject: &str,
+        mut event: Event,
+    ) -> impl Future<Output = Result<Receipt>> + Send {
         let scope = self.inner.telemetry.publish(subject, &mut event);
-        scope.run(self.publish_traced(subject, event)).await
+        scope.run(self.publish_traced(subject, event))
     }
 
     async fn publish_traced(&self, subject: &str, event: Event) -> Result<Receipt> {
