@@ -69,29 +69,97 @@ fn is_context_attribute(name: &str) -> bool {
 /// Emits `ev` in binary mode: `attr(name, value)` for each CloudEvents attribute (context
 /// attributes, `datacontenttype`, `partitionkey`, extensions) and `header(name, value)` for each
 /// header that is not an extension. The binding adds its prefix and encoding.
+///
+/// [`write_binary_owned`] does the same without copying what it hands over; this one clones
+/// the event for it.
 pub fn write_binary(
     ev: &Event,
     mut attr: impl FnMut(&str, &str),
     mut header: impl FnMut(&str, &str),
 ) {
-    attr("specversion", SPECVERSION);
-    attr("id", ev.id());
-    attr("source", ev.source());
-    attr("type", ev.kind());
-    attr("time", &time::format_rfc3339(ev.time()));
-    if let Some(ct) = ev.content_type() {
-        attr("datacontenttype", ct);
+    write_binary_owned(
+        ev.clone(),
+        |name, value| attr(&name, &value),
+        |name, value| header(&name, &value),
+    );
+}
+
+/// [`write_binary`] for an event the binding owns: values are handed over as they are held
+/// (the id, the time and header values owned, so a binding that needs owned strings moves them
+/// instead of copying), attribute and header names as `Cow` (`'static` for the context
+/// attributes and for polybus' own headers such as `traceparent`). Returns the payload.
+///
+/// The order of the calls is that of [`write_binary`]: `specversion`, `id`, `source`, `type`,
+/// `time`, `datacontenttype`, `partitionkey`, then the headers in their order.
+///
+/// ```
+/// use std::borrow::Cow;
+/// use polybus_core::{Event, cloudevents::write_binary_owned};
+///
+/// let ev = Event::builder().kind("k").header("tenant", "eu").header("X-Req", "1").data("d").build()?;
+/// let (mut attrs, mut plain) = (Vec::new(), Vec::new());
+/// let data = write_binary_owned(
+///     ev,
+///     |name, value| attrs.push((name.into_owned(), value.into_owned())),
+///     |name, value| plain.push((name, value)),
+/// );
+/// assert_eq!(attrs[0], ("specversion".to_owned(), "1.0".to_owned()));
+/// assert!(attrs.contains(&("tenant".to_owned(), "eu".to_owned())));
+/// assert_eq!(plain, [(Cow::Owned("X-Req".to_owned()), "1".to_owned())]);
+/// assert_eq!(data, "d");
+/// # Ok::<(), polybus_core::Error>(())
+/// ```
+pub fn write_binary_owned(
+    ev: Event,
+    mut attr: impl FnMut(Cow<'static, str>, Cow<'_, str>),
+    mut header: impl FnMut(Cow<'static, str>, String),
+) -> Bytes {
+    let parts = ev.into_parts();
+    attr(Cow::Borrowed("specversion"), Cow::Borrowed(SPECVERSION));
+    attr(Cow::Borrowed("id"), Cow::Owned(parts.id));
+    attr(
+        Cow::Borrowed("source"),
+        parts.source.unwrap_or(Cow::Borrowed(crate::DEFAULT_SOURCE)),
+    );
+    attr(Cow::Borrowed("type"), parts.kind);
+    attr(
+        Cow::Borrowed("time"),
+        Cow::Owned(time::format_rfc3339(parts.time)),
+    );
+    if let Some(ct) = parts.content_type {
+        attr(Cow::Borrowed("datacontenttype"), ct);
     }
-    if let Some(key) = ev.key().and_then(|k| std::str::from_utf8(k).ok()) {
-        attr("partitionkey", key);
+    if let Some(key) = parts
+        .key
+        .as_deref()
+        .and_then(|k| std::str::from_utf8(k).ok())
+    {
+        attr(Cow::Borrowed("partitionkey"), Cow::Borrowed(key));
     }
-    for (i, (name, value)) in ev.headers().iter().enumerate() {
-        if is_attribute_entry(ev.headers(), i, name) {
-            attr(name, value);
+    let entries = parts.headers.into_entries();
+    // Which entries are attributes, decided on the names before they are moved out (the rule
+    // looks back at earlier names). A bit per entry; a vector only past 64 entries.
+    let mut small = 0u64;
+    let mut large = Vec::new();
+    for (i, (name, _)) in entries.iter().enumerate() {
+        let is_attr = is_extension_name(name) && !entries[..i].iter().any(|(n, _)| n == name);
+        match u32::try_from(i) {
+            Ok(bit) if bit < 64 => small |= u64::from(is_attr) << bit,
+            _ => large.push(is_attr),
+        }
+    }
+    for (i, (name, value)) in entries.into_iter().enumerate() {
+        let is_attr = match u32::try_from(i) {
+            Ok(bit) if bit < 64 => small >> bit & 1 == 1,
+            _ => large.get(i - 64).copied().unwrap_or(false),
+        };
+        if is_attr {
+            attr(name, Cow::Owned(value));
         } else {
             header(name, value);
         }
     }
+    parts.data
 }
 
 /// Whether header `i` (named `name`) becomes a CloudEvents extension attribute: its name is an

@@ -24,15 +24,17 @@ use crate::{Error, Event, Result};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
-    topic: String,
+    // Shared: a publisher that keeps its last topic hands out receipts without allocating.
+    topic: Arc<str>,
     partition: Option<i32>,
     sequence: Option<u64>,
     duplicate: bool,
 }
 
 impl Receipt {
-    /// A receipt for `topic` with no position.
-    pub fn new(topic: impl Into<String>) -> Self {
+    /// A receipt for `topic` with no position. Pass an `Arc<str>` the publisher keeps to
+    /// make one without allocating.
+    pub fn new(topic: impl Into<Arc<str>>) -> Self {
         Receipt {
             topic: topic.into(),
             partition: None,

@@ -116,6 +116,11 @@ impl Headers {
         before - self.entries.len()
     }
 
+    /// The entries, names and values as held.
+    pub(crate) fn into_entries(self) -> Vec<(Cow<'static, str>, String)> {
+        self.entries
+    }
+
     /// Iterates over `(name, value)` pairs in insertion order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &str)> + '_ {
         self.entries.iter().map(|(n, v)| (n.as_ref(), v.as_str()))

@@ -163,8 +163,10 @@ impl TraceContext {
     pub fn to_header_value(&self) -> String {
         let mut buf = [0u8; Self::LEN];
         self.write(&mut buf);
-        // Only ASCII hex digits and dashes were written.
-        String::from_utf8_lossy(&buf).into_owned()
+        // Only ASCII hex digits and dashes were written, so this never falls back.
+        std::str::from_utf8(&buf)
+            .map(str::to_owned)
+            .unwrap_or_default()
     }
 
     fn write(&self, buf: &mut [u8; Self::LEN]) {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::{HeaderName, HeaderValue, Subject};
+use async_nats::{HeaderName, HeaderValue};
 use polybus_core::{Error, Event, IntoPayload, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
@@ -56,6 +56,7 @@ struct Inner {
     gate: Gate,
     /// Reuses the constant CloudEvents headers from one event to the next.
     encoder: polybus_nats::Encoder,
+    subjects: polybus_nats::SubjectCache,
 }
 
 impl JsProducer {
@@ -98,6 +99,7 @@ impl JsProducer {
         JsProducer {
             inner: Arc::new(Inner {
                 encoder,
+                subjects: polybus_nats::SubjectCache::default(),
                 js,
                 subject,
                 owns_connection,
@@ -153,17 +155,17 @@ impl JsProducer {
 
     async fn publish_traced(&self, topic: &str, mut event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
-        polybus_nats::validate_publish_subject(topic, BACKEND)?;
+        let (shared_topic, subject) = self.inner.subjects.get(topic, BACKEND)?;
         event.validate()?;
         let opts = self.inner.js.options();
         if let Some(src) = &opts.nats.default_source() {
             event.set_source_if_unset(src);
         }
-        let (mut headers, payload) = self.inner.encoder.encode(&event, BACKEND)?;
         let id: HeaderValue = event.id().parse().map_err(|_| {
             Error::new(polybus_core::ErrorKind::InvalidHeader, BACKEND)
                 .with_message("the event id cannot travel as Nats-Msg-Id")
         })?;
+        let (mut headers, payload) = self.inner.encoder.encode_owned(event, BACKEND)?;
         headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
         polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
         self.ensure_stream(topic).await?;
@@ -173,7 +175,7 @@ impl JsProducer {
             .js
             .context()
             .send_publish(
-                Subject::from(topic),
+                subject,
                 PublishMessage::build().payload(payload).headers(headers),
             )
             .await
@@ -192,7 +194,7 @@ impl JsProducer {
             }
             futures_util::future::Either::Right((e, _)) => return Err(e),
         };
-        Ok(Receipt::new(topic)
+        Ok(Receipt::new(shared_topic)
             .with_sequence(ack.sequence)
             .with_duplicate(ack.duplicate))
     }

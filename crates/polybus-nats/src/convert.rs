@@ -51,7 +51,7 @@ pub fn encode_event(
 ) -> Result<(HeaderMap, Bytes)> {
     match mode {
         Mode::Structured => encode_structured(event, backend),
-        _ => encode_binary(event, backend, None),
+        _ => encode_binary(event.clone(), backend, None),
     }
 }
 
@@ -85,48 +85,61 @@ fn in_template(attribute: &str) -> bool {
 
 /// Binary mode. With `template` (the headers of `specversion`, `source`, `type` and the
 /// content type of this very event, see [`Encoder`]) only the other attributes are added.
+/// The event's owned strings (id, time, header values) move into the headers uncopied.
 fn encode_binary(
-    event: &Event,
+    event: Event,
     backend: &'static str,
     template: Option<HeaderMap>,
 ) -> Result<(HeaderMap, Bytes)> {
     let templated = template.is_some();
-    let headers = template.unwrap_or_default();
-    // Both callbacks of `write_binary` fill the same map.
-    let state = std::cell::RefCell::new((headers, None, String::with_capacity(24)));
-    cloudevents::write_binary(
+    let content_type = match event.content_type() {
+        Some(ct) if !templated && !is_structured(ct) => Some(ct.to_owned()),
+        _ => None,
+    };
+    // Both callbacks of `write_binary_owned` fill the same map.
+    let state = std::cell::RefCell::new((template.unwrap_or_default(), None));
+    let data = cloudevents::write_binary_owned(
         event,
         |name, value| {
-            if templated && in_template(name) {
+            if templated && in_template(&name) {
                 return;
             }
-            let (headers, failure, attr_name) = &mut *state.borrow_mut();
-            let value = percent_encode(value);
-            if let Some(known) = attribute_header(name) {
-                put_attribute(headers, known, &value, backend, failure);
-            } else {
-                attr_name.clear();
-                attr_name.push_str(CE_PREFIX);
-                attr_name.push_str(name);
-                put(headers, attr_name, &value, backend, failure);
+            let (headers, failure) = &mut *state.borrow_mut();
+            if failure.is_some() {
+                return;
+            }
+            let value = encoded_value(value);
+            match attribute_header(&name) {
+                Some(known) => headers.insert(known, value),
+                None => match HeaderName::try_from(format!("{CE_PREFIX}{name}")) {
+                    Ok(n) => headers.append(n, value),
+                    Err(_) => *failure = Some(cannot_carry(&name, backend)),
+                },
             }
         },
         |name, value| {
-            let (headers, failure, _) = &mut *state.borrow_mut();
+            let (headers, failure) = &mut *state.borrow_mut();
             put_plain_checked(headers, name, value, backend, failure);
         },
     );
-    let (mut headers, mut failure, _) = state.into_inner();
-    if !templated
-        && let Some(ct) = event.content_type()
-        && !is_structured(ct)
-    {
-        put(&mut headers, CONTENT_TYPE, ct, backend, &mut failure);
+    let (mut headers, mut failure) = state.into_inner();
+    if let Some(ct) = content_type {
+        put(&mut headers, CONTENT_TYPE, &ct, backend, &mut failure);
     }
     if let Some(e) = failure {
         return Err(e);
     }
-    Ok((headers, event.data().clone()))
+    Ok((headers, data))
+}
+
+/// An attribute value percent-encoded as the binding says, moved when it needs no encoding.
+/// Encoded values hold only printable ASCII, so NATS can carry every one.
+fn encoded_value(value: Cow<'_, str>) -> HeaderValue {
+    if any_needs_encoding(&value) {
+        HeaderValue::from(percent_encode(&value).into_owned())
+    } else {
+        HeaderValue::from(value.into_owned())
+    }
 }
 
 /// Encodes the events of one publisher like [`encode_event`], faster in binary mode: the
@@ -246,16 +259,25 @@ impl Encoder {
     /// # Errors
     /// As for [`encode_event`].
     pub fn encode(&self, event: &Event, backend: &'static str) -> Result<(HeaderMap, Bytes)> {
+        self.encode_owned(event.clone(), backend)
+    }
+
+    /// Encodes `event` like [`encode`](Self::encode), moving its strings (id, time, header
+    /// values) into the headers instead of copying them.
+    ///
+    /// # Errors
+    /// As for [`encode_event`].
+    pub fn encode_owned(&self, event: Event, backend: &'static str) -> Result<(HeaderMap, Bytes)> {
         if matches!(self.mode, Mode::Structured) {
-            return encode_structured(event, backend);
+            return encode_structured(&event, backend);
         }
         let Ok(mut slot) = self.template.try_lock() else {
             return encode_binary(event, backend, None);
         };
         let headers = match slot.as_ref() {
-            Some(t) if t.matches(event) => t.headers.clone(),
+            Some(t) if t.matches(&event) => t.headers.clone(),
             _ => {
-                let t = Template::build(event, backend)?;
+                let t = Template::build(&event, backend)?;
                 let headers = t.headers.clone();
                 *slot = Some(t);
                 headers
@@ -350,7 +372,7 @@ pub fn decode_event(
 /// assert_eq!(polybus_nats::percent_encode("plain-1.0"), "plain-1.0");
 /// ```
 pub fn percent_encode(value: &str) -> Cow<'_, str> {
-    if !value.bytes().any(needs_encoding) {
+    if !any_needs_encoding(value) {
         return Cow::Borrowed(value);
     }
     let mut out = String::with_capacity(value.len() + 16);
@@ -436,6 +458,14 @@ fn hex_value(b: u8) -> Option<u8> {
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
     }
+}
+
+/// Whether any byte of `value` needs encoding. A fold without early exit compiles to a
+/// vector loop (this runs for every attribute of every publish).
+fn any_needs_encoding(value: &str) -> bool {
+    value
+        .bytes()
+        .fold(false, |seen, b| seen | needs_encoding(b))
 }
 
 fn needs_encoding(b: u8) -> bool {
@@ -527,24 +557,53 @@ fn put_plain(
     put(headers, name, value, backend, failure);
 }
 
+fn cannot_carry(name: &str, backend: &'static str) -> Error {
+    Error::new(ErrorKind::InvalidHeader, backend)
+        .with_message(format!("NATS cannot carry the header {name:?}"))
+}
+
+/// Appends a plain (non-attribute) header, moving its value; names reserved by the binding are
+/// refused. polybus' own trace headers take their names without parsing or allocating.
 fn put_plain_checked(
     headers: &mut HeaderMap,
-    name: &str,
-    value: &str,
+    name: Cow<'static, str>,
+    value: String,
     backend: &'static str,
     failure: &mut Option<Error>,
 ) {
     if failure.is_some() {
         return;
     }
-    if has_ce_prefix(name) || name.eq_ignore_ascii_case(CONTENT_TYPE) {
+    if has_ce_prefix(&name) || name.eq_ignore_ascii_case(CONTENT_TYPE) {
         *failure = Some(Error::new(ErrorKind::InvalidHeader, backend).with_message(format!(
             "header {name:?} is reserved by the CloudEvents NATS binding; use an extension name \
              (lowercase letters and digits) or the event's content type"
         )));
         return;
     }
-    put_plain(headers, name, value, backend, failure);
+    // The rules `HeaderValue::from` and `HeaderName::try_from` apply, checked first so that
+    // both strings can move; folds rather than `any`/`all` so they compile to vector loops.
+    let line_break = value
+        .bytes()
+        .fold(false, |seen, b| seen | (b == b'\r') | (b == b'\n'));
+    let bad_name = name
+        .bytes()
+        .fold(false, |seen, b| seen | !b.is_ascii_graphic() | (b == b':'));
+    if line_break || bad_name {
+        *failure = Some(cannot_carry(&name, backend));
+        return;
+    }
+    let header_name = match name {
+        Cow::Borrowed("traceparent") => Ok(HeaderName::from_static("traceparent")),
+        Cow::Borrowed("tracestate") => Ok(HeaderName::from_static("tracestate")),
+        Cow::Borrowed(n) => HeaderName::try_from(n),
+        Cow::Owned(n) => HeaderName::try_from(n),
+    };
+    match header_name {
+        // `HeaderValue::from` refuses only CR and LF, checked above.
+        Ok(n) => headers.append(n, HeaderValue::from(value)),
+        Err(_) => *failure = Some(cannot_carry("(a header)", backend)),
+    }
 }
 
 #[cfg(test)]

@@ -74,7 +74,9 @@ pub use convert::{
     CE_PREFIX, CONTENT_TYPE, Encoder, decode_event, encode_event, percent_decode, percent_encode,
 };
 pub use publisher::{NatsProducer, check_size};
-pub use subject::{MAX_SUBJECT_LEN, validate_publish_subject, validate_subscribe_subject};
+pub use subject::{
+    MAX_SUBJECT_LEN, SubjectCache, validate_publish_subject, validate_subscribe_subject,
+};
 
 /// The async-nats client crate, re-exported for [`NatsConnection::client`] users.
 pub use async_nats;

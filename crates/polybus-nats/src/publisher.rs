@@ -15,7 +15,7 @@ use crate::config::{NatsConnection, NatsOptions};
 use crate::convert::{Encoder, decode_event};
 use crate::error::{self, BACKEND};
 use crate::permissions::Op;
-use crate::subject::validate_publish_subject;
+use crate::subject::SubjectCache;
 
 /// Publishes events to NATS subjects (core NATS, at-most-once).
 ///
@@ -56,6 +56,7 @@ struct Inner {
     owns_connection: bool,
     telemetry: Telemetry,
     check_permissions: bool,
+    subjects: SubjectCache,
 }
 
 impl Drop for Inner {
@@ -118,6 +119,7 @@ impl NatsProducer {
                 owns_connection,
                 telemetry: Telemetry::new(BACKEND),
                 check_permissions: opts.check_publish_permissions,
+                subjects: SubjectCache::default(),
             }),
         }
     }
@@ -165,7 +167,7 @@ impl NatsProducer {
         let mut reply = None;
         let sent = scope
             .run(async {
-                let (headers, payload) = self.prepare(subject, event)?;
+                let (topic, subj, headers, payload) = self.prepare(subject, event)?;
                 let request = async_nats::Request::new()
                     .headers(headers)
                     .payload(payload)
@@ -174,11 +176,11 @@ impl NatsProducer {
                     .inner
                     .conn
                     .client
-                    .send_request(subject.to_owned(), request)
+                    .send_request(subj, request)
                     .await
                     .map_err(|e| error::request(e, BACKEND))?;
                 reply = Some(message);
-                Ok(Receipt::new(subject))
+                Ok(Receipt::new(topic))
             })
             .await;
         sent?;
@@ -186,16 +188,22 @@ impl NatsProducer {
         decode_event(reply.headers.as_ref(), reply.payload, BACKEND)
     }
 
-    fn prepare(&self, subject: &str, mut event: Event) -> Result<(HeaderMap, Bytes)> {
-        validate_publish_subject(subject, BACKEND)?;
+    /// Checks and encodes a publish: the subject (validated once per subject), the event,
+    /// the size against the server's limit.
+    fn prepare(
+        &self,
+        subject: &str,
+        mut event: Event,
+    ) -> Result<(Arc<str>, Subject, HeaderMap, Bytes)> {
+        let (topic, subj) = self.inner.subjects.get(subject, BACKEND)?;
         self.inner.conn.earlier_publish_refused(subject, BACKEND)?;
         event.validate()?;
         if let Some(src) = &self.inner.source {
             event.set_source_if_unset(src);
         }
-        let (headers, payload) = self.inner.encoder.encode(&event, BACKEND)?;
+        let (headers, payload) = self.inner.encoder.encode_owned(event, BACKEND)?;
         check_size(&self.inner.conn, &headers, payload.len(), BACKEND)?;
-        Ok((headers, payload))
+        Ok((topic, subj, headers, payload))
     }
 
     /// Not an `async fn`: the telemetry scope wraps the publish future directly, so the
@@ -211,14 +219,14 @@ impl NatsProducer {
 
     async fn publish_traced(&self, subject: &str, event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
-        let (headers, payload) = self.prepare(subject, event)?;
+        let (topic, subj, headers, payload) = self.prepare(subject, event)?;
         self.inner
             .conn
             .client
-            .publish_with_headers(Subject::from(subject), headers, payload)
+            .publish_with_headers(subj, headers, payload)
             .await
             .map_err(|e| error::publish(e, BACKEND))?;
-        Ok(Receipt::new(subject))
+        Ok(Receipt::new(topic))
     }
 }
 

@@ -1,5 +1,8 @@
 //! NATS subject rules.
 
+use std::sync::{Arc, Mutex};
+
+use async_nats::Subject;
 use polybus_core::{Error, ErrorKind, Result, topic};
 
 /// The longest subject accepted, in bytes: half of the server's default `max_control_line`
@@ -184,5 +187,45 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::InvalidTopic, "{bad:?}");
             assert_eq!(e.backend(), "jetstream");
         }
+    }
+}
+
+/// The last subject a publisher used, validated, as the client's [`Subject`] and as the
+/// `Arc<str>` its receipts share. Publishing to the same subject again then costs neither
+/// validation nor allocation. Shared by the tasks publishing through one producer; it never
+/// blocks (while another task holds it, the subject is made afresh).
+///
+/// ```
+/// use polybus_nats::SubjectCache;
+///
+/// let cache = SubjectCache::default();
+/// let (name, subject) = cache.get("orders.created", "nats")?;
+/// assert_eq!((&*name, subject.as_str()), ("orders.created", "orders.created"));
+/// assert!(cache.get("orders.*", "nats").is_err());
+/// # Ok::<(), polybus_core::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct SubjectCache {
+    last: Mutex<Option<(Arc<str>, Subject)>>,
+}
+
+impl SubjectCache {
+    /// `name` checked by [`validate_publish_subject`], as a shared string and a [`Subject`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidTopic`], tagged with `backend`, as [`validate_publish_subject`].
+    pub fn get(&self, name: &str, backend: &'static str) -> Result<(Arc<str>, Subject)> {
+        if let Ok(last) = self.last.try_lock()
+            && let Some((shared, subject)) = last.as_ref()
+            && **shared == *name
+        {
+            return Ok((shared.clone(), subject.clone()));
+        }
+        validate_publish_subject(name, backend)?;
+        let made = (Arc::<str>::from(name), Subject::from(name));
+        if let Ok(mut last) = self.last.try_lock() {
+            *last = Some(made.clone());
+        }
+        Ok(made)
     }
 }
