@@ -192,6 +192,15 @@ fn looks_structured(payload: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    /// What the receiving side makes of `enc`.
+    fn decoded(enc: &Encoded) -> Result<Event> {
+        decode(
+            &enc.payload,
+            &enc.user_properties,
+            enc.content_type.as_deref(),
+        )
+    }
+
     fn sample() -> Event {
         Event::builder()
             .source("urn:t")
@@ -238,12 +247,7 @@ mod tests {
             assert!(names.contains(&n), "{n} missing from {names:?}");
         }
         assert!(!names.contains(&"datacontenttype"));
-        let back = decode(
-            &enc.payload,
-            &enc.user_properties,
-            enc.content_type.as_deref(),
-        )
-        .unwrap();
+        let back = decoded(&enc).unwrap();
         assert_eq!(back.id(), ev.id());
         assert_eq!(back.source(), "urn:t");
         assert_eq!(back.key(), Some(&b"key-1"[..]));
@@ -260,12 +264,7 @@ mod tests {
             enc.content_type.as_deref(),
             Some("application/cloudevents+json")
         );
-        let back = decode(
-            &enc.payload,
-            &enc.user_properties,
-            enc.content_type.as_deref(),
-        )
-        .unwrap();
+        let back = decoded(&enc).unwrap();
         assert_eq!(back.id(), ev.id());
         assert_eq!(back.data(), ev.data());
         assert_eq!(back.headers().get("X-Request-Id"), Some("r1"));
@@ -316,12 +315,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::InvalidHeader);
         // Structured mode carries it (the attributes are in the JSON body).
         let enc = encode(&ev, Protocol::V5, Mode::Structured).unwrap();
-        let back = decode(
-            &enc.payload,
-            &enc.user_properties,
-            enc.content_type.as_deref(),
-        )
-        .unwrap();
+        let back = decoded(&enc).unwrap();
         assert_eq!(back.headers().get("type"), Some("x"));
         assert_eq!(back.kind(), ev.kind());
     }
@@ -359,12 +353,7 @@ mod tests {
 
         fn round_trip(sent: &Event, protocol: Protocol, mode: Mode) -> Result<(), TestCaseError> {
             let enc = encode(sent, protocol, mode).expect("encodes");
-            let got = decode(
-                &enc.payload,
-                &enc.user_properties,
-                enc.content_type.as_deref(),
-            )
-            .expect("decodes");
+            let got = decoded(&enc).expect("decodes");
             assert_same(sent, &got, false)
         }
 
