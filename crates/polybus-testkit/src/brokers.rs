@@ -30,6 +30,29 @@ use crate::probe;
 /// How long a broker may take to answer its readiness probe.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Awaits `connect`, which must fail with `kind` within `within` (a refusal is an answer, not
+/// a retry loop); prints the error, naming `what`, and returns it.
+///
+/// # Panics
+/// Where `connect` succeeds, fails otherwise, or takes longer.
+pub async fn refused<T: fmt::Debug>(
+    connect: impl Future<Output = polybus_core::Result<T>>,
+    kind: polybus_core::ErrorKind,
+    what: &str,
+    within: Duration,
+) -> polybus_core::Error {
+    let started = std::time::Instant::now();
+    let e = connect.await.expect_err(what);
+    assert_eq!(e.kind(), kind, "{what}: {e}");
+    assert!(
+        started.elapsed() < within,
+        "{what}: took {:?}",
+        started.elapsed()
+    );
+    println!("{what}: {e}");
+    e
+}
+
 /// The URL of the shared NATS server (`POLYBUS_NATS_URL`, default `nats://127.0.0.1:4222`).
 pub fn nats_url() -> String {
     std::env::var("POLYBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())

@@ -25,6 +25,8 @@ mod config {
     pub(crate) const HOST: &str = "127.0.0.1";
 }
 mod memory;
+#[cfg(feature = "proptest")]
+pub mod strategies;
 pub mod suite;
 pub mod support;
 pub mod tls;

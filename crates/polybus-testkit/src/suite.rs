@@ -15,7 +15,7 @@ use polybus_core::{
 };
 
 use crate::Fixture;
-use crate::support::{id_set, numbered, publish_n, subscribe};
+use crate::support::{id_set, numbered, publish_n, subscribe, with_member};
 
 /// Every scenario's name, in the order the macro generates them.
 pub const SCENARIOS: &[&str] = &[
@@ -46,6 +46,11 @@ pub const SCENARIOS: &[&str] = &[
     "spawned_tasks_work",
     "capabilities_match_the_backend",
 ];
+
+/// A fresh group name where the backend has consumer groups, else none.
+fn group_if_any(f: &impl Fixture) -> Option<String> {
+    f.capabilities().consumer_groups.then(|| f.group())
+}
 
 fn not_applicable(f: &impl Fixture, scenario: &str, why: &str) -> Result<()> {
     eprintln!("{}: {scenario} does not apply: {why}", f.name());
@@ -245,26 +250,23 @@ pub async fn many_topics<F: Fixture>(f: &F) -> Result<()> {
 /// An acked event is not delivered again, neither now nor to the next member of the group.
 pub async fn ack_consumes<F: Fixture>(f: &F) -> Result<()> {
     let topic = f.topic();
-    let group = f.group();
-    let caps = f.capabilities();
-    let group_opt = caps.consumer_groups.then_some(group.as_str());
+    let group = group_if_any(f);
     let p = f.publisher().await?;
-    {
-        let c = f.consumer(group_opt).await?;
-        let mut sub = subscribe(f, &c, &topic).await;
+    with_member(f, group.as_deref(), &topic, async |sub| {
         let ev = Event::new("ack me");
         p.publish(&topic, ev.clone()).await?;
         let d = sub.next("the event").await?;
         ensure!(d.event().id() == ev.id());
         d.ack().await?;
-        sub.expect_quiet("an acked event must not come back")
-            .await?;
-    }
-    if caps.durable_groups {
-        let c = f.consumer(group_opt).await?;
-        let mut sub = subscribe(f, &c, &topic).await;
-        sub.expect_quiet("an acked event must not reach the next group member")
-            .await?;
+        sub.expect_quiet("an acked event must not come back").await
+    })
+    .await?;
+    if f.capabilities().durable_groups {
+        with_member(f, group.as_deref(), &topic, async |sub| {
+            sub.expect_quiet("an acked event must not reach the next group member")
+                .await
+        })
+        .await?;
     }
     Ok(())
 }
@@ -273,13 +275,7 @@ pub async fn ack_consumes<F: Fixture>(f: &F) -> Result<()> {
 /// Where nack is unsupported, it must say so and hand the delivery back.
 pub async fn nack_redelivers<F: Fixture>(f: &F) -> Result<()> {
     let topic = f.topic();
-    let c = f
-        .consumer(
-            Some(&f.group())
-                .filter(|_| f.capabilities().consumer_groups)
-                .map(String::as_str),
-        )
-        .await?;
+    let c = f.consumer(group_if_any(f).as_deref()).await?;
     let mut sub = subscribe(f, &c, &topic).await;
     let p = f.publisher().await?;
     let ids = publish_n(&p, &topic, 10, |i| numbered("nack", i)).await?;
@@ -336,9 +332,7 @@ pub async fn nack_after_delay_honoured<F: Fixture>(f: &F) -> Result<()> {
         );
     }
     let topic = f.topic();
-    let c = f
-        .consumer(caps.consumer_groups.then(|| f.group()).as_deref())
-        .await?;
+    let c = f.consumer(group_if_any(f).as_deref()).await?;
     let mut sub = subscribe(f, &c, &topic).await;
     let p = f.publisher().await?;
     let ev = Event::new("later");
@@ -365,9 +359,7 @@ pub async fn nack_after_delay_honoured<F: Fixture>(f: &F) -> Result<()> {
 pub async fn term_is_not_redelivered<F: Fixture>(f: &F) -> Result<()> {
     let caps = f.capabilities();
     let topic = f.topic();
-    let c = f
-        .consumer(caps.consumer_groups.then(|| f.group()).as_deref())
-        .await?;
+    let c = f.consumer(group_if_any(f).as_deref()).await?;
     let mut sub = subscribe(f, &c, &topic).await;
     let p = f.publisher().await?;
     p.publish(&topic, Event::new("poison")).await?;
@@ -403,10 +395,7 @@ pub async fn out_of_order_ack_is_safe<F: Fixture>(f: &F) -> Result<()> {
     let topic = f.topic();
     let group = f.group();
     let p = f.publisher().await?;
-    let first_id;
-    {
-        let c = f.consumer(Some(&group)).await?;
-        let mut sub = subscribe(f, &c, &topic).await;
+    let first_id = with_member(f, Some(&group), &topic, async |sub| {
         let ids = publish_n(&p, &topic, 2, |i| numbered("ooo", i)).await?;
         let a = sub.next("event 1").await?;
         let b = sub.next("event 2").await?;
@@ -414,22 +403,23 @@ pub async fn out_of_order_ack_is_safe<F: Fixture>(f: &F) -> Result<()> {
             a.event().id() == ids[0] && b.event().id() == ids[1],
             "order on a single subscriber"
         );
-        first_id = ids[0].clone();
         b.ack().await?;
         drop(a); // unsettled
-    }
-    let c = f.consumer(Some(&group)).await?;
-    let mut sub = subscribe(f, &c, &topic).await;
-    let d = sub.next("the unsettled first event again").await?;
-    ensure!(
-        d.event().id() == first_id,
-        "expected the first event back, got {:?}",
-        d.event()
-    );
-    d.ack().await?;
-    sub.expect_quiet("the acked second event must not come back")
-        .await?;
-    Ok(())
+        Ok(ids[0].clone())
+    })
+    .await?;
+    with_member(f, Some(&group), &topic, async |sub| {
+        let d = sub.next("the unsettled first event again").await?;
+        ensure!(
+            d.event().id() == first_id,
+            "expected the first event back, got {:?}",
+            d.event()
+        );
+        d.ack().await?;
+        sub.expect_quiet("the acked second event must not come back")
+            .await
+    })
+    .await
 }
 
 /// A delivery dropped without settlement comes back (RustStream: an unsettled delivery
@@ -444,9 +434,8 @@ pub async fn unsettled_delivery_returns<F: Fixture>(f: &F) -> Result<()> {
         );
     }
     let topic = f.topic();
-    let group = caps.consumer_groups.then(|| f.group());
     let p = f.publisher().await?;
-    let c = f.consumer(group.as_deref()).await?;
+    let c = f.consumer(group_if_any(f).as_deref()).await?;
     let ev = Event::new("dropped");
     let mut sub = subscribe(f, &c, &topic).await;
     p.publish(&topic, ev.clone()).await?;
@@ -478,24 +467,24 @@ pub async fn no_loss_across_subscriber_restart<F: Fixture>(f: &F) -> Result<()> 
     let topic = f.topic();
     let group = f.group();
     let p = f.publisher().await?;
-    let mut seen = HashSet::new();
-    let ids;
-    {
-        let c = f.consumer(Some(&group)).await?;
-        let mut sub = subscribe(f, &c, &topic).await;
-        ids = publish_n(&p, &topic, 60, |i| numbered("restart", i)).await?;
+    let (ids, seen) = with_member(f, Some(&group), &topic, async |sub| {
+        let ids = publish_n(&p, &topic, 60, |i| numbered("restart", i)).await?;
+        let mut seen = HashSet::new();
         while seen.len() < 20 {
             let d = sub.next("the first 20").await?;
             seen.insert(d.event().id().to_owned());
             d.ack().await?;
         }
-    }
-    let c = f.consumer(Some(&group)).await?;
-    let mut sub = subscribe(f, &c, &topic).await;
+        Ok((ids, seen))
+    })
+    .await?;
     let rest: HashSet<String> = ids.iter().filter(|i| !seen.contains(*i)).cloned().collect();
-    sub.collect_ids(&rest)
-        .await
-        .context("the rest after the restart")?;
+    with_member(f, Some(&group), &topic, async |sub| {
+        sub.collect_ids(&rest)
+            .await
+            .context("the rest after the restart")
+    })
+    .await?;
     Ok(())
 }
 
@@ -513,31 +502,22 @@ pub async fn continue_after_errors<F: Fixture>(f: &F) -> Result<()> {
     let topic = f.topic();
     let group = f.group();
     let p = f.publisher().await?;
-    let ids;
-    {
-        let c = f.consumer(Some(&group)).await?;
-        let mut sub = subscribe(f, &c, &topic).await;
-        ids = publish_n(&p, &topic, 20, |i| numbered("errors", i)).await?;
-        for _ in 0..5 {
-            sub.next("an event to nack")
-                .await?
-                .nack(Duration::ZERO)
-                .await?;
-        }
-    }
+    let ids = with_member(f, Some(&group), &topic, async |sub| {
+        let ids = publish_n(&p, &topic, 20, |i| numbered("errors", i)).await?;
+        sub.nack_next(5, "an event to nack").await?;
+        Ok(ids)
+    })
+    .await?;
     for _ in 0..2 {
-        let c = f.consumer(Some(&group)).await?;
-        let mut sub = subscribe(f, &c, &topic).await;
-        for _ in 0..5 {
-            sub.next("an event to nack")
-                .await?
-                .nack(Duration::ZERO)
-                .await?;
-        }
+        with_member(f, Some(&group), &topic, async |sub| {
+            sub.nack_next(5, "an event to nack").await
+        })
+        .await?;
     }
-    let c = f.consumer(Some(&group)).await?;
-    let mut sub = subscribe(f, &c, &topic).await;
-    sub.collect_ids(&id_set(&ids)).await?;
+    with_member(f, Some(&group), &topic, async |sub| {
+        sub.collect_ids(&id_set(&ids)).await
+    })
+    .await?;
     Ok(())
 }
 

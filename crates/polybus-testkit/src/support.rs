@@ -43,6 +43,19 @@ pub async fn subscribe<'a, F: Fixture>(
     }
 }
 
+/// Subscribes a new consumer (a member of `group`, if any) to `topic`, runs `body` on the live
+/// subscription and then drops both: the member goes away.
+pub async fn with_member<F: Fixture, R>(
+    fixture: &F,
+    group: Option<&str>,
+    topic: &str,
+    body: impl AsyncFnOnce(&mut Sub<'_, F::Consumer>) -> Result<R>,
+) -> Result<R> {
+    let consumer = fixture.consumer(group).await?;
+    let mut sub = subscribe(fixture, &consumer, topic).await;
+    body(&mut sub).await
+}
+
 impl<C: Consumer> Sub<'_, C> {
     /// The next delivery within `within`; `Ok(None)` on timeout or end of stream.
     pub async fn next_within(&mut self, within: Duration) -> Result<Option<Delivery>> {
@@ -94,6 +107,15 @@ impl<C: Consumer> Sub<'_, C> {
             }
         }
         Ok(events)
+    }
+
+    /// Receives `n` deliveries (each within the receive timeout, or an error naming `what`)
+    /// and nacks each without delay.
+    pub async fn nack_next(&mut self, n: usize, what: &str) -> Result<()> {
+        for _ in 0..n {
+            self.next(what).await?.nack(Duration::ZERO).await?;
+        }
+        Ok(())
     }
 
     /// Asserts that nothing arrives during the fixture's quiet period.

@@ -37,6 +37,19 @@ pub(crate) struct Outcome {
     pub(crate) notes: Vec<String>,
 }
 
+impl Outcome {
+    /// The outcome of a step that recorded each message's latency: one message counted per
+    /// latency, over `elapsed`.
+    pub(crate) fn timed(latency: Latency, elapsed: Duration) -> Outcome {
+        Outcome {
+            count: latency.len(),
+            elapsed,
+            latency: Some(latency),
+            notes: Vec::new(),
+        }
+    }
+}
+
 /// What a child reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct RunResult {

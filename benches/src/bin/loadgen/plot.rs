@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Result, anyhow};
+use plotters::chart::SeriesLabelStyle;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -26,6 +27,40 @@ fn color(side: Side) -> RGBColor {
 /// plotters' errors borrow nothing but are not all `Send`; keep their text.
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotting: {e:?}")
+}
+
+/// One line per side, in the side's colour, each with a legend entry `legend_len` wide.
+fn side_lines<'a, CT: CoordTranslate<From = (f64, f64)>>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    series: Vec<(Side, Vec<(f64, f64)>)>,
+    legend_len: i32,
+) -> Result<()> {
+    for (side, pts) in series {
+        chart
+            .draw_series(LineSeries::new(pts, color(side).stroke_width(2)))
+            .map_err(err)?
+            .label(side.name())
+            .legend(move |(x, y)| {
+                PathElement::new(
+                    vec![(x, y), (x + legend_len, y)],
+                    color(side).stroke_width(2),
+                )
+            });
+    }
+    Ok(())
+}
+
+/// The legend box every plot has, at `position` (draw it after setting anything else).
+fn legend<'a, 'b, CT: CoordTranslate>(
+    chart: &'b mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+) -> SeriesLabelStyle<'a, 'b, SVGBackend<'a>, CT> {
+    let mut style = chart.configure_series_labels();
+    style
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK);
+    style
 }
 
 pub(crate) fn all(results: &Results, rows: &[Row], out: &Path) -> Result<()> {
@@ -130,11 +165,7 @@ fn throughput(results: &Results, path: &Path) -> Result<()> {
                 Rectangle::new([(x, y - 5), (x + 12, y + 5)], color(side).filled())
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
         .draw()
         .map_err(err)?;
     root.present().map_err(err)?;
@@ -318,20 +349,8 @@ fn latency(s: &StepRecord, path: &Path) -> Result<()> {
         .y_desc("latency (µs, log scale)")
         .draw()
         .map_err(err)?;
-    for (side, pts) in curves {
-        chart
-            .draw_series(LineSeries::new(pts, color(side).stroke_width(2)))
-            .map_err(err)?
-            .label(side.name())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 16, y)], color(side).stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
+    side_lines(&mut chart, curves, 16)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
         .draw()
         .map_err(err)?;
     root.present().map_err(err)?;
@@ -408,20 +427,8 @@ fn memory(results: &Results, path: &Path) -> Result<()> {
             .y_labels(5)
             .draw()
             .map_err(err)?;
-        for (side, pts) in series {
-            chart
-                .draw_series(LineSeries::new(pts, color(side).stroke_width(2)))
-                .map_err(err)?
-                .label(side.name())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 12, y)], color(side).stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
+        side_lines(&mut chart, series, 12)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)
             .label_font((FONT, 11))
             .draw()
             .map_err(err)?;

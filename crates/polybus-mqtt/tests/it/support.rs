@@ -5,14 +5,7 @@ use std::time::Duration;
 use polybus_mqtt::{MqttClient, MqttConfig};
 
 /// The shared broker: `POLYBUS_MQTT_HOST` / `POLYBUS_MQTT_PORT` (default 127.0.0.1:1883).
-pub(crate) fn broker() -> (String, u16) {
-    let host = std::env::var("POLYBUS_MQTT_HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("POLYBUS_MQTT_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(1883);
-    (host, port)
-}
+pub(crate) use polybus_testkit::brokers::mqtt_addr as broker;
 
 /// A fresh, MQTT-legal topic.
 pub(crate) fn topic() -> String {

@@ -2,178 +2,42 @@
 //! through binary and structured mode with every attribute intact, and decoding arbitrary
 //! headers and payloads never panics. 10,000 cases each.
 
-use std::time::{Duration, UNIX_EPOCH};
-
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
-use polybus_core::Event;
 use polybus_core::cloudevents::Mode;
 use polybus_nats::{decode_event, encode_event, percent_decode, percent_encode};
+use polybus_testkit::strategies::{self, EventCase, EventCases, assert_same};
 use proptest::prelude::*;
 
-/// Attribute values: any non-control text, including spaces, quotes, `%` and non-ASCII.
-fn text() -> impl Strategy<Value = String> {
-    "[^\\p{Cc}]{1,24}"
-}
+/// Content types besides none: JSON ones (which structured mode embeds), parameters with
+/// quotes, the structured type itself, and arbitrary media types.
+const CONTENT_TYPES: &[&str] = &[
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/vnd.order+json",
+    "text/plain; charset=\"utf-8\"",
+    "application/octet-stream",
+    "application/cloudevents+json",
+];
 
-fn extension_name() -> impl Strategy<Value = String> {
-    "[a-z][a-z0-9]{0,11}".prop_filter("not a context attribute", |n| {
-        polybus_core::cloudevents::is_extension_name(n)
-    })
-}
-
-/// Plain header values as a NATS server carries them: printable ASCII, no surrounding space.
-fn plain_value() -> impl Strategy<Value = String> {
-    "[!-~]([ -~]{0,16}[!-~])?"
-}
-
-fn content_type() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![
-        Just(None),
-        Just(Some("application/json".to_owned())),
-        Just(Some("application/json; charset=utf-8".to_owned())),
-        Just(Some("application/vnd.order+json".to_owned())),
-        Just(Some("text/plain; charset=\"utf-8\"".to_owned())),
-        Just(Some("application/octet-stream".to_owned())),
-        Just(Some("application/cloudevents+json".to_owned())),
-        "[a-z]{1,8}/[a-z0-9.+-]{1,12}".prop_map(Some),
-    ]
-}
-
-/// A JSON document (so a structured event with a JSON content type can embed it).
-fn json() -> impl Strategy<Value = serde_json::Value> {
-    use serde_json::Value;
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::from),
-        "\\PC{0,12}".prop_map(Value::String),
-    ];
-    leaf.prop_recursive(3, 16, 4, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
+/// Events as NATS carries them: any content type, plain header values as a NATS server keeps
+/// them (printable ASCII without surrounding space), and any JSON document as data.
+fn case() -> impl Strategy<Value = EventCase> {
+    EventCases {
+        // None and each listed type (7) as likely as each other and as an arbitrary type.
+        content_type: prop_oneof![
+            7 => strategies::content_type(CONTENT_TYPES),
+            1 => "[a-z]{1,8}/[a-z0-9.+-]{1,12}".prop_map(Some),
         ]
-    })
-}
-
-#[derive(Debug, Clone)]
-struct Case {
-    id: String,
-    source: String,
-    kind: String,
-    micros: u64,
-    key: Option<String>,
-    content_type: Option<String>,
-    extensions: Vec<(String, String)>,
-    plain: Vec<(String, String)>,
-    traceparent: bool,
-    bytes: Vec<u8>,
-    json: serde_json::Value,
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    (
-        (text(), text(), text(), 0u64..253_402_300_799_000_000),
-        (proptest::option::of("[^\\p{Cc}]{0,16}"), content_type()),
-        (
-            prop::collection::vec((extension_name(), "[^\\p{Cc}]{0,16}"), 0..4),
-            prop::collection::vec(("X-[A-Za-z0-9-]{1,10}", plain_value()), 0..4),
-            any::<bool>(),
+        .boxed(),
+        plain: strategies::headers(
+            strategies::plain_name(),
+            strategies::printable_value(),
+            0..4,
         ),
-        (prop::collection::vec(any::<u8>(), 0..64), json()),
-    )
-        .prop_map(
-            |(
-                (id, source, kind, micros),
-                (key, content_type),
-                (extensions, plain, tp),
-                (bytes, json),
-            )| Case {
-                id,
-                source,
-                kind,
-                micros,
-                key,
-                content_type,
-                extensions,
-                plain,
-                traceparent: tp,
-                bytes,
-                json,
-            },
-        )
-}
-
-impl Case {
-    fn is_json(&self) -> bool {
-        self.content_type
-            .as_deref()
-            .is_some_and(polybus_core::cloudevents::is_json_content_type)
+        ..EventCases::default()
     }
-
-    fn event(&self, mode: Mode) -> Event {
-        let data = if mode == Mode::Structured && self.is_json() {
-            serde_json::to_vec(&self.json).expect("a Value serializes")
-        } else {
-            self.bytes.clone()
-        };
-        let mut b = Event::builder()
-            .id(self.id.clone())
-            .source(self.source.clone())
-            .kind(self.kind.clone())
-            .time(UNIX_EPOCH + Duration::from_micros(self.micros))
-            .data(data);
-        if let Some(k) = &self.key {
-            b = b.key(k.clone().into_bytes());
-        }
-        if let Some(ct) = &self.content_type {
-            b = b.content_type(ct.clone());
-        }
-        for (n, v) in self.extensions.iter().chain(&self.plain) {
-            b = b.header(n.clone(), v.clone());
-        }
-        if self.traceparent {
-            b = b.header(
-                "traceparent",
-                polybus_core::telemetry::TraceContext::new_root().to_string(),
-            );
-        }
-        b.build().expect("the strategy makes valid events")
-    }
-}
-
-fn sorted_headers(ev: &Event) -> Vec<(String, String)> {
-    let mut h: Vec<_> = ev
-        .headers()
-        .iter()
-        .map(|(n, v)| (n.to_owned(), v.to_owned()))
-        .collect();
-    h.sort();
-    h
-}
-
-fn assert_same(sent: &Event, got: &Event, json: bool) -> Result<(), TestCaseError> {
-    prop_assert_eq!(got.id(), sent.id());
-    prop_assert_eq!(got.source(), sent.source());
-    prop_assert_eq!(got.kind(), sent.kind());
-    prop_assert_eq!(got.time(), sent.time());
-    prop_assert_eq!(got.key(), sent.key());
-    prop_assert_eq!(got.content_type(), sent.content_type());
-    prop_assert_eq!(sorted_headers(got), sorted_headers(sent));
-    if json && !sent.data().is_empty() {
-        let b: serde_json::Value = serde_json::from_slice(sent.data()).expect("JSON sent");
-        if b.is_null() && got.data().is_empty() {
-            // `"data": null` and no data are the same event in the JSON format.
-            return Ok(());
-        }
-        let a: serde_json::Value = serde_json::from_slice(got.data()).expect("JSON back");
-        prop_assert_eq!(a, b);
-    } else {
-        prop_assert_eq!(got.data(), sent.data());
-    }
-    Ok(())
+    .strategy()
 }
 
 /// Arbitrary header names: CloudEvents ones in any case, the content type, anything legal.

@@ -9,40 +9,18 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
 use polybus_compose::Bus;
 use polybus_core::Event;
 use polybus_kafka::{KafkaAdmin, KafkaConfig};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
+use rdkafka::producer::FutureProducer;
 
+use super::kafka::{raw_headers, send_raw};
 use super::{Env, RawCloudEvent, payload, windowed};
 use crate::child::{ChildArgs, Outcome};
 use crate::hist::Latency;
 use crate::meter::Meter;
 use crate::spec::Side;
-
-fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
-    fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
-        Header {
-            key,
-            value: Some(value),
-        }
-    }
-    let (id, time, trace) = (
-        RawCloudEvent::id(),
-        RawCloudEvent::time(),
-        RawCloudEvent::traceparent(),
-    );
-    OwnedHeaders::new_with_capacity(6)
-        .insert(h("ce_specversion", "1.0"))
-        .insert(h("ce_id", &id))
-        .insert(h("ce_source", ce.source))
-        .insert(h("ce_type", ce.kind))
-        .insert(h("ce_time", &time))
-        .insert(h("traceparent", &trace))
-}
 
 pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<Outcome> {
     let data = payload(a.size);
@@ -109,23 +87,10 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
                 .await?;
             let producer: FutureProducer = cfg.producer_client_config().create()?;
             let ce = RawCloudEvent::new();
-            let send = |headers| {
-                let (producer, topic, data) = (&producer, topic.as_str(), data.clone());
-                async move {
-                    let record = FutureRecord::<[u8], [u8]>::to(topic)
-                        .payload(&data[..])
-                        .headers(headers);
-                    producer
-                        .send(record, Timeout::Never)
-                        .await
-                        .map_err(|(e, _)| anyhow!("produce: {e}"))?;
-                    anyhow::Ok(())
-                }
-            };
-            send(raw_headers(&ce)).await?;
+            send_raw(&producer, &topic, data.clone(), raw_headers(&ce)).await?;
             let t0 = Instant::now();
             windowed(a.messages, a.window, meter, &mut latency, |_| {
-                send(raw_headers(&ce))
+                send_raw(&producer, &topic, data.clone(), raw_headers(&ce))
             })
             .await?;
             let elapsed = t0.elapsed();
@@ -134,9 +99,7 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
         }
     };
     Ok(Outcome {
-        count: latency.len(),
-        elapsed,
-        latency: Some(latency),
         notes,
+        ..Outcome::timed(latency, elapsed)
     })
 }

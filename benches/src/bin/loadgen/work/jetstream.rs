@@ -2,17 +2,16 @@
 //! of the same stream (the consume step deletes it).
 
 use std::hint::black_box;
-use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use async_nats::Subject;
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull, stream::StorageType};
 use futures_util::StreamExt as _;
-use polybus_core::{Consumer as _, Event, Publisher as _};
+use polybus_core::{Event, Publisher as _};
 use polybus_jetstream::JsOptions;
 
-use super::{Env, RawCloudEvent, payload, windowed};
+use super::{Env, RawCloudEvent, consume_deliveries, consume_n, payload, windowed};
 use crate::child::{ChildArgs, Outcome};
 use crate::hist::Latency;
 use crate::meter::Meter;
@@ -97,13 +96,7 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             .await?;
         }
     }
-    let elapsed = t0.elapsed();
-    Ok(Outcome {
-        count: latency.len(),
-        elapsed,
-        latency: Some(latency),
-        notes: Vec::new(),
-    })
+    Ok(Outcome::timed(latency, t0.elapsed()))
 }
 
 /// Consumes the N messages the publish step stored, through a durable pull consumer
@@ -127,25 +120,12 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
         );
     }
 
-    let mut first: Option<Instant> = None;
-    let mut count = 0u64;
     let stall = Duration::from_secs(30);
-    match a.side {
+    let consumed = match a.side {
         Side::Polybus => {
             let js = JsOptions::new(env.nats_url.as_str()).connect().await?;
             let consumer = js.consumer(Some(DURABLE));
-            let mut deliveries = pin!(consumer.subscribe(&subject));
-            while count < n {
-                let d = tokio::time::timeout(stall, deliveries.next())
-                    .await
-                    .map_err(|_| anyhow!("no delivery for {stall:?} after {count}"))?
-                    .ok_or_else(|| anyhow!("subscription ended after {count}"))??;
-                first.get_or_insert_with(Instant::now);
-                black_box(d.event().id());
-                d.ack().await?;
-                count += 1;
-                meter.add(1);
-            }
+            consume_deliveries(&consumer, &subject, n, stall, meter).await?
         }
         Side::Raw | Side::Bare => {
             let ctx = raw_context(env).await?;
@@ -177,27 +157,22 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
                 .messages()
                 .await
                 .map_err(|e| anyhow!("{e}"))?;
-            while count < n {
-                let msg = tokio::time::timeout(stall, messages.next())
-                    .await
-                    .map_err(|_| anyhow!("no message for {stall:?} after {count}"))?
-                    .ok_or_else(|| anyhow!("stream ended after {count}"))?
-                    .map_err(|e| anyhow!("{e}"))?;
-                first.get_or_insert_with(Instant::now);
-                black_box(msg.headers.as_ref().and_then(|h| h.get("ce-id")));
-                msg.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
-                count += 1;
-                meter.add(1);
-            }
+            consume_n(
+                n,
+                stall,
+                meter,
+                "message",
+                async || Some(messages.next().await?.map_err(|e| anyhow!("{e}"))),
+                async |msg| {
+                    black_box(msg.headers.as_ref().and_then(|h| h.get("ce-id")));
+                    msg.ack().await.map_err(|e| anyhow!("ack: {e}"))?;
+                    Ok(())
+                },
+            )
+            .await?
         }
-    }
-    let elapsed = first.map(|t| t.elapsed()).unwrap_or_default();
+    };
+    let outcome = consumed.outcome();
     let _ = admin.delete_stream(&stream).await;
-    Ok(Outcome {
-        // Timed from the first message: the first one is not counted.
-        count: count.saturating_sub(1),
-        elapsed,
-        latency: None,
-        notes: Vec::new(),
-    })
+    Ok(outcome)
 }

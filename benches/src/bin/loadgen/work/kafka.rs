@@ -5,12 +5,11 @@
 //! is `KafkaConfig::producer_client_config()` / `consumer_client_config()`.
 
 use std::hint::black_box;
-use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use futures_util::StreamExt as _;
-use polybus_core::{Consumer as _, Event, Publisher};
+use bytes::Bytes;
+use polybus_core::{Event, Publisher};
 use polybus_kafka::{KafkaAdmin, KafkaConfig, KafkaConsumer, KafkaProducer};
 use rdkafka::Message as _;
 use rdkafka::consumer::{Consumer as _, StreamConsumer};
@@ -18,7 +17,7 @@ use rdkafka::message::{Header, Headers as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
-use super::{Env, RawCloudEvent, payload, windowed};
+use super::{Env, RawCloudEvent, consume_deliveries, consume_n, payload, windowed};
 use crate::child::{ChildArgs, Outcome};
 use crate::hist::Latency;
 use crate::meter::Meter;
@@ -35,7 +34,7 @@ fn config(env: &Env, group: &str) -> KafkaConfig {
 }
 
 /// The CloudEvents Kafka binding headers a raw producer writes.
-fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
+pub(crate) fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
     fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
         Header {
             key,
@@ -54,6 +53,24 @@ fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
         .insert(h("ce_type", ce.kind))
         .insert(h("ce_time", &time))
         .insert(h("traceparent", &trace))
+}
+
+/// Sends one record as the raw side does (payload and headers, no key) and awaits its
+/// delivery report.
+pub(crate) async fn send_raw(
+    producer: &FutureProducer,
+    topic: &str,
+    data: Bytes,
+    headers: OwnedHeaders,
+) -> Result<()> {
+    let record = FutureRecord::<[u8], [u8]>::to(topic)
+        .payload(&data[..])
+        .headers(headers);
+    producer
+        .send(record, Timeout::Never)
+        .await
+        .map_err(|(e, _)| anyhow!("produce: {e}"))?;
+    Ok(())
 }
 
 /// Produces N records with `window` awaiting their delivery report at once.
@@ -89,38 +106,15 @@ pub(crate) async fn produce(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
         Side::Raw | Side::Bare => {
             let producer: FutureProducer = cfg.producer_client_config().create()?;
             let ce = RawCloudEvent::new();
-            let record = FutureRecord::<[u8], [u8]>::to(&topic)
-                .payload(&data[..])
-                .headers(raw_headers(&ce));
-            producer
-                .send(record, Timeout::Never)
-                .await
-                .map_err(|(e, _)| anyhow!("produce: {e}"))?;
+            send_raw(&producer, &topic, data.clone(), raw_headers(&ce)).await?;
             t0 = Instant::now();
             windowed(a.messages, a.window, meter, &mut latency, |_| {
-                let headers = raw_headers(&ce);
-                let (producer, topic, data) = (&producer, topic.as_str(), data.clone());
-                async move {
-                    let record = FutureRecord::<[u8], [u8]>::to(topic)
-                        .payload(&data[..])
-                        .headers(headers);
-                    producer
-                        .send(record, Timeout::Never)
-                        .await
-                        .map_err(|(e, _)| anyhow!("produce: {e}"))?;
-                    Ok(())
-                }
+                send_raw(&producer, &topic, data.clone(), raw_headers(&ce))
             })
             .await?;
         }
     }
-    let elapsed = t0.elapsed();
-    Ok(Outcome {
-        count: latency.len(),
-        elapsed,
-        latency: Some(latency),
-        notes: Vec::new(),
-    })
+    Ok(Outcome::timed(latency, t0.elapsed()))
 }
 
 /// Consumes the N records of the produce step in a fresh group, acking each; measured from
@@ -131,50 +125,36 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
     let cfg = config(env, &group);
     let n = a.messages;
     let stall = Duration::from_secs(60);
-    let mut first: Option<Instant> = None;
-    let mut count = 0u64;
-    match a.side {
-        Side::Polybus => {
-            let consumer = KafkaConsumer::new(&cfg)?;
-            let mut deliveries = pin!(consumer.subscribe(&topic));
-            while count < n {
-                let d = tokio::time::timeout(stall, deliveries.next())
-                    .await
-                    .map_err(|_| anyhow!("no delivery for {stall:?} after {count}"))?
-                    .ok_or_else(|| anyhow!("subscription ended after {count}"))??;
-                first.get_or_insert_with(Instant::now);
-                black_box(d.event().id());
-                d.ack().await?;
-                count += 1;
-                meter.add(1);
+    let consumed =
+        match a.side {
+            Side::Polybus => {
+                let consumer = KafkaConsumer::new(&cfg)?;
+                consume_deliveries(&consumer, &topic, n, stall, meter).await?
             }
-        }
-        Side::Raw | Side::Bare => {
-            let consumer: StreamConsumer = cfg.consumer_client_config(&group).create()?;
-            consumer.subscribe(&[topic.as_str()])?;
-            while count < n {
-                let m = tokio::time::timeout(stall, consumer.recv())
-                    .await
-                    .map_err(|_| anyhow!("no record for {stall:?} after {count}"))??;
-                first.get_or_insert_with(Instant::now);
-                black_box(m.payload().map(<[u8]>::len));
-                black_box(
-                    m.headers()
-                        .and_then(|h| h.iter().find(|h| h.key == "ce_id").and_then(|h| h.value)),
-                );
-                consumer.store_offset_from_message(&m)?;
-                count += 1;
-                meter.add(1);
+            Side::Raw | Side::Bare => {
+                let consumer: StreamConsumer = cfg.consumer_client_config(&group).create()?;
+                consumer.subscribe(&[topic.as_str()])?;
+                let consumer = &consumer;
+                consume_n(
+                    n,
+                    stall,
+                    meter,
+                    "record",
+                    async || Some(consumer.recv().await.map_err(anyhow::Error::from)),
+                    async |m| {
+                        black_box(m.payload().map(<[u8]>::len));
+                        black_box(m.headers().and_then(|h| {
+                            h.iter().find(|h| h.key == "ce_id").and_then(|h| h.value)
+                        }));
+                        consumer.store_offset_from_message(&m)?;
+                        Ok(())
+                    },
+                )
+                .await?
             }
-        }
-    }
-    let elapsed = first.map(|t| t.elapsed()).unwrap_or_default();
+        };
+    let outcome = consumed.outcome();
     let admin = KafkaAdmin::new(&cfg)?;
     let _ = admin.delete_topic(&topic).await;
-    Ok(Outcome {
-        count: count.saturating_sub(1),
-        elapsed,
-        latency: None,
-        notes: Vec::new(),
-    })
+    Ok(outcome)
 }

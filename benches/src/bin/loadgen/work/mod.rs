@@ -10,13 +10,17 @@ pub(crate) mod mqtt;
 pub(crate) mod nats;
 
 use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
+use polybus_core::{Consumer, Delivery};
 
+use crate::child::Outcome;
 use crate::hist::Latency;
 use crate::meter::Meter;
 
@@ -125,6 +129,75 @@ where
         }
     }
     Ok(())
+}
+
+/// How a consume step went: when its first message arrived and how many arrived.
+#[derive(Default)]
+pub(crate) struct Consumed {
+    first: Option<Instant>,
+    count: u64,
+}
+
+impl Consumed {
+    /// The outcome, timed from the first message to now: the first one is not counted.
+    pub(crate) fn outcome(&self) -> Outcome {
+        Outcome {
+            count: self.count.saturating_sub(1),
+            elapsed: self.first.map(|t| t.elapsed()).unwrap_or_default(),
+            latency: None,
+            notes: Vec::new(),
+        }
+    }
+}
+
+/// Receives `n` messages with `recv` (`None`: the subscription ended), each within `stall` or
+/// an error naming `what` it waited for, and settles each with `settle`, bumping the meter.
+/// Both sides of the consume steps use it.
+pub(crate) async fn consume_n<T>(
+    n: u64,
+    stall: Duration,
+    meter: &Meter,
+    what: &str,
+    mut recv: impl AsyncFnMut() -> Option<Result<T>>,
+    mut settle: impl AsyncFnMut(T) -> Result<()>,
+) -> Result<Consumed> {
+    let mut c = Consumed::default();
+    while c.count < n {
+        let m = tokio::time::timeout(stall, recv())
+            .await
+            .map_err(|_| anyhow!("no {what} for {stall:?} after {}", c.count))?
+            .ok_or_else(|| anyhow!("the subscription ended after {}", c.count))??;
+        c.first.get_or_insert_with(Instant::now);
+        settle(m).await?;
+        c.count += 1;
+        meter.add(1);
+    }
+    Ok(c)
+}
+
+/// The polybus side of a consume step: subscribes `consumer` to `topic` and acks `n`
+/// deliveries (reading each one's id).
+pub(crate) async fn consume_deliveries<C: Consumer>(
+    consumer: &C,
+    topic: &str,
+    n: u64,
+    stall: Duration,
+    meter: &Meter,
+) -> Result<Consumed> {
+    let mut deliveries = pin!(consumer.subscribe(topic));
+    consume_n(
+        n,
+        stall,
+        meter,
+        "delivery",
+        async || Some(deliveries.next().await?.map_err(anyhow::Error::from)),
+        async |d: Delivery| {
+            black_box(d.event().id());
+            d.ack().await?;
+            Ok(())
+        },
+    )
+    .await
 }
 
 /// Polls `check` every millisecond until it is true or `timeout` passes.

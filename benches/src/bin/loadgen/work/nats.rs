@@ -340,10 +340,5 @@ pub(crate) async fn request_reply(env: &Env, a: &ChildArgs, meter: &Meter) -> Re
     }
     let elapsed = t0.elapsed();
     responder.abort();
-    Ok(Outcome {
-        count: latency.len(),
-        elapsed,
-        latency: Some(latency),
-        notes: Vec::new(),
-    })
+    Ok(Outcome::timed(latency, elapsed))
 }
