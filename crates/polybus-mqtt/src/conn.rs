@@ -746,24 +746,24 @@ impl Inner {
             QoS::AtMostOnce => {}
         }
         let count = if m.dup { 2 } else { 1 };
-        let event = match convert::decode(&m.payload, &m.user_properties, m.content_type.as_deref())
-        {
-            Ok(ev) => ev,
-            Err(e) => {
-                self.telemetry.decode_failed(&e);
-                // A malformed CloudEvent: tell the consumers, and consume it so it does not
-                // come back for ever.
-                for id in &targets {
-                    if let Some(s) = st.subs.get(id) {
-                        let copy = Error::new(e.kind(), BACKEND)
-                            .with_message(format!("message on {topic}: {e}"));
-                        let _ = s.sink.try_send(Err(copy));
+        let event =
+            match convert::decode_owned(m.payload, m.user_properties, m.content_type.as_deref()) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    self.telemetry.decode_failed(&e);
+                    // A malformed CloudEvent: tell the consumers, and consume it so it does not
+                    // come back for ever.
+                    for id in &targets {
+                        if let Some(s) = st.subs.get(id) {
+                            let copy = Error::new(e.kind(), BACKEND)
+                                .with_message(format!("message on {topic}: {e}"));
+                            let _ = s.sink.try_send(Err(copy));
+                        }
                     }
+                    self.ack_now(st, pkid, qos);
+                    return;
                 }
-                self.ack_now(st, pkid, qos);
-                return;
-            }
-        };
+            };
         let shared = (qos != QoS::AtMostOnce).then(|| {
             Arc::new(AckShared {
                 inner: self.clone(),
@@ -774,18 +774,30 @@ impl Inner {
                 dropped: AtomicBool::new(false),
             })
         });
-        for id in targets {
+        // The last target takes the event and topic; the others get copies.
+        let last = targets.len() - 1;
+        let mut event = Some(event);
+        let mut topic = Some(topic);
+        for (i, id) in targets.into_iter().enumerate() {
             let Some(s) = st.subs.get(&id) else { continue };
+            let (event, topic) = if i == last {
+                (event.take(), topic.take())
+            } else {
+                (event.clone(), topic.clone())
+            };
+            let (Some(event), Some(topic)) = (event, topic) else {
+                continue;
+            };
             let delivery = match &shared {
                 Some(shared) => Delivery::new(
-                    event.clone(),
-                    topic.clone(),
+                    event,
+                    topic,
                     MqttAcker {
                         shared: shared.clone(),
                         settled: false,
                     },
                 ),
-                None => Delivery::new(event.clone(), topic.clone(), NoopAcker(BACKEND)),
+                None => Delivery::new(event, topic, NoopAcker(BACKEND)),
             }
             .with_delivery_count(count);
             if let Err(e) = s.sink.try_send(Ok(delivery)) {
@@ -794,6 +806,7 @@ impl Inner {
                     mpsc::error::TrySendError::Closed(i) => (false, i),
                 };
                 if full {
+                    let topic = item.as_ref().map_or("", |d| d.topic());
                     tracing::warn!(
                         topic,
                         qos = qos.level(),

@@ -48,43 +48,19 @@ const CONTEXT_ATTRIBUTES: [&str; 11] = [
 ];
 
 /// Encodes `ev` for `protocol` in `mode`. The payload is not copied in binary mode.
+#[cfg(test)]
 pub(crate) fn encode(ev: &Event, protocol: Protocol, mode: Mode) -> Result<Encoded> {
+    encode_owned(ev.clone(), protocol, mode)
+}
+
+/// [`encode`] for an event the publisher owns: its id, time and header values move into the
+/// user properties instead of being copied.
+pub(crate) fn encode_owned(ev: Event, protocol: Protocol, mode: Mode) -> Result<Encoded> {
+    if (protocol, mode) == (Protocol::V5, Mode::Binary) {
+        return encode_binary_v5(ev);
+    }
+    let ev = &ev;
     match (protocol, mode) {
-        (Protocol::V5, Mode::Binary) => {
-            let mut props = Vec::with_capacity(6 + ev.headers().len());
-            let mut plain = Vec::new();
-            let mut content_type = None;
-            cloudevents::write_binary(
-                ev,
-                |name, value| {
-                    if name == "datacontenttype" {
-                        content_type = Some(value.to_owned());
-                    } else {
-                        props.push((name.to_owned(), value.to_owned()));
-                    }
-                },
-                |name, value| plain.push((name.to_owned(), value.to_owned())),
-            );
-            // User properties carry attributes without a prefix, so a plain header named like a
-            // context attribute would be read back as that attribute.
-            if let Some((name, _)) = plain
-                .iter()
-                .find(|(n, _)| CONTEXT_ATTRIBUTES.contains(&n.as_str()))
-            {
-                return Err(
-                    Error::new(ErrorKind::InvalidHeader, BACKEND).with_message(format!(
-                        "header {name:?} is a CloudEvents attribute name, which MQTT 5 binary mode \
-                     carries as a user property of the same name; rename it or use structured mode"
-                    )),
-                );
-            }
-            props.append(&mut plain);
-            Ok(Encoded {
-                payload: ev.data().clone(),
-                user_properties: props,
-                content_type,
-            })
-        }
         (Protocol::V5, _) => {
             let (json, plain) = cloudevents::to_structured(ev, BACKEND)?;
             Ok(Encoded {
@@ -129,10 +105,58 @@ pub(crate) fn encode(ev: &Event, protocol: Protocol, mode: Mode) -> Result<Encod
     }
 }
 
+/// MQTT 5 binary mode: attributes and headers as user properties, the content type in the
+/// PUBLISH property.
+fn encode_binary_v5(ev: Event) -> Result<Encoded> {
+    let mut props = Vec::with_capacity(6 + ev.headers().len());
+    let mut plain: Vec<(String, String)> = Vec::new();
+    let mut content_type = None;
+    let payload = cloudevents::write_binary_owned(
+        ev,
+        |name, value| {
+            if name == "datacontenttype" {
+                content_type = Some(value.into_owned());
+            } else {
+                props.push((name.into_owned(), value.into_owned()));
+            }
+        },
+        |name, value| plain.push((name.into_owned(), value)),
+    );
+    // User properties carry attributes without a prefix, so a plain header named like a
+    // context attribute would be read back as that attribute.
+    if let Some((name, _)) = plain
+        .iter()
+        .find(|(n, _)| CONTEXT_ATTRIBUTES.contains(&n.as_str()))
+    {
+        return Err(
+            Error::new(ErrorKind::InvalidHeader, BACKEND).with_message(format!(
+                "header {name:?} is a CloudEvents attribute name, which MQTT 5 binary mode \
+             carries as a user property of the same name; rename it or use structured mode"
+            )),
+        );
+    }
+    props.append(&mut plain);
+    Ok(Encoded {
+        payload,
+        user_properties: props,
+        content_type,
+    })
+}
+
 /// Decodes a received PUBLISH into an event.
+#[cfg(test)]
 pub(crate) fn decode(
     payload: &Bytes,
     user_properties: &[(String, String)],
+    content_type: Option<&str>,
+) -> Result<Event> {
+    decode_owned(payload.clone(), user_properties.to_vec(), content_type)
+}
+
+/// [`decode`] taking the user properties over: their strings move into the event.
+pub(crate) fn decode_owned(
+    payload: Bytes,
+    user_properties: Vec<(String, String)>,
     content_type: Option<&str>,
 ) -> Result<Event> {
     // A CloudEvents media type other than JSON (for example Avro) is an event format we
@@ -144,7 +168,7 @@ pub(crate) fn decode(
             .starts_with("application/cloudevents")
         && (cloudevents::is_structured_content_type(ct) || ct.contains("+json"))
     {
-        let mut ev = cloudevents::from_structured(payload, BACKEND)?;
+        let mut ev = cloudevents::from_structured(&payload, BACKEND)?;
         // User properties that repeat an attribute of the JSON body (a writer may copy them)
         // are skipped; every other one is a header, repeated names included.
         let from_json = ev.headers().len();
@@ -155,8 +179,7 @@ pub(crate) fn decode(
                 .take(from_json)
                 .any(|(n, _)| n == name.as_str());
             if !in_body {
-                ev.headers_mut()
-                    .append_unchecked(name.clone(), value.clone());
+                ev.headers_mut().append_unchecked(name, value);
             }
         }
         return Ok(ev);
@@ -165,18 +188,18 @@ pub(crate) fn decode(
     if !has_specversion
         && content_type.is_none()
         && user_properties.is_empty()
-        && looks_structured(payload)
+        && looks_structured(&payload)
     {
-        return cloudevents::from_structured(payload, BACKEND);
+        return cloudevents::from_structured(&payload, BACKEND);
     }
     let mut dec = BinaryDecoder::new();
     for (name, value) in user_properties {
-        dec.attribute(name, value.clone());
+        dec.attribute(&name, value);
     }
     if let Some(ct) = content_type {
         dec.content_type(ct);
     }
-    dec.finish(payload.clone(), BACKEND)
+    dec.finish(payload, BACKEND)
 }
 
 /// A JSON object with a `specversion` member: what an MQTT 3.1.1 CloudEvents publisher sends.

@@ -155,7 +155,7 @@ impl MqttProducer {
         if let Some(src) = &inner.cfg.source {
             event.set_source_if_unset(src);
         }
-        let enc = convert::encode(&event, inner.cfg.protocol, inner.cfg.mode)?;
+        let enc = convert::encode_owned(event, inner.cfg.protocol, inner.cfg.mode)?;
         let msg = OutMsg {
             topic: topic.to_owned(),
             qos,
