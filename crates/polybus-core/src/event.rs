@@ -430,6 +430,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ids_increase_across_threads_and_carry_their_millisecond() {
+        let per_thread: Vec<Vec<String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..20_000).map(|_| new_id()).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut all = std::collections::HashSet::new();
+        for ids in &per_thread {
+            assert!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "ids of one thread increase"
+            );
+            for id in ids {
+                let u = uuid::Uuid::parse_str(id).unwrap();
+                assert_eq!(u.get_version_num(), 7);
+                assert_eq!(u.get_variant(), uuid::Variant::RFC4122);
+                assert!(all.insert(id.clone()), "duplicate id {id}");
+            }
+        }
+        // The id's timestamp is the event's time (to the millisecond, or a little after when
+        // more than 2048 ids were made in that millisecond).
+        let ev = Event::new(b"x");
+        let (secs, nanos) = uuid::Uuid::parse_str(ev.id())
+            .unwrap()
+            .get_timestamp()
+            .unwrap()
+            .to_unix();
+        let id_ms = secs * 1000 + u64::from(nanos) / 1_000_000;
+        let ev_ms = ev.time().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        assert!((ev_ms..ev_ms + 50).contains(&id_ms), "{id_ms} vs {ev_ms}");
+    }
+
+    #[test]
     fn ids_are_unique_uuid_v7() {
         let a = Event::new(b"x");
         let b = Event::new(b"x");

@@ -58,13 +58,11 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     if b.len() < 20 || !s.is_ascii() {
         return None;
     }
+    // Digits by hand rather than `str::parse` (this runs for every received event).
     let num = |r: std::ops::Range<usize>| -> Option<u64> {
-        let part = s.get(r)?;
-        if part.bytes().all(|c| c.is_ascii_digit()) {
-            part.parse().ok()
-        } else {
-            None
-        }
+        b.get(r)?.iter().try_fold(0u64, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + u64::from(c - b'0'))
+        })
     };
     let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
     if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
