@@ -11,6 +11,7 @@
 //! (`application/cloudevents+json`).
 
 use std::borrow::Cow;
+use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -177,11 +178,13 @@ fn is_attribute_entry(headers: &Headers, i: usize, name: &str) -> bool {
 /// every header kept as a plain header.
 #[derive(Debug, Default)]
 pub struct BinaryDecoder {
-    specversion: Option<String>,
+    /// `Ok` for 1.0 (nothing kept), the value received otherwise.
+    specversion: Option<std::result::Result<(), String>>,
     id: Option<String>,
     source: Option<String>,
     kind: Option<String>,
-    time: Option<String>,
+    /// Parsed on arrival; the text when it is not RFC 3339.
+    time: Option<std::result::Result<SystemTime, String>>,
     content_type: Option<String>,
     key: Option<Bytes>,
     headers: Headers,
@@ -193,19 +196,27 @@ impl BinaryDecoder {
         Self::default()
     }
 
-    /// A CloudEvents attribute (name without the binding's prefix).
-    pub fn attribute(&mut self, name: &str, value: impl Into<String>) {
-        let value = value.into();
+    /// A CloudEvents attribute (name without the binding's prefix). The value is only
+    /// copied where the event keeps it: `specversion` is checked and `time` parsed in place.
+    pub fn attribute(&mut self, name: &str, value: impl AsRef<str> + Into<String>) {
         match name {
-            "specversion" => self.specversion = Some(value),
-            "id" => self.id = Some(value),
-            "source" => self.source = Some(value),
-            "type" => self.kind = Some(value),
-            "time" => self.time = Some(value),
-            "datacontenttype" => self.content_type = Some(value),
+            "specversion" => {
+                self.specversion = Some(if value.as_ref() == SPECVERSION {
+                    Ok(())
+                } else {
+                    Err(value.into())
+                });
+            }
+            "time" => {
+                self.time = Some(time::parse_rfc3339(value.as_ref()).ok_or_else(|| value.into()));
+            }
+            "id" => self.id = Some(value.into()),
+            "source" => self.source = Some(value.into()),
+            "type" => self.kind = Some(value.into()),
+            "datacontenttype" => self.content_type = Some(value.into()),
             "partitionkey" => {
                 if self.key.is_none() {
-                    self.key = Some(Bytes::from(value));
+                    self.key = Some(Bytes::from(value.into()));
                 }
             }
             _ => self.headers.append_unchecked(name, value),
@@ -246,7 +257,7 @@ impl BinaryDecoder {
             return Ok(ev);
         };
         let codec = |msg: String| Error::new(ErrorKind::Codec, backend).with_message(msg);
-        if spec != SPECVERSION {
+        if let Err(spec) = spec {
             return Err(codec(format!(
                 "unsupported CloudEvents specversion {spec:?}"
             )));
@@ -267,8 +278,7 @@ impl BinaryDecoder {
         ev.set_source(source);
         ev.set_kind(kind);
         if let Some(t) = self.time {
-            let ts = time::parse_rfc3339(&t)
-                .ok_or_else(|| codec(format!("CloudEvent `time` {t:?} is not RFC 3339")))?;
+            let ts = t.map_err(|t| codec(format!("CloudEvent `time` {t:?} is not RFC 3339")))?;
             ev.set_time(ts);
         }
         Ok(ev)

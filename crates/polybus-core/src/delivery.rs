@@ -178,7 +178,8 @@ impl Acker for NoopAcker {
 /// ```
 pub struct Delivery {
     event: Event,
-    topic: String,
+    // Shared: a subscription that keeps its last topic hands it to each delivery uncopied.
+    topic: Arc<str>,
     partition: Option<i32>,
     sequence: Option<u64>,
     delivery_count: u32,
@@ -213,7 +214,7 @@ enum Settle {
 
 impl Delivery {
     /// A delivery of `event` received on `topic`, settled through `acker`.
-    pub fn new(event: Event, topic: impl Into<String>, acker: impl Acker) -> Self {
+    pub fn new(event: Event, topic: impl Into<Arc<str>>, acker: impl Acker) -> Self {
         Delivery {
             event,
             topic: topic.into(),

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use async_nats::{Message, Subject, Subscriber};
@@ -73,6 +74,7 @@ pub struct NatsConsumer {
     subscriptions: Vec<(String, Subscriber)>,
     next_index: usize,
     telemetry: Telemetry,
+    last_topic: Option<Arc<str>>,
 }
 
 impl NatsConsumer {
@@ -104,6 +106,7 @@ impl NatsConsumer {
             subscriptions: Vec::new(),
             next_index: 0,
             telemetry: Telemetry::new(BACKEND),
+            last_topic: None,
         }
     }
 
@@ -175,6 +178,7 @@ impl NatsConsumer {
             return NatsSubscription {
                 state: State::Failed(Some(e)),
                 telemetry: self.telemetry.clone(),
+                last_topic: None,
             };
         }
         let conn = self.conn.clone();
@@ -185,6 +189,7 @@ impl NatsConsumer {
                 async move { subscribe(&conn, subject, group).await },
             )),
             telemetry: self.telemetry.clone(),
+            last_topic: None,
         }
     }
 }
@@ -227,13 +232,23 @@ async fn subscribe(
 }
 
 /// Decodes `msg` into a delivery with its span and metrics (a decode failure is counted).
-fn delivery(msg: Message, telemetry: &Telemetry) -> Result<Delivery> {
+/// `last_topic` is the subject of the subscription's previous message: a delivery on the
+/// same subject shares it instead of copying it.
+fn delivery(
+    msg: Message,
+    telemetry: &Telemetry,
+    last_topic: &mut Option<Arc<str>>,
+) -> Result<Delivery> {
+    let topic = match last_topic {
+        Some(t) if **t == *msg.subject.as_str() => t.clone(),
+        _ => {
+            let t: Arc<str> = Arc::from(msg.subject.as_str());
+            *last_topic = Some(t.clone());
+            t
+        }
+    };
     match decode_event(msg.headers.as_ref(), msg.payload, BACKEND) {
-        Ok(event) => Ok(telemetry.delivered(Delivery::new(
-            event,
-            msg.subject.as_str(),
-            NoopAcker(BACKEND),
-        ))),
+        Ok(event) => Ok(telemetry.delivered(Delivery::new(event, topic, NoopAcker(BACKEND)))),
         Err(e) => {
             telemetry.decode_failed(&e);
             Err(e)
@@ -277,7 +292,11 @@ impl MessageConsumer for NatsConsumer {
                     match Pin::new(&mut self.subscriptions[idx].1).poll_next(cx) {
                         Poll::Ready(Some(msg)) => {
                             self.next_index = idx + 1;
-                            return Poll::Ready(delivery(msg, &self.telemetry));
+                            return Poll::Ready(delivery(
+                                msg,
+                                &self.telemetry,
+                                &mut self.last_topic,
+                            ));
                         }
                         Poll::Ready(None) => {
                             ended = Some(idx);
@@ -304,6 +323,7 @@ impl MessageConsumer for NatsConsumer {
 pub struct NatsSubscription {
     state: State,
     telemetry: Telemetry,
+    last_topic: Option<Arc<str>>,
 }
 
 enum State {
@@ -346,8 +366,10 @@ impl Stream for NatsSubscription {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        this.poll_message(cx)
-            .map(|m| m.map(|r| r.and_then(|msg| delivery(msg, &this.telemetry))))
+        let polled = this.poll_message(cx);
+        polled.map(|m| {
+            m.map(|r| r.and_then(|msg| delivery(msg, &this.telemetry, &mut this.last_topic)))
+        })
     }
 }
 

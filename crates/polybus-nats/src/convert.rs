@@ -349,7 +349,7 @@ pub fn decode_event(
                     Error::new(ErrorKind::Codec, backend)
                         .with_message(format!("header {name}: {why}"))
                 })?;
-                dec.attribute(&attr, value.into_owned());
+                dec.attribute(&attr, value);
             }
         } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
             if let Some(v) = values.first() {
