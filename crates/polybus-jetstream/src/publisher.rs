@@ -169,7 +169,13 @@ impl JsProducer {
         headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
         polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
         self.ensure_stream(topic).await?;
-        let since = self.inner.js.connection().violation_mark();
+        let conn = self.inner.js.connection();
+        let watch_refusals = conn.auth_required();
+        let since = if watch_refusals {
+            conn.violation_mark()
+        } else {
+            0
+        };
         let ack = self
             .inner
             .js
@@ -180,19 +186,20 @@ impl JsProducer {
             )
             .await
             .map_err(|e| error::publish(e, topic))?;
-        // A publish the user may not make is dropped by the server, which reports it
-        // asynchronously: that report ends the wait for an acknowledgement that cannot come.
-        let refused = self
-            .inner
-            .js
-            .connection()
-            .publish_refused(topic, since, BACKEND);
-        let ack = std::pin::pin!(ack.into_future());
-        let ack = match futures_util::future::select(ack, std::pin::pin!(refused)).await {
-            futures_util::future::Either::Left((ack, _)) => {
-                ack.map_err(|e| error::publish(e, topic))?
+        let ack = if watch_refusals {
+            // A publish the user may not make is dropped by the server, which reports it
+            // asynchronously: that report ends the wait for an acknowledgement that cannot
+            // come. (Without authentication the server has no permissions to refuse it.)
+            let refused = conn.publish_refused(topic, since, BACKEND);
+            let ack = std::pin::pin!(ack.into_future());
+            match futures_util::future::select(ack, std::pin::pin!(refused)).await {
+                futures_util::future::Either::Left((ack, _)) => {
+                    ack.map_err(|e| error::publish(e, topic))?
+                }
+                futures_util::future::Either::Right((e, _)) => return Err(e),
             }
-            futures_util::future::Either::Right((e, _)) => return Err(e),
+        } else {
+            ack.await.map_err(|e| error::publish(e, topic))?
         };
         Ok(Receipt::new(shared_topic)
             .with_sequence(ack.sequence)

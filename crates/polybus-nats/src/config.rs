@@ -424,7 +424,12 @@ impl NatsOptions {
             .connect(urls.as_str())
             .await
             .map_err(|e| error::connect(e, backend, &shown))?;
-        Ok(NatsConnection { client, stats })
+        let auth_required = client.server_info().auth_required;
+        Ok(NatsConnection {
+            client,
+            stats,
+            auth_required,
+        })
     }
 }
 
@@ -541,15 +546,20 @@ fn redact_url(urls: &str) -> String {
 pub struct NatsConnection {
     pub(crate) client: Client,
     stats: Arc<Stats>,
+    /// From the server's `INFO` at connect: without authentication there are no permissions,
+    /// so nothing can be refused and publishes need not watch for refusals.
+    auth_required: bool,
 }
 
 impl NatsConnection {
     /// Wraps a client connected elsewhere. Its events are not observed (the counters stay 0):
     /// connect through [`NatsOptions`] to have them.
     pub fn from_client(client: Client) -> Self {
+        let auth_required = client.server_info().auth_required;
         NatsConnection {
             client,
             stats: Arc::new(Stats::unobserved()),
+            auth_required,
         }
     }
 
@@ -744,9 +754,11 @@ impl NatsConnection {
         }
     }
 
-    /// Whether the server requires authentication (from its `INFO`).
-    pub(crate) fn auth_required(&self) -> bool {
-        self.client.server_info().auth_required
+    /// Whether the server required authentication when this connection was made (from its
+    /// `INFO`). Without it the server has no permissions, so it refuses no publish.
+    #[doc(hidden)]
+    pub fn auth_required(&self) -> bool {
+        self.auth_required
     }
 
     /// Flushes, then drains the connection (subscriptions get what is in flight, then end) and
