@@ -339,7 +339,7 @@ impl DedupFilter {
 }
 
 fn wrap(d: Delivery, store: Arc<dyn DedupStore>, key: String, version: u64) -> Delivery {
-    let topic = d.topic().to_owned();
+    let topic = std::sync::Arc::<str>::from(d.topic());
     let partition = d.partition();
     let sequence = d.sequence();
     let count = d.delivery_count();

@@ -351,8 +351,12 @@ impl Stream for MemorySubscription {
             wake_all(&mut state.space_waiters);
             drop(state);
             this.in_flight.fetch_add(1, AtomicOrdering::AcqRel);
-            let (event, topic, offset, attempt) =
-                (p.event.clone(), p.topic.clone(), p.offset, p.attempt);
+            let (event, topic, offset, attempt) = (
+                p.event.clone(),
+                Arc::<str>::from(p.topic.as_str()),
+                p.offset,
+                p.attempt,
+            );
             let acker = MemoryAcker {
                 queue: this.queue.clone(),
                 in_flight: this.in_flight.clone(),

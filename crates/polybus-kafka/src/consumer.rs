@@ -458,7 +458,7 @@ impl Reader {
             epoch,
             count,
         );
-        let mut d = Delivery::new(event, &*topic, acker)
+        let mut d = Delivery::new(event, Arc::clone(&topic), acker)
             .with_partition(partition)
             .with_delivery_count(count);
         if let Ok(o) = u64::try_from(offset) {

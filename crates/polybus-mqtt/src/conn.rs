@@ -714,7 +714,7 @@ impl Inner {
             },
             _ => {}
         }
-        let Ok(topic) = std::str::from_utf8(&m.topic).map(str::to_owned) else {
+        let Ok(topic) = std::str::from_utf8(&m.topic).map(Arc::<str>::from) else {
             tracing::warn!(pkid, "mqtt: dropping a message whose topic is not UTF-8");
             self.ack_now(st, pkid, qos);
             return;
@@ -730,7 +730,7 @@ impl Inner {
                 st.stash.push_back(m);
             } else {
                 tracing::warn!(
-                    topic,
+                    topic = &*topic,
                     "mqtt: no subscription matches and the stash is full; the broker redelivers in the next session"
                 );
             }

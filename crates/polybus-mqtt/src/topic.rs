@@ -90,6 +90,10 @@ pub(crate) fn match_filter(filter: &str) -> &str {
 /// Whether `topic` matches `filter` (MQTT rules: `+` one level, `#` the rest, topics starting
 /// with `$` only match filters that name the `$` level).
 pub(crate) fn matches(topic: &str, filter: &str) -> bool {
+    // A filter without wildcards matches only itself (the common case, checked per message).
+    if topic == filter {
+        return true;
+    }
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
