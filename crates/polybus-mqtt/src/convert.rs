@@ -169,15 +169,16 @@ pub(crate) fn decode_owned(
         && (cloudevents::is_structured_content_type(ct) || ct.contains("+json"))
     {
         let mut ev = cloudevents::from_structured(&payload, BACKEND)?;
-        // User properties that repeat an attribute of the JSON body (a writer may copy them)
-        // are skipped; every other one is a header, repeated names included.
+        // User properties that repeat an attribute of the JSON body, name and value (a writer
+        // may copy them), are skipped; every other one is a header, repeated names included
+        // (a second value of an extension travels as a user property of the same name).
         let from_json = ev.headers().len();
         for (name, value) in user_properties {
             let in_body = ev
                 .headers()
                 .iter()
                 .take(from_json)
-                .any(|(n, _)| n == name.as_str());
+                .any(|(n, v)| n == name.as_str() && v == value.as_str());
             if !in_body {
                 ev.headers_mut().append_unchecked(name, value);
             }
@@ -277,6 +278,20 @@ mod tests {
         assert_eq!(back.content_type(), Some("text/plain"));
         assert_eq!(back.headers().get("x-request-id"), Some("r1"));
         assert_eq!(back.headers().get("tenant"), Some("eu"));
+    }
+
+    #[test]
+    fn v5_structured_keeps_a_second_value_of_an_extension() {
+        let ev = Event::builder()
+            .header("tenant", "eu")
+            .header("tenant", "us")
+            .build()
+            .unwrap();
+        let back = decoded(&encode(&ev, Protocol::V5, Mode::Structured).unwrap()).unwrap();
+        assert_eq!(
+            back.headers().get_all("tenant").collect::<Vec<_>>(),
+            ["eu", "us"]
+        );
     }
 
     #[test]
