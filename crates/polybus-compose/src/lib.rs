@@ -93,7 +93,7 @@ pub use dlq::{
 };
 pub use nats_kv::{KvDedupStore, KvSwitchSource, SWITCH_KEYS, write_switches};
 pub use retry::RetryPolicy;
-pub use spool::{SpoolConfig, WhenFull};
+pub use spool::{DEFAULT_SPOOL_CACHE_BYTES, SpoolConfig, WhenFull};
 pub use stats::BusStats;
 pub use switches::{Channel, SwitchHandle, SwitchSource, Switches};
 pub use topic_map::{KAFKA_TOPIC_MAX_LEN, TopicMap, validate_kafka_topic};

@@ -74,18 +74,40 @@ pub struct SpoolConfig {
     capacity: u64,
     when_full: WhenFull,
     forwarded_ttl: Option<Duration>,
+    cache_bytes: usize,
 }
+
+/// The default memory for the spool database's page cache: 32 MiB.
+pub const DEFAULT_SPOOL_CACHE_BYTES: usize = 32 << 20;
 
 impl SpoolConfig {
     /// A spool in `dir` (created if missing) holding up to 1 000 000 events, blocking when
-    /// full, remembering forwarded events for 24 hours.
+    /// full, remembering forwarded events for 24 hours, with a 32 MiB page cache.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         SpoolConfig {
             dir: dir.into(),
             capacity: 1_000_000,
             when_full: WhenFull::Block,
             forwarded_ttl: Some(Duration::from_secs(24 * 3600)),
+            cache_bytes: DEFAULT_SPOOL_CACHE_BYTES,
         }
+    }
+    /// The memory the spool database may use to cache its pages (default
+    /// [`DEFAULT_SPOOL_CACHE_BYTES`]; at least 1 MiB). What does not fit stays on disk, so this
+    /// bounds the bus' memory however many forwarded-event keys the spool remembers (redb's
+    /// own default is 1 GiB, which the 24 h of keys fill at high rates).
+    ///
+    /// ```
+    /// let cfg = polybus_compose::SpoolConfig::new("/var/lib/app/spool").cache_size(16 << 20);
+    /// assert_eq!(cfg.cache_bytes(), 16 << 20);
+    /// ```
+    pub fn cache_size(mut self, bytes: usize) -> Self {
+        self.cache_bytes = bytes.max(1 << 20);
+        self
+    }
+    /// The configured page cache size in bytes.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes
     }
     /// The most events the spool holds (at least 1).
     pub fn capacity(mut self, events: u64) -> Self {
@@ -213,11 +235,16 @@ impl Spool {
                 .with_source(e)
         })?;
         let path = cfg.dir.join(FILE_NAME);
-        let db = Database::builder().create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::new(ErrorKind::Rejected, BACKEND)
-                .with_message(format!("{} is open in another process", path.display())),
-            e => storage("cannot open the spool").with_source(redb::Error::from(e)),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(cfg.cache_bytes)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => {
+                    Error::new(ErrorKind::Rejected, BACKEND)
+                        .with_message(format!("{} is open in another process", path.display()))
+                }
+                e => storage("cannot open the spool").with_source(redb::Error::from(e)),
+            })?;
         let (next_seq, depth) =
             prepare(&db, buckets).map_err(|e| storage("cannot read the spool").with_source(e))?;
         let db = Arc::new(db);

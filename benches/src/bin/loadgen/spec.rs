@@ -256,7 +256,7 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
                     "compose.publish",
                     "Bus publish 64 B (raw: Kafka producer)",
                     Kind::ComposePublish,
-                    n(200_000, 30_000),
+                    n(1_000_000, 30_000),
                     64,
                     256,
                 )
