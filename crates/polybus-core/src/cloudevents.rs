@@ -137,19 +137,18 @@ pub fn write_binary_owned(
     {
         attr(Cow::Borrowed("partitionkey"), Cow::Borrowed(key));
     }
-    let entries = parts.headers.into_entries();
-    // Which entries are attributes, decided on the names before they are moved out (the rule
-    // looks back at earlier names). A bit per entry; a vector only past 64 entries.
+    // Which entries are attributes, decided before the names are moved out (the rule looks
+    // back at earlier names). A bit per entry; a vector only past 64 entries.
     let mut small = 0u64;
     let mut large = Vec::new();
-    for (i, (name, _)) in entries.iter().enumerate() {
-        let is_attr = is_extension_name(name) && !entries[..i].iter().any(|(n, _)| n == name);
+    for (i, (name, _)) in parts.headers.iter().enumerate() {
+        let is_attr = is_attribute_entry(&parts.headers, i, name);
         match u32::try_from(i) {
             Ok(bit) if bit < 64 => small |= u64::from(is_attr) << bit,
             _ => large.push(is_attr),
         }
     }
-    for (i, (name, value)) in entries.into_iter().enumerate() {
+    for (i, (name, value)) in parts.headers.into_entries().into_iter().enumerate() {
         let is_attr = match u32::try_from(i) {
             Ok(bit) if bit < 64 => small >> bit & 1 == 1,
             _ => large.get(i - 64).copied().unwrap_or(false),

@@ -774,20 +774,18 @@ impl Inner {
                 dropped: AtomicBool::new(false),
             })
         });
-        // The last target takes the event and topic; the others get copies.
+        // The last target takes the event; the others get copies (the topic is shared).
         let last = targets.len() - 1;
         let mut event = Some(event);
-        let mut topic = Some(topic);
         for (i, id) in targets.into_iter().enumerate() {
             let Some(s) = st.subs.get(&id) else { continue };
-            let (event, topic) = if i == last {
-                (event.take(), topic.take())
+            let event = if i == last {
+                event.take()
             } else {
-                (event.clone(), topic.clone())
+                event.clone()
             };
-            let (Some(event), Some(topic)) = (event, topic) else {
-                continue;
-            };
+            let Some(event) = event else { continue };
+            let topic = Arc::clone(&topic);
             let delivery = match &shared {
                 Some(shared) => Delivery::new(
                     event,

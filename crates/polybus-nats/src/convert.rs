@@ -538,12 +538,7 @@ fn put(
     }
     match (HeaderName::try_from(name), value.parse::<HeaderValue>()) {
         (Ok(n), Ok(v)) => headers.append(n, v),
-        _ => {
-            *failure = Some(
-                Error::new(ErrorKind::InvalidHeader, backend)
-                    .with_message(format!("NATS cannot carry the header {name:?}")),
-            );
-        }
+        _ => *failure = Some(cannot_carry(name, backend)),
     }
 }
 
