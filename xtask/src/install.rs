@@ -177,7 +177,12 @@ pub(crate) fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn ensure_tansu(paths: &Paths) -> Result<()> {
+/// Whether tansu is installed and runs.
+pub(crate) fn tansu_installed(paths: &Paths) -> bool {
+    version(&paths.bin(Broker::Kafka), "--version").is_some()
+}
+
+pub(crate) fn ensure_tansu(paths: &Paths) -> Result<()> {
     let bin = paths.bin(Broker::Kafka);
     let root = paths.tansu_root();
     let log = paths.logs().join("tansu-build.log");

@@ -105,9 +105,29 @@ fn binary(env: &str, default: PathBuf) -> PathBuf {
 pub enum TansuStorage {
     /// In memory: lost when the process dies.
     Memory,
-    /// A SQLite file in the broker's directory: survives a restart.
+    /// A SQLite file in the broker's directory: survives a restart. The file gets the header
+    /// index tansu 0.6.0's schema lacks ([`TANSU_HEADER_INDEX`]), so that a fetch does not slow
+    /// down with the square of the records stored.
     Sqlite,
+    /// A SQLite file with tansu 0.6.0's schema exactly as shipped (no header index): only for
+    /// the test that reproduces the stall the missing index causes.
+    SqliteAsShipped,
 }
+
+/// The index polybus adds to tansu 0.6.0's SQLite schema.
+///
+/// tansu's `header` table has no index. Its fetch reads the headers of each returned record
+/// with one query per record (`header_fetch.sql`, `... where r.offset_id = $4`), and SQLite
+/// answers each by scanning every header of every topic (query plan: `SCAN h`). A fetch of `n`
+/// records therefore reads `n * headers stored` rows: with 10,000 CloudEvents records (about 9
+/// headers each) a fetch of one partition reads some 300 million rows and takes tens of
+/// seconds. tansu's SQLite engine serves all requests through one task, one request at a time
+/// (`bounded_channel(1)` in `lite.rs`), so metadata and list-offsets requests wait behind the
+/// fetch, librdkafka's requests time out, its retries queue more fetches, and a reader stops
+/// making progress on some partitions (see `docs/ARCHITECTURE.md`, "tansu on SQLite").
+/// `create index if not exists` leaves tansu's own `create table if not exists` schema alone.
+pub const TANSU_HEADER_INDEX: &str =
+    "create index if not exists polybus_header_record on header (topition, offset_id)";
 
 /// Which broker a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,7 +277,9 @@ impl BrokerProcess {
             TansuStorage::Memory => "memory://tansu/".to_owned(),
             // tansu reads `sqlite://a/b` as host `a` and path `b`: use a relative path, the
             // process runs in the broker directory.
-            TansuStorage::Sqlite => "sqlite://tansu.db".to_owned(),
+            TansuStorage::Sqlite | TansuStorage::SqliteAsShipped => {
+                format!("sqlite://{TANSU_DB}")
+            }
         };
         let program = binary("POLYBUS_TANSU_BIN", cache_dir().join("tansu/bin/tansu"));
         let mut args = vec![
@@ -270,7 +292,13 @@ impl BrokerProcess {
             engine,
         ];
         args.extend(extra_args.iter().map(|a| (*a).to_owned()));
-        Self::launch(Kind::Kafka, port, program, args, dir, readiness).await
+        let this = Self::launch(Kind::Kafka, port, program, args, dir, readiness).await?;
+        if storage == TansuStorage::Sqlite {
+            // tansu has created its schema before it listens, and no client has connected yet.
+            let db = this.dir().join(TANSU_DB);
+            tokio::task::spawn_blocking(move || sqlite(&db, TANSU_HEADER_INDEX)).await??;
+        }
+        Ok(this)
     }
 
     async fn launch(
@@ -452,6 +480,37 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// The SQLite file of a tansu started with [`TansuStorage::Sqlite`], in its [`dir`](BrokerProcess::dir).
+pub const TANSU_DB: &str = "tansu.db";
+
+/// Runs one SQL statement on the SQLite file `db` with the venv Python's `sqlite3` module
+/// (Python is there anyway: nats-server comes from PyPI), waiting up to 30 s for a lock;
+/// returns the rows it printed, one per line.
+///
+/// # Errors
+/// Python cannot be started or the statement fails.
+pub fn sqlite(db: &Path, statement: &str) -> Result<String> {
+    const SCRIPT: &str = "import sqlite3, sys\n\
+        c = sqlite3.connect(sys.argv[1], timeout=30)\n\
+        for row in c.execute(sys.argv[2]).fetchall():\n    print(row)\n\
+        c.commit()\n";
+    let out = Command::new(python())
+        .args(["-c", SCRIPT])
+        .arg(db)
+        .arg(statement)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("starting {} for sqlite3", python().display()))?;
+    if !out.status.success() {
+        bail!(
+            "`{statement}` on {} failed: {}",
+            db.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn tempdir(kind: &str) -> Result<tempfile::TempDir> {

@@ -47,41 +47,15 @@ fn kafka_config(brokers: &str) -> KafkaConfig {
     KafkaConfig::new(brokers, "polybus-compose-tests").with_topic_defaults(3, 1)
 }
 
-/// Every record of `topic`, read from the beginning of each partition by a plain
-/// librdkafka consumer with manual assignment (no consumer group, so the check does not depend
-/// on the broker's group coordinator, which tansu takes a while to recover after a restart).
-/// Events are rebuilt from the CloudEvents Kafka binding: `ce_id`, the record key, the
-/// payload, extensions (`ce_<name>`) and plain headers.
+/// Every record of `topic`, read from the beginning of each partition by one plain librdkafka
+/// consumer with manual assignment (no consumer group, so the check does not depend on the
+/// broker's group coordinator). Events are rebuilt from the CloudEvents Kafka binding: `ce_id`,
+/// the record key, the payload, extensions (`ce_<name>`) and plain headers.
+///
+/// One reader, no second chance: it stops once every wanted id has come or nothing has come
+/// for `idle`. `auto.offset.reset = error` turns a failed start-offset lookup into an error
+/// instead of a silent jump to the end of a partition (librdkafka's default, `latest`).
 async fn read_kafka(
-    brokers: &str,
-    topic: &str,
-    want: &HashSet<String>,
-    idle: Duration,
-) -> Result<Vec<Event>> {
-    // After a tansu 0.6.0 restart on sqlite storage a fresh librdkafka reader sometimes stops
-    // short on some partitions (seen: 3,594 of 10,000 records, then all 10,000 with the next
-    // reader on the same data). Each attempt reads the whole topic with a new reader; the
-    // first that sees every wanted id wins, otherwise the fullest read is returned.
-    let mut best: Vec<Event> = Vec::new();
-    for attempt in 1..=3 {
-        let records = read_kafka_once(brokers, topic, want, idle).await?;
-        let ids: HashSet<&str> = records.iter().map(Event::id).collect();
-        if want.iter().all(|w| ids.contains(w.as_str())) {
-            return Ok(records);
-        }
-        println!(
-            "read_kafka attempt {attempt}: {} of {} wanted ids, reading again with a new reader",
-            want.iter().filter(|w| ids.contains(w.as_str())).count(),
-            want.len()
-        );
-        if records.len() > best.len() {
-            best = records;
-        }
-    }
-    Ok(best)
-}
-
-async fn read_kafka_once(
     brokers: &str,
     topic: &str,
     want: &HashSet<String>,
@@ -97,6 +71,7 @@ async fn read_kafka_once(
             .set("bootstrap.servers", &brokers)
             .set("group.id", "polybus-compose-verify-unused")
             .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "error")
             .create()?;
         let started = Instant::now();
         let partitions = loop {
