@@ -124,7 +124,7 @@ pub enum TansuStorage {
 /// seconds. tansu's SQLite engine serves all requests through one task, one request at a time
 /// (`bounded_channel(1)` in `lite.rs`), so metadata and list-offsets requests wait behind the
 /// fetch, librdkafka's requests time out, its retries queue more fetches, and a reader stops
-/// making progress on some partitions (see `docs/ARCHITECTURE.md`, "tansu on SQLite").
+/// making progress on some partitions (the evidence: `docs/BROKER-NOTES.md`).
 /// `create index if not exists` leaves tansu's own `create table if not exists` schema alone.
 pub const TANSU_HEADER_INDEX: &str =
     "create index if not exists polybus_header_record on header (topition, offset_id)";
