@@ -31,6 +31,17 @@ pub(crate) fn run(sh: &Shell, args: &[String]) -> Result<()> {
     result
 }
 
+/// The tests `run_tests` leaves out on this machine, each with the reason.
+pub(crate) fn skipped_tests() -> Vec<String> {
+    if std::env::var_os(TXN_BROKERS).is_some() {
+        return Vec::new();
+    }
+    vec![format!(
+        "test {TXN_TEST} (needs Apache Kafka with transactions in {TXN_BROKERS}; the GitHub \
+         kafka-transactions job runs it)"
+    )]
+}
+
 /// Runs nextest and the doc tests against brokers that are already up.
 pub(crate) fn run_tests(sh: &Shell, paths: &Paths, extra: &[String]) -> Result<()> {
     let env = test_env(paths)?;

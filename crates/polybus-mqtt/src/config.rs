@@ -433,8 +433,13 @@ impl MqttConfig {
         self.receive_maximum = n.max(1);
         self
     }
-    /// Deliveries buffered per subscription before QoS 0 messages are dropped (default 4096;
-    /// at least the receive maximum, so QoS 1/2 deliveries are never dropped).
+    /// Deliveries buffered per subscription (default 4096, at least the receive maximum).
+    /// Nothing is dropped when a buffer is full: the connection stops reading from the broker
+    /// until the consumer makes room (QoS 1/2 messages stay unacknowledged at the broker, TCP
+    /// holds back the rest). Everything else read from that connection waits meanwhile: other
+    /// subscriptions and the acknowledgements of its publishes. A consumer that pauses for
+    /// longer than 1.5 keep-alive intervals gets the connection dropped by the broker; a
+    /// persistent session then gets its unacknowledged messages again.
     pub fn buffer(mut self, n: usize) -> Self {
         self.buffer = n.max(1);
         self

@@ -72,6 +72,31 @@ struct LocalSub {
     sink: Sink,
     waiter: Option<oneshot::Sender<Result<()>>>,
     active: bool,
+    /// Deliveries that found `sink` full, in arrival order. While any subscription has some,
+    /// the task reads nothing more from the broker: unacknowledged QoS 1/2 messages stay with
+    /// the broker (its in-flight window fills) and TCP holds back the rest. The task moves them
+    /// into `sink` as the consumer makes room. At most the deliveries of the one message (and
+    /// of what rumqttc had already read) wait here.
+    overflow: VecDeque<Result<Delivery>>,
+}
+
+impl LocalSub {
+    /// Hands `item` to the consumer in order: into the sink, or behind what already waits.
+    /// Returns the delivery when the consumer is gone (the caller drops it outside the lock).
+    fn offer(&mut self, item: Result<Delivery>) -> Option<Delivery> {
+        if !self.overflow.is_empty() {
+            self.overflow.push_back(item);
+            return None;
+        }
+        match self.sink.try_send(item) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.overflow.push_back(item);
+                None
+            }
+            Err(mpsc::error::TrySendError::Closed(item)) => item.ok(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -106,6 +131,25 @@ struct State {
     first: Option<oneshot::Sender<Result<()>>>,
     /// Deliveries to drop once the lock is released.
     garbage: Vec<Delivery>,
+}
+
+impl State {
+    /// Removes a local subscription; deliveries still waiting for its sink go to `garbage`
+    /// (dropping one locks the state, so never under the lock).
+    fn remove_sub(&mut self, id: u32) -> Option<LocalSub> {
+        let mut sub = self.subs.remove(&id)?;
+        self.garbage
+            .extend(sub.overflow.drain(..).filter_map(Result::ok));
+        Some(sub)
+    }
+
+    /// A subscription whose deliveries wait for room, and a handle on its sink.
+    fn first_overflow(&self) -> Option<(u32, Sink)> {
+        self.subs
+            .iter()
+            .find(|(_, s)| !s.overflow.is_empty())
+            .map(|(id, s)| (*id, s.sink.clone()))
+    }
 }
 
 const STASH_LIMIT: usize = 65_536;
@@ -286,6 +330,7 @@ impl Inner {
                     sink,
                     waiter: Some(tx),
                     active: false,
+                    overflow: VecDeque::new(),
                 },
             );
             st.backlog.push_back(Req::Subscribe(id));
@@ -311,7 +356,7 @@ impl Inner {
     /// subscriptions on the broker, which is the point of it.
     pub(crate) fn unsubscribe(&self, id: u32, explicit: bool) {
         self.with(|st| {
-            let Some(sub) = st.subs.remove(&id) else {
+            let Some(sub) = st.remove_sub(id) else {
                 return;
             };
             if st.closing
@@ -526,7 +571,7 @@ impl Inner {
                             }
                         }
                         Err(e) => {
-                            if let Some(mut s) = st.subs.remove(&id) {
+                            if let Some(mut s) = st.remove_sub(id) {
                                 match s.waiter.take() {
                                     Some(w) => {
                                         let _ = w.send(Err(e));
@@ -535,7 +580,9 @@ impl Inner {
                                         // A renewal after a reconnect was refused: the
                                         // subscription's stream ends.
                                         tracing::warn!(filter = s.filter, error = %e, "mqtt: the broker refused to renew a subscription");
-                                        let _ = s.sink.try_send(Err(e));
+                                        if let Some(d) = s.offer(Err(e)) {
+                                            st.garbage.push(d);
+                                        }
                                     }
                                 }
                             }
@@ -754,10 +801,12 @@ impl Inner {
                     // A malformed CloudEvent: tell the consumers, and consume it so it does not
                     // come back for ever.
                     for id in &targets {
-                        if let Some(s) = st.subs.get(id) {
+                        if let Some(s) = st.subs.get_mut(id) {
                             let copy = Error::new(e.kind(), BACKEND)
                                 .with_message(format!("message on {topic}: {e}"));
-                            let _ = s.sink.try_send(Err(copy));
+                            if let Some(d) = s.offer(Err(copy)) {
+                                st.garbage.push(d);
+                            }
                         }
                     }
                     self.ack_now(st, pkid, qos);
@@ -778,7 +827,9 @@ impl Inner {
         let last = targets.len() - 1;
         let mut event = Some(event);
         for (i, id) in targets.into_iter().enumerate() {
-            let Some(s) = st.subs.get(&id) else { continue };
+            let Some(s) = st.subs.get_mut(&id) else {
+                continue;
+            };
             let event = if i == last {
                 event.take()
             } else {
@@ -798,22 +849,8 @@ impl Inner {
                 None => Delivery::new(event, topic, NoopAcker(BACKEND)),
             }
             .with_delivery_count(count);
-            if let Err(e) = s.sink.try_send(Ok(delivery)) {
-                let (full, item) = match e {
-                    mpsc::error::TrySendError::Full(i) => (true, i),
-                    mpsc::error::TrySendError::Closed(i) => (false, i),
-                };
-                if full {
-                    let topic = item.as_ref().map_or("", |d| d.topic());
-                    tracing::warn!(
-                        topic,
-                        qos = qos.level(),
-                        "mqtt: subscription buffer full, dropping a delivery (unacknowledged QoS 1/2 messages come back in the next session)"
-                    );
-                }
-                if let Ok(d) = item {
-                    st.garbage.push(d);
-                }
+            if let Some(d) = s.offer(Ok(delivery)) {
+                st.garbage.push(d);
             }
         }
     }
@@ -870,6 +907,39 @@ impl Inner {
         st.backlog = front;
     }
 
+    /// Moves waiting deliveries of subscription `id` into its sink: the first with `permit`
+    /// (`None`: the consumer is gone, they are dropped), then as many as fit.
+    fn refill(&self, id: u32, permit: Option<mpsc::Permit<'_, Result<Delivery>>>) {
+        self.with(|st| {
+            let Some(s) = st.subs.get_mut(&id) else {
+                return;
+            };
+            let Some(permit) = permit else {
+                st.garbage
+                    .extend(s.overflow.drain(..).filter_map(Result::ok));
+                return;
+            };
+            if let Some(item) = s.overflow.pop_front() {
+                permit.send(item);
+            }
+            while let Some(item) = s.overflow.pop_front() {
+                match s.sink.try_send(item) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(item)) => {
+                        s.overflow.push_front(item);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(item)) => {
+                        st.garbage.extend(item.ok());
+                        st.garbage
+                            .extend(s.overflow.drain(..).filter_map(Result::ok));
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
     /// Ends the connection's books: everything pending fails with `Closed`.
     fn finish(&self) {
         self.with(|st| {
@@ -884,6 +954,8 @@ impl Inner {
             }
             st.flushes.clear();
             for (_, mut s) in std::mem::take(&mut st.subs) {
+                st.garbage
+                    .extend(s.overflow.drain(..).filter_map(Result::ok));
                 if let Some(w) = s.waiter.take() {
                     let _ = w.send(Err(Error::closed(BACKEND)));
                 }
@@ -953,6 +1025,21 @@ impl Inner {
 async fn run(inner: Arc<Inner>, mut driver: Driver) {
     let mut attempts: u32 = 0;
     loop {
+        // Backpressure: while a consumer's buffer is full, read nothing more from the broker.
+        // A closing connection reads on, to get its DISCONNECT out.
+        let waiting = {
+            let st = inner.lock();
+            (!st.closing && !st.closed)
+                .then(|| st.first_overflow())
+                .flatten()
+        };
+        if let Some((id, sink)) = waiting {
+            tokio::select! {
+                permit = sink.reserve() => inner.refill(id, permit.ok()),
+                () = inner.shutdown.notified() => {}
+            }
+            continue;
+        }
         let connected = inner.lock().connected;
         let polled = if connected {
             Some(driver.poll().await)

@@ -24,6 +24,11 @@
 //!   Across a broker crash QoS 2 publishing is at least once: when the broker no longer knows
 //!   a released message (a new session, or PUBCOMP "packet identifier not found") it is sent
 //!   again, since the broker may have lost it; the event id lets consumers drop a duplicate.
+//! * A slow consumer loses nothing: when a subscription's buffer
+//!   ([`MqttConfig::buffer`]) is full the connection stops reading from the broker until the
+//!   consumer makes room, so QoS 1/2 messages stay unacknowledged at the broker and TCP holds
+//!   back the rest (QoS 0 included). Meanwhile the connection's other subscriptions and its
+//!   publish acknowledgements wait too: give a slow subscription a connection of its own.
 //! * Order is kept per topic from one publisher to one subscriber.
 //! * A subscriber gets only messages published after it subscribed (retained messages aside).
 //! * Topic names: UTF-8, not empty, at most 65 535 bytes, no wildcard, no NUL; polybus also

@@ -389,3 +389,115 @@ async fn unacked_deliveries_come_back_after_reconnect_with_a_persistent_session(
     client.close().await?;
     Ok(())
 }
+
+/// A slow subscriber (0.5 ms per message, defaults otherwise) of mixed traffic: another
+/// connection publishes 20,000 QoS 0 and 2,000 QoS 1 messages, interleaved, to a mosquitto
+/// without queue limits. The subscription's buffer (4,096) fills many times over; the
+/// connection must stop reading instead of dropping, so every QoS 1 message arrives (QoS 0
+/// ones arrive too unless the broker drops them). Returns (QoS 0, QoS 1) distinct received.
+async fn slow_consumer_of_mixed_qos(persistent_session: bool) -> anyhow::Result<(usize, usize)> {
+    const Q0: usize = 20_000;
+    const Q1: usize = 2_000;
+    let broker = BrokerProcess::mosquitto("max_queued_messages 0\n").await?;
+    let port = broker.port();
+    let root = format!("slow/{}", uuid::Uuid::new_v4().simple());
+    let id = support::client_id("slow");
+    let sub_cfg = if persistent_session {
+        persistent(port, &id)
+    } else {
+        cfg(port, &id)
+    };
+    let subscriber = sub_cfg.connect().await?;
+    let mut c = subscriber.consumer();
+    c.subscribe(&format!("{root}/#"), 1).await?;
+
+    let producer = cfg(port, &support::client_id("flood")).connect().await?;
+    let p = producer.producer();
+    let publishing = {
+        let root = root.clone();
+        tokio::spawn(async move {
+            let results = futures_util::stream::iter(0..Q0 + Q1)
+                .map(|i| {
+                    let (p, root) = (p.clone(), root.clone());
+                    // Every eleventh message is QoS 1.
+                    async move {
+                        if i % 11 == 10 {
+                            p.publish(&format!("{root}/q1"), format!("q1-{}", i / 11), 1)
+                                .await
+                        } else {
+                            p.publish(&format!("{root}/q0"), format!("q0-{i}"), 0).await
+                        }
+                    }
+                })
+                .buffer_unordered(64)
+                .collect::<Vec<_>>()
+                .await;
+            results.into_iter().filter(|r| r.is_err()).count()
+        })
+    };
+
+    let (mut q0, mut q1) = (HashSet::new(), HashSet::new());
+    let mut last = Instant::now();
+    while q1.len() < Q1 && last.elapsed() < Duration::from_secs(20) {
+        let Ok(d) = tokio::time::timeout(Duration::from_millis(500), c.next()).await else {
+            continue;
+        };
+        let d = d?;
+        last = Instant::now();
+        // The handler's work: 0.5 ms of a blocked thread.
+        std::thread::sleep(Duration::from_micros(500));
+        let payload = d.payload().to_vec();
+        if payload.starts_with(b"q1-") {
+            q1.insert(payload);
+        } else {
+            q0.insert(payload);
+        }
+        d.ack().await?;
+    }
+    // What is left of the QoS 0 flood.
+    while let Ok(Ok(d)) = tokio::time::timeout(Duration::from_secs(1), c.next()).await {
+        let payload = d.payload().to_vec();
+        if payload.starts_with(b"q1-") {
+            q1.insert(payload);
+        } else {
+            q0.insert(payload);
+        }
+        d.ack().await?;
+    }
+    let failed = publishing.await?;
+    println!(
+        "FIGURES mqtt slow consumer ({} session): sent QoS 0 {Q0}, QoS 1 {Q1} (publish errors \
+         {failed}); received QoS 0 {}, QoS 1 {}; lost QoS 0 {}, QoS 1 {}",
+        if persistent_session {
+            "persistent"
+        } else {
+            "clean"
+        },
+        q0.len(),
+        q1.len(),
+        Q0 - q0.len(),
+        Q1 - q1.len(),
+    );
+    anyhow::ensure!(failed == 0, "{failed} publishes failed");
+    anyhow::ensure!(
+        q1.len() == Q1,
+        "a slow consumer lost {} of {Q1} QoS 1 messages",
+        Q1 - q1.len()
+    );
+    drop(c);
+    subscriber.close().await?;
+    producer.close().await?;
+    Ok((q0.len(), q1.len()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn slow_consumer_on_a_clean_session_gets_every_qos1_message() -> anyhow::Result<()> {
+    slow_consumer_of_mixed_qos(false).await.map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn slow_consumer_on_a_persistent_session_gets_every_qos1_message() -> anyhow::Result<()> {
+    slow_consumer_of_mixed_qos(true).await.map(drop)
+}
