@@ -435,7 +435,7 @@ where
         inner.spool.close_capacity();
         drop(inner.inflight.write().await);
 
-        let deadline = Instant::now() + inner.drain_timeout;
+        let deadline = polybus_core::time::deadline_after(inner.drain_timeout);
         inner.phase.send_replace(Phase::Draining { deadline });
         let handles = std::mem::take(&mut *lock(&inner.forwarders));
         for h in handles {
@@ -512,7 +512,7 @@ where
     /// Waits until the spool is empty (everything acknowledged is in Kafka or a dead-letter
     /// topic), at most `timeout`. Returns whether it is empty.
     pub async fn wait_forwarded(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = polybus_core::time::deadline_after(timeout);
         loop {
             if self.inner.spool.depth() == 0 {
                 return true;

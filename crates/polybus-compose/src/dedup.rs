@@ -133,8 +133,8 @@ impl DedupStore for MemoryDedupStore {
     }
 
     fn record<'a>(&'a self, key: &'a str, version: u64) -> BoxFuture<'a, Result<()>> {
+        let expiry = polybus_core::time::deadline_after(self.ttl);
         let now = Instant::now();
-        let expiry = now + self.ttl;
         let mut inner = self.lock();
         let version = inner
             .keys

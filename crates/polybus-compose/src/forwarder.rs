@@ -275,7 +275,7 @@ pub(crate) async fn run<K: Publisher + 'static>(
         if let Some((attempts, error)) = first_error {
             let delay = sh.retry.backoff_jittered(attempts);
             tracing::info!(bucket, failed = failed.len(), ?delay, %error, "forward failed; backing off");
-            let at = Instant::now() + delay;
+            let at = polybus_core::time::deadline_after(delay);
             for mut p in failed.into_iter().rev() {
                 p.retry_at = Some(at);
                 pending.push_front(p);

@@ -38,9 +38,8 @@ mod tests {
     #[test]
     fn every_metric_is_in_docs_metrics_md() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/METRICS.md");
-        let Ok(doc) = std::fs::read_to_string(&path) else {
-            return; // a published crate has no docs/ beside it
-        };
+        let doc = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         for name in [
             super::PUBLISHED,
             super::PUBLISH_ERRORS,

@@ -147,6 +147,26 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// About 30 years: where [`deadline_after`] puts a deadline too far for the clock.
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `Instant::now() + after`, without the panic of `Instant + Duration` when `after` is too
+/// large for the clock (`Duration::MAX` as a timeout, a nack delay or a TTL): such a deadline
+/// lies about 30 years ahead, which every caller treats as "never".
+///
+/// ```
+/// use std::time::Duration;
+/// let soon = polybus_core::time::deadline_after(Duration::from_secs(1));
+/// let never = polybus_core::time::deadline_after(Duration::MAX);
+/// assert!(never > soon);
+/// ```
+pub fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

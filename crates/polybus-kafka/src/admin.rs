@@ -309,7 +309,7 @@ fn probe_auth_failure(config: &rdkafka::ClientConfig, wait: Duration) -> Option<
     use rdkafka::producer::Producer as _;
     let producer: rdkafka::producer::BaseProducer<ProbeCtx> =
         config.create_with_context(ProbeCtx::default()).ok()?;
-    let deadline = std::time::Instant::now() + wait;
+    let deadline = polybus_core::time::deadline_after(wait).into_std();
     // Ask for metadata so a connection (and the SASL handshake) starts.
     let _ = producer
         .client()

@@ -318,7 +318,7 @@ impl KafkaAcker {
             offset: self.offset,
             epoch: self.epoch,
             count: self.count.saturating_add(1),
-            at: Instant::now() + delay,
+            at: polybus_core::time::deadline_after(delay),
         };
         self.redeliver.send(pending).map_err(|_| {
             closed("the subscription").with_message(

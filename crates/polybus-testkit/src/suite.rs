@@ -716,6 +716,11 @@ pub async fn late_subscriber_backlog<F: Fixture>(f: &F) -> Result<()> {
     let warm = f.consumer(None).await?;
     drop(subscribe(f, &warm, &topic).await);
     let old = id_set(&publish_n(&p, &topic, 5, |i| numbered("old", i)).await?);
+    // "Old" means the broker has them before the subscription exists. A core NATS publish
+    // resolves on hand-off to the client; until a flush (PING/PONG) the events may still sit
+    // in the publisher's connection and reach the server after the new SUB, which then gets
+    // them (seen once in a fresh-clone run).
+    p.flush().await?;
     let c = f.consumer(None).await?;
     let mut sub = subscribe(f, &c, &topic).await;
     match f.capabilities().backlog {

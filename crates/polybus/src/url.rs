@@ -14,6 +14,12 @@ use polybus_core::{
 /// | `mqtt://host:1883?client_id=c1&group=g1` | MQTT 5; `group` makes shared subscriptions (`$share/g1/...`); a random client id by default | `mqtt` |
 /// | `kafka://host:9092?group=g1&offset=earliest` | Kafka; `group` is the consumer group (default `polybus`) | `kafka` |
 ///
+/// Credentials go before the host, percent-encoded where needed: `user:password@host:port`.
+/// NATS and JetStream pass them to the server (user and password, or a token alone), MQTT
+/// sends them in CONNECT, Kafka uses SASL (`sasl=plain`, `scram-sha-256` or `scram-sha-512`,
+/// the default). Errors never repeat the password: they show the URL as
+/// `user:***@host:port`.
+///
 /// ```
 /// use polybus::{Consumer, PublisherExt};
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> polybus::Result<()> {
@@ -66,34 +72,54 @@ pub async fn connect(url: &str) -> Result<(BoxPublisher, BoxConsumer)> {
         }
         #[cfg(feature = "kafka")]
         "kafka" => {
-            let cfg = polybus_kafka::KafkaConfig::new(
-                parsed.authority,
+            let mut cfg = polybus_kafka::KafkaConfig::new(
+                parsed.host,
                 parsed.param("group").unwrap_or("polybus"),
             )
             .with_auto_offset_reset(parsed.param("offset").unwrap_or("earliest"));
+            if let Some((user, password)) = parsed.credentials()? {
+                use polybus_kafka::SaslMechanism as M;
+                let mechanism = match parsed.param("sasl").unwrap_or("scram-sha-512") {
+                    "plain" => M::Plain,
+                    "scram-sha-256" => M::ScramSha256,
+                    "scram-sha-512" => M::ScramSha512,
+                    other => {
+                        return Err(Error::new(ErrorKind::Connect, "polybus").with_message(
+                            format!(
+                                "unknown sasl={other:?} in {} (plain, scram-sha-256 or \
+                                 scram-sha-512)",
+                                parsed.redacted()
+                            ),
+                        ));
+                    }
+                };
+                cfg = cfg.with_sasl(mechanism, user, password.unwrap_or_default());
+            }
             let publisher = polybus_kafka::KafkaProducer::new_with_config(&cfg)?;
             let consumer = polybus_kafka::KafkaConsumer::new(&cfg)?;
             Ok((publisher.boxed(), BoxConsumer::new(consumer)))
         }
         #[cfg(feature = "mqtt")]
         "mqtt" => {
-            let (host, port) = match parsed.authority.rsplit_once(':') {
+            let (host, port) = match parsed.host.rsplit_once(':') {
                 Some((h, p)) => (
                     h,
                     p.parse().map_err(|_| {
                         Error::new(ErrorKind::Connect, "polybus")
-                            .with_message(format!("bad port in {url:?}"))
+                            .with_message(format!("bad port in {}", parsed.redacted()))
                     })?,
                 ),
-                None => (parsed.authority, 1883),
+                None => (parsed.host, 1883),
             };
             let client_id = parsed
                 .param("client_id")
                 .map(str::to_owned)
                 .unwrap_or_else(|| format!("polybus-{}", polybus_core::new_id()));
-            let client = polybus_mqtt::MqttConfig::new(host, port, client_id)
-                .connect()
-                .await?;
+            let mut cfg = polybus_mqtt::MqttConfig::new(host, port, client_id);
+            if let Some((user, password)) = parsed.credentials()? {
+                cfg = cfg.credentials(user, password.unwrap_or_default());
+            }
+            let client = cfg.connect().await?;
             let consumer = client.subscriber(parsed.param("group"));
             Ok((client.producer().boxed(), BoxConsumer::new(consumer)))
         }
@@ -104,21 +130,31 @@ pub async fn connect(url: &str) -> Result<(BoxPublisher, BoxConsumer)> {
     }
 }
 
-/// Just enough URL parsing for `scheme://authority?k=v&k2=v2`.
-#[derive(Debug)]
+/// Just enough URL parsing for `scheme://[user[:password]@]host?k=v&k2=v2`.
 struct Url<'a> {
     scheme: &'a str,
+    /// `user[:password]@host`, as given (the NATS client reads credentials from it).
     authority: &'a str,
+    /// `user[:password]`, still percent-encoded.
+    userinfo: Option<&'a str>,
+    /// `host[:port]`.
+    host: &'a str,
     query: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> Url<'a> {
     fn parse(url: &'a str) -> Result<Self> {
+        // The input is not echoed: it may hold a password.
         let (scheme, rest) = url.split_once("://").ok_or_else(|| {
             Error::new(ErrorKind::Connect, "polybus")
-                .with_message(format!("{url:?} is not a URL (scheme://...)"))
+                .with_message("not a URL: expected scheme://[user:password@]host[:port][?k=v]")
         })?;
         let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let authority = authority.trim_end_matches('/');
+        let (userinfo, host) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
         let query = query
             .split('&')
             .filter(|kv| !kv.is_empty())
@@ -126,7 +162,9 @@ impl<'a> Url<'a> {
             .collect();
         Ok(Url {
             scheme,
-            authority: authority.trim_end_matches('/'),
+            authority,
+            userinfo,
+            host,
             query,
         })
     }
@@ -134,6 +172,62 @@ impl<'a> Url<'a> {
     fn param(&self, key: &str) -> Option<&'a str> {
         self.query.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
     }
+
+    /// The user and password, percent-decoded.
+    fn credentials(&self) -> Result<Option<(String, Option<String>)>> {
+        let Some(info) = self.userinfo else {
+            return Ok(None);
+        };
+        let (user, password) = match info.split_once(':') {
+            Some((u, p)) => (u, Some(p)),
+            None => (info, None),
+        };
+        let bad = || {
+            Error::new(ErrorKind::Connect, "polybus").with_message(format!(
+                "bad percent-encoding in the credentials of {}",
+                self.redacted()
+            ))
+        };
+        let user = percent_decode(user).ok_or_else(bad)?;
+        let password = password
+            .map(|p| percent_decode(p).ok_or_else(bad))
+            .transpose()?;
+        Ok(Some((user, password)))
+    }
+
+    /// The URL for messages: `scheme://user:***@host?query`, never the password.
+    fn redacted(&self) -> String {
+        let user = match self.userinfo {
+            Some(info) => match info.split_once(':') {
+                Some((u, _)) => format!("{u}:***@"),
+                None => format!("{info}@"),
+            },
+            None => String::new(),
+        };
+        format!("{}://{user}{}", self.scheme, self.host)
+    }
+}
+
+impl std::fmt::Debug for Url<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `%XX` sequences to bytes; `None` for a bad sequence or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            let hex = std::str::from_utf8(&hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
@@ -149,6 +243,56 @@ mod tests {
         assert_eq!(u.param("flag"), Some(""));
         assert_eq!(u.param("missing"), None);
         assert_eq!(Url::parse("nope").unwrap_err().kind(), ErrorKind::Connect);
+    }
+
+    #[test]
+    fn credentials_are_split_from_the_host_and_never_shown() {
+        let u = Url::parse("mqtt://svc%40eu:p%3Ass@broker:8883?client_id=c").unwrap();
+        assert_eq!(u.host, "broker:8883");
+        assert_eq!(
+            u.credentials().unwrap(),
+            Some(("svc@eu".to_owned(), Some("p:ss".to_owned())))
+        );
+        assert_eq!(u.redacted(), "mqtt://svc%40eu:***@broker:8883");
+        assert!(!format!("{u:?}").contains("p%3Ass"));
+        let token = Url::parse("nats://s3cr3t@host:4222").unwrap();
+        assert_eq!(
+            token.credentials().unwrap(),
+            Some(("s3cr3t".to_owned(), None))
+        );
+        assert_eq!(
+            Url::parse("kafka://h:1").unwrap().credentials().unwrap(),
+            None
+        );
+        let bad = Url::parse("kafka://u:%zz@h:1").unwrap();
+        assert!(!bad.credentials().unwrap_err().to_string().contains("%zz"));
+        let not_a_url = Url::parse("user:hunter2@host").unwrap_err();
+        assert!(!not_a_url.to_string().contains("hunter2"));
+    }
+
+    #[cfg(feature = "mqtt")]
+    #[tokio::test]
+    async fn connect_errors_do_not_echo_the_password() {
+        let err = connect("mqtt://user:hunter2@127.0.0.1:notaport")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Connect);
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("user:***@127.0.0.1:notaport"), "{text}");
+    }
+
+    #[cfg(feature = "kafka")]
+    #[tokio::test]
+    async fn an_unknown_sasl_mechanism_is_named_without_the_password() {
+        let err = connect("kafka://user:hunter2@127.0.0.1:9?sasl=rot13")
+            .await
+            .unwrap_err();
+        let text = format!("{err} {err:?}");
+        assert!(
+            text.contains("rot13") && !text.contains("hunter2"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -286,13 +286,9 @@ async fn kafka_down_10s_while_publishing_10000_events_loses_and_duplicates_nothi
 
 pub(crate) const REAL_CHILD_ENV: &str = "POLYBUS_COMPOSE_REAL_CHILD";
 
-/// The child half of the real SIGKILL test (a no-op unless started by it).
-#[tokio::test]
-#[ignore = "needs brokers: cargo xtask test"]
-async fn real_sigkill_child() -> Result<()> {
-    let Ok(spec) = std::env::var(REAL_CHILD_ENV) else {
-        return Ok(());
-    };
+/// The child half of `sigkill_of_the_bus_process_loses_no_acknowledged_event`, which runs
+/// itself again with `REAL_CHILD_ENV` set: publishes on real brokers until killed.
+async fn real_sigkill_child(spec: String) -> Result<()> {
     let mut parts = spec.splitn(3, '|');
     let (dir, subject, kafka) = (
         parts.next().context("dir")?,
@@ -324,13 +320,16 @@ async fn real_sigkill_child() -> Result<()> {
 #[tokio::test]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn sigkill_of_the_bus_process_loses_no_acknowledged_event() -> Result<()> {
+    if let Ok(spec) = std::env::var(REAL_CHILD_ENV) {
+        return real_sigkill_child(spec).await;
+    }
     let kafka = brokers::kafka_brokers();
     let spool = tempfile::tempdir()?;
     let subject = subject("sigkill");
     let spec = format!("{}|{subject}|{kafka}", spool.path().display());
     let acked = tokio::task::spawn_blocking(move || {
         run_child_and_kill(
-            "brokers::real_sigkill_child",
+            "brokers::sigkill_of_the_bus_process_loses_no_acknowledged_event",
             &[(REAL_CHILD_ENV, spec)],
             3_000,
         )

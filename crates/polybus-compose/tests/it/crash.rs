@@ -1,9 +1,10 @@
 //! Crash safety: the process running the bus is killed with SIGKILL mid-run; a bus restarted
 //! on the same spool forwards every event the dead one acknowledged.
 //!
-//! The test binary re-executes itself: `crash_child` does nothing unless
-//! `POLYBUS_COMPOSE_CRASH_CHILD` names a spool directory, in which case it publishes forever
-//! and prints `ACK <id>` after each acknowledged publish.
+//! The test re-executes its own binary, running itself: with `POLYBUS_COMPOSE_CRASH_CHILD`
+//! naming a spool directory it is the child, which publishes forever and prints `ACK <id>`
+//! after each acknowledged publish. There is no separate child test that would pass without
+//! doing anything.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -18,12 +19,8 @@ use crate::support::{Env, Flaky, keyed};
 
 pub(crate) const CHILD_ENV: &str = "POLYBUS_COMPOSE_CRASH_CHILD";
 
-/// The child half (a no-op in a normal test run).
-#[tokio::test]
-async fn crash_child() -> Result<()> {
-    let Ok(dir) = std::env::var(CHILD_ENV) else {
-        return Ok(());
-    };
+/// The child half of `sigkill_mid_run_loses_no_acknowledged_event`: publishes until killed.
+async fn crash_child(dir: String) -> Result<()> {
     // In-process brokers die with the process, so the child's Kafka is "down": every
     // acknowledged event must survive in the spool alone.
     let (nats, kafka) = (MemoryBroker::new(), MemoryBroker::new());
@@ -111,10 +108,17 @@ pub(crate) fn run_child_and_kill(
 
 #[tokio::test]
 async fn sigkill_mid_run_loses_no_acknowledged_event() -> Result<()> {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        return crash_child(dir).await;
+    }
     let env = Env::new();
     let dir = env.dir.path().display().to_string();
     let acked = tokio::task::spawn_blocking(move || {
-        run_child_and_kill("crash::crash_child", &[(CHILD_ENV, dir)], 500)
+        run_child_and_kill(
+            "crash::sigkill_mid_run_loses_no_acknowledged_event",
+            &[(CHILD_ENV, dir)],
+            500,
+        )
     })
     .await??;
 

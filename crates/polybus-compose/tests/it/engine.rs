@@ -508,3 +508,35 @@ async fn close_with_a_hanging_kafka_returns_after_the_drain_timeout_and_keeps_th
     bus.close().await?;
     Ok(())
 }
+
+/// `Duration::MAX` wherever a caller can pass a duration: drain timeout, retry backoff,
+/// `wait_forwarded`, a dedup TTL. Each means "as long as it takes", never a panic from
+/// `Instant + Duration`.
+#[tokio::test]
+async fn durations_of_any_size_do_not_panic() -> Result<()> {
+    use polybus_compose::{Bus, DedupStore, MemoryDedupStore, RetryPolicy};
+    let (nats, kafka) = (
+        polybus_core::MemoryBroker::new(),
+        polybus_core::MemoryBroker::new(),
+    );
+    let dir = tempfile::tempdir()?;
+    let bus = Bus::builder()
+        .memory(&nats, &kafka)
+        .spool_dir(dir.path())
+        .drain_timeout(Duration::MAX)
+        .retry(
+            RetryPolicy::default()
+                .initial_backoff(Duration::MAX)
+                .max_backoff(Duration::MAX),
+        )
+        .build()
+        .await?;
+    bus.publish("extreme.durations", b"x").await?;
+    assert!(bus.wait_forwarded(Duration::MAX).await);
+    bus.close().await?;
+
+    let store = MemoryDedupStore::new(Duration::MAX);
+    store.record("key", 3).await?;
+    assert_eq!(store.get("key").await?, Some(3));
+    Ok(())
+}

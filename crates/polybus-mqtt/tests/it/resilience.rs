@@ -437,6 +437,14 @@ async fn slow_consumer_of_mixed_qos(persistent_session: bool) -> anyhow::Result<
     };
 
     let (mut q0, mut q1) = (HashSet::new(), HashSet::new());
+    let tally = |q0: &mut HashSet<Vec<u8>>, q1: &mut HashSet<Vec<u8>>, d: &Delivery| {
+        let payload = d.payload().to_vec();
+        if payload.starts_with(b"q1-") {
+            q1.insert(payload);
+        } else {
+            q0.insert(payload);
+        }
+    };
     let mut last = Instant::now();
     while q1.len() < Q1 && last.elapsed() < Duration::from_secs(20) {
         let Ok(d) = tokio::time::timeout(Duration::from_millis(500), c.next()).await else {
@@ -446,22 +454,12 @@ async fn slow_consumer_of_mixed_qos(persistent_session: bool) -> anyhow::Result<
         last = Instant::now();
         // The handler's work: 0.5 ms of a blocked thread.
         std::thread::sleep(Duration::from_micros(500));
-        let payload = d.payload().to_vec();
-        if payload.starts_with(b"q1-") {
-            q1.insert(payload);
-        } else {
-            q0.insert(payload);
-        }
+        tally(&mut q0, &mut q1, &d);
         d.ack().await?;
     }
     // What is left of the QoS 0 flood.
     while let Ok(Ok(d)) = tokio::time::timeout(Duration::from_secs(1), c.next()).await {
-        let payload = d.payload().to_vec();
-        if payload.starts_with(b"q1-") {
-            q1.insert(payload);
-        } else {
-            q0.insert(payload);
-        }
+        tally(&mut q0, &mut q1, &d);
         d.ack().await?;
     }
     let failed = publishing.await?;
