@@ -249,12 +249,18 @@ where
         let (phase, _) = watch::channel(Phase::Running);
         let forwarders = (0..spool.buckets())
             .map(|b| {
-                tokio::spawn(forwarder::run(
-                    b,
+                let (shared, switches, phases) = (
                     shared.clone(),
                     parts.switches.subscribe(),
                     phase.subscribe(),
-                ))
+                );
+                let supervised =
+                    forwarder::supervise(b, parts.retry.clone(), phase.subscribe(), move || {
+                        forwarder::run(b, shared.clone(), switches.clone(), phases.clone())
+                    });
+                tokio::spawn(async move {
+                    supervised.await;
+                })
             })
             .collect();
 

@@ -7,13 +7,20 @@
 //! backoff, so no later event of the bucket overtakes a failed one in a later window. Events
 //! whose retries are exhausted become dead letters (written to the dead-letter topic by the
 //! same path, so they stay in the spool until Kafka has them).
+//!
+//! A panic in the Kafka publisher (user code behind `kafka_publisher`) fails that send like an
+//! error: retried, then dead-lettered. A panic anywhere else in a forwarder ends its task;
+//! [`supervise`] logs it, counts it (`polybus_compose_forwarder_restarts_total`) and starts
+//! the bucket's forwarder again after a backoff, from the spool: nothing spooled is left
+//! behind, and what was in flight may be sent twice.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use futures_util::future::join_all;
-use polybus_core::{Error, Publisher};
+use polybus_core::{Error, ErrorKind, Event, Publisher};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -56,6 +63,66 @@ enum Outcome {
     DeadLettered,
     Skipped,
     Failed(Error),
+}
+
+/// Runs the forwarder of `bucket` (a task from `start`) and starts it again whenever it
+/// panics, after a backoff from `retry`, until it ends on its own (the phase said stop, or the
+/// bus is gone). Returns how often it restarted.
+pub(crate) async fn supervise<F, Fut>(
+    bucket: u32,
+    retry: RetryPolicy,
+    mut phase: watch::Receiver<Phase>,
+    start: F,
+) -> u32
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut restarts: u32 = 0;
+    loop {
+        let panic = match tokio::spawn(start()).await {
+            Ok(()) => return restarts,
+            Err(e) if e.is_panic() => panic_message(&*e.into_panic()),
+            Err(_) => return restarts, // cancelled: the runtime is shutting down
+        };
+        restarts = restarts.saturating_add(1);
+        let delay = retry.backoff_jittered(restarts);
+        metrics::counter!(m::FORWARDER_RESTARTS, "bucket" => bucket.to_string()).increment(1);
+        tracing::error!(
+            bucket,
+            restarts,
+            ?delay,
+            panic,
+            "a forwarder panicked; starting it again from the spool"
+        );
+        if *phase.borrow_and_update() == Phase::Stop {
+            return restarts;
+        }
+        pause(delay, &mut phase).await;
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// `kafka.publish` with a panic turned into an error of this send.
+async fn publish_caught<K: Publisher>(kafka: &K, topic: &str, event: Event) -> Result<(), Error> {
+    let send = std::panic::AssertUnwindSafe(async { kafka.publish(topic, event).await });
+    match send.catch_unwind().await {
+        Ok(r) => r.map(drop),
+        Err(payload) => Err(
+            Error::new(ErrorKind::Other, crate::BACKEND).with_message(format!(
+                "the Kafka publisher panicked: {}",
+                panic_message(&*payload)
+            )),
+        ),
+    }
 }
 
 /// Runs the forwarder of `bucket` until the phase says stop.
@@ -167,15 +234,16 @@ pub(crate) async fn run<K: Publisher + 'static>(
                 match record.state {
                     RecordState::Forward if *already => Outcome::Skipped,
                     RecordState::Forward => {
-                        match sh.kafka.publish(&record.topic, record.event.clone()).await {
-                            Ok(_) => Outcome::Forwarded,
+                        match publish_caught(&*sh.kafka, &record.topic, record.event.clone()).await
+                        {
+                            Ok(()) => Outcome::Forwarded,
                             Err(e) => Outcome::Failed(e),
                         }
                     }
                     RecordState::DeadLetter => {
                         let topic = sh.dead_letters.topic_for(&record.topic);
-                        match sh.kafka.publish(&topic, dlq::from_record(record)).await {
-                            Ok(_) => Outcome::DeadLettered,
+                        match publish_caught(&*sh.kafka, &topic, dlq::from_record(record)).await {
+                            Ok(()) => Outcome::DeadLettered,
                             Err(e) => Outcome::Failed(e),
                         }
                     }
@@ -319,5 +387,31 @@ async fn pause(d: Duration, phase: &mut watch::Receiver<Phase>) {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
         r = phase.changed() => if r.is_err() { tokio::time::sleep(d).await },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_forwarder_that_panics_is_started_again_until_it_ends() {
+        let (_phase_tx, phase) = watch::channel(Phase::Running);
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = runs.clone();
+        let retry = RetryPolicy::default()
+            .initial_backoff(Duration::from_millis(1))
+            .max_backoff(Duration::from_millis(5));
+        let restarts = supervise(0, retry, phase, move || {
+            let runs = counted.clone();
+            async move {
+                assert!(runs.fetch_add(1, Ordering::SeqCst) >= 2, "forwarder bug");
+            }
+        })
+        .await;
+        assert_eq!(restarts, 2);
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
     }
 }

@@ -32,6 +32,8 @@ pub const SPOOL_FULL_WAITS: &str = "polybus_compose_spool_full_waits_total";
 pub const SPOOL_REJECTED: &str = "polybus_compose_spool_rejected_total";
 /// Counter: switch changes applied.
 pub const SWITCH_CHANGES: &str = "polybus_compose_switch_changes_total";
+/// Counter: forwarders restarted after a panic (label `bucket`).
+pub const FORWARDER_RESTARTS: &str = "polybus_compose_forwarder_restarts_total";
 
 #[cfg(test)]
 mod tests {
@@ -56,6 +58,7 @@ mod tests {
             super::SPOOL_FULL_WAITS,
             super::SPOOL_REJECTED,
             super::SWITCH_CHANGES,
+            super::FORWARDER_RESTARTS,
         ] {
             assert!(
                 doc.contains(&format!("| `{name}` |")),

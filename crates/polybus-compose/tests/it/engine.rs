@@ -540,3 +540,72 @@ async fn durations_of_any_size_do_not_panic() -> Result<()> {
     assert_eq!(store.get("key").await?, Some(3));
     Ok(())
 }
+
+/// A Kafka publisher (user code) that panics on events with the header `panic`.
+struct Panicky(polybus_core::MemoryPublisher);
+
+impl Publisher for Panicky {
+    async fn publish(
+        &self,
+        topic: &str,
+        event: Event,
+    ) -> polybus_core::Result<polybus_core::Receipt> {
+        assert!(
+            !event.headers().contains("panic") || topic.ends_with(".dlq"),
+            "the user's publisher panicked"
+        );
+        self.0.publish(topic, event).await
+    }
+    async fn flush(&self) -> polybus_core::Result<()> {
+        self.0.flush().await
+    }
+    async fn close(&self) -> polybus_core::Result<()> {
+        self.0.close().await
+    }
+}
+
+/// A panic in the Kafka publisher fails that one event like an error (retried, then
+/// dead-lettered with the panic's message); the forwarder lives on, the events after it are
+/// forwarded and publishing never stops.
+#[tokio::test]
+async fn a_panicking_kafka_publisher_fails_the_event_not_the_forwarder() -> Result<()> {
+    let env = Env::new();
+    env.track("orders.created", "check");
+    env.track("orders.created.dlq", "dlq-check");
+    let bus = env
+        .builder()
+        .forwarders(1)
+        .kafka_publisher(Panicky(env.kafka.publisher()))
+        .build()
+        .await?;
+    let boom = Event::builder()
+        .id("boom-1")
+        .header("panic", "yes")
+        .build()?;
+    bus.publish("orders.created", boom).await?;
+    for i in 0..20 {
+        bus.publish("orders.created", keyed("after", i, 1)).await?;
+    }
+    assert!(bus.wait_forwarded(WAIT).await, "{:?}", bus.stats());
+    let s = bus.stats();
+    assert_eq!((s.forwarded, s.dead_letters), (20, 1), "{s:?}");
+    let dead = env
+        .drain_kafka("orders.created.dlq", "dlq-check", 1)
+        .await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id(), "boom-1");
+    assert!(
+        dead[0]
+            .headers()
+            .get(X_EXCEPTION_MESSAGE)
+            .is_some_and(|m| m.contains("panicked") && m.contains("the user's publisher panicked")),
+        "{:?}",
+        dead[0].headers()
+    );
+    assert_eq!(
+        env.drain_kafka("orders.created", "check", 20).await?.len(),
+        20
+    );
+    bus.close().await?;
+    Ok(())
+}
