@@ -97,6 +97,31 @@ impl LocalSub {
             Err(mpsc::error::TrySendError::Closed(item)) => item.ok(),
         }
     }
+
+    /// Moves waiting deliveries into the sink while it has room. A closed sink (the consumer
+    /// is gone) gets none: they go to `garbage`.
+    fn flush_overflow(&mut self, garbage: &mut Vec<Delivery>) {
+        while let Some(item) = self.overflow.pop_front() {
+            match self.sink.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    self.overflow.push_front(item);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(item)) => {
+                    garbage.extend(item.ok());
+                    self.discard_overflow(garbage);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Moves every waiting delivery to `garbage` (dropping one locks the state, so never
+    /// under the lock).
+    fn discard_overflow(&mut self, garbage: &mut Vec<Delivery>) {
+        garbage.extend(self.overflow.drain(..).filter_map(Result::ok));
+    }
 }
 
 #[derive(Default)]
@@ -134,12 +159,10 @@ struct State {
 }
 
 impl State {
-    /// Removes a local subscription; deliveries still waiting for its sink go to `garbage`
-    /// (dropping one locks the state, so never under the lock).
+    /// Removes a local subscription; deliveries still waiting for its sink go to `garbage`.
     fn remove_sub(&mut self, id: u32) -> Option<LocalSub> {
         let mut sub = self.subs.remove(&id)?;
-        self.garbage
-            .extend(sub.overflow.drain(..).filter_map(Result::ok));
+        sub.discard_overflow(&mut self.garbage);
         Some(sub)
     }
 
@@ -915,28 +938,13 @@ impl Inner {
                 return;
             };
             let Some(permit) = permit else {
-                st.garbage
-                    .extend(s.overflow.drain(..).filter_map(Result::ok));
+                s.discard_overflow(&mut st.garbage);
                 return;
             };
             if let Some(item) = s.overflow.pop_front() {
                 permit.send(item);
             }
-            while let Some(item) = s.overflow.pop_front() {
-                match s.sink.try_send(item) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(item)) => {
-                        s.overflow.push_front(item);
-                        break;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(item)) => {
-                        st.garbage.extend(item.ok());
-                        st.garbage
-                            .extend(s.overflow.drain(..).filter_map(Result::ok));
-                        break;
-                    }
-                }
-            }
+            s.flush_overflow(&mut st.garbage);
         });
     }
 
@@ -954,8 +962,7 @@ impl Inner {
             }
             st.flushes.clear();
             for (_, mut s) in std::mem::take(&mut st.subs) {
-                st.garbage
-                    .extend(s.overflow.drain(..).filter_map(Result::ok));
+                s.discard_overflow(&mut st.garbage);
                 if let Some(w) = s.waiter.take() {
                     let _ = w.send(Err(Error::closed(BACKEND)));
                 }
@@ -1027,11 +1034,12 @@ async fn run(inner: Arc<Inner>, mut driver: Driver) {
     loop {
         // Backpressure: while a consumer's buffer is full, read nothing more from the broker.
         // A closing connection reads on, to get its DISCONNECT out.
-        let waiting = {
+        let (waiting, connected) = {
             let st = inner.lock();
-            (!st.closing && !st.closed)
+            let waiting = (!st.closing && !st.closed)
                 .then(|| st.first_overflow())
-                .flatten()
+                .flatten();
+            (waiting, st.connected)
         };
         if let Some((id, sink)) = waiting {
             tokio::select! {
@@ -1040,7 +1048,6 @@ async fn run(inner: Arc<Inner>, mut driver: Driver) {
             }
             continue;
         }
-        let connected = inner.lock().connected;
         let polled = if connected {
             Some(driver.poll().await)
         } else {
