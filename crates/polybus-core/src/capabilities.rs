@@ -22,6 +22,29 @@ pub enum Backlog {
     Delivered,
 }
 
+/// What happens to a delivery that is dropped without `ack`, `nack` or `term`.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsettled {
+    /// It is gone: the backend delivered it at most once (core NATS, MQTT, where the broker
+    /// considers a message delivered when the client received it).
+    Lost,
+    /// The broker delivers it again, to this subscription or another member of the group, and
+    /// nothing that was settled comes back (JetStream after `ack_wait` or a nak, memory).
+    Redelivered,
+    /// The subscription delivers it again while it lives. Once the subscription is gone, the
+    /// group resumes from its oldest unsettled delivery, so deliveries settled after that one
+    /// come back too (Kafka: a group commits one offset per partition).
+    RedeliveredFromPosition,
+}
+
+impl Unsettled {
+    /// Whether a dropped delivery is delivered again (by either mechanism).
+    pub const fn comes_back(self) -> bool {
+        !matches!(self, Unsettled::Lost)
+    }
+}
+
 /// The delivery semantics of a backend. The conformance suite runs the scenarios these enable
 /// and checks the declared answers of the others (an `Unsupported` nack, a missed backlog).
 ///
@@ -43,8 +66,8 @@ pub struct Capabilities {
     pub redelivery_on_nack: bool,
     /// `nack(delay)` waits at least `delay` before redelivering.
     pub nack_delay: bool,
-    /// A delivery dropped without settlement is delivered again (to this or another member).
-    pub redelivery_on_drop: bool,
+    /// What happens to a delivery dropped without settlement.
+    pub unsettled: Unsettled,
     /// Named consumer groups: every group gets each message, members of a group share them.
     pub consumer_groups: bool,
     /// A named group keeps its position while no member is connected, so a member that
@@ -54,8 +77,9 @@ pub struct Capabilities {
     pub ordering: Ordering,
     /// What a late subscriber without a group position gets.
     pub backlog: Backlog,
-    /// Publishing the same event twice stores it once (JetStream `Nats-Msg-Id`, Kafka
-    /// idempotent producer for retries).
+    /// Publishing the same event (same `id`) twice stores and delivers it once (JetStream
+    /// `Nats-Msg-Id` within the stream's duplicate window). A producer that only keeps its own
+    /// retries from duplicating (Kafka's idempotent producer) does not qualify.
     pub exactly_once_publish: bool,
     /// Headers travel with the event.
     pub headers: bool,
@@ -71,7 +95,7 @@ impl Capabilities {
         persistent: false,
         redelivery_on_nack: false,
         nack_delay: false,
-        redelivery_on_drop: false,
+        unsettled: Unsettled::Lost,
         consumer_groups: false,
         durable_groups: false,
         ordering: Ordering::None,
@@ -97,9 +121,9 @@ impl Capabilities {
         self.nack_delay = v;
         self
     }
-    /// Sets [`redelivery_on_drop`](Self::redelivery_on_drop).
-    pub const fn with_redelivery_on_drop(mut self, v: bool) -> Self {
-        self.redelivery_on_drop = v;
+    /// Sets [`unsettled`](Self::unsettled).
+    pub const fn with_unsettled(mut self, v: Unsettled) -> Self {
+        self.unsettled = v;
         self
     }
     /// Sets [`consumer_groups`](Self::consumer_groups).

@@ -116,7 +116,7 @@ impl Future for AckFuture<'_> {
 /// through [`AckError::into_delivery`]. A backend that cannot honour an operation returns
 /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) (the defaults do exactly that).
 /// What happens to a delivery dropped unsettled is the backend's choice and is documented by
-/// its `Capabilities::redelivery_on_drop`.
+/// its [`Capabilities::unsettled`](crate::Capabilities::unsettled).
 pub trait Acker: Send + Sync + 'static {
     /// The backend name used in errors.
     fn backend(&self) -> &'static str;

@@ -59,7 +59,7 @@ pub mod topic;
 mod traits;
 
 pub use boxed::{BoxConsumer, BoxPublisher};
-pub use capabilities::{Backlog, Capabilities, Ordering};
+pub use capabilities::{Backlog, Capabilities, Ordering, Unsettled};
 pub use delivery::{AckError, AckFuture, Acker, Delivery, NoopAcker, Receipt};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use event::{DEFAULT_KIND, DEFAULT_SOURCE, Event, EventBuilder, IntoPayload, new_id};

@@ -28,7 +28,7 @@ use crate::telemetry::Telemetry;
 use crate::traits::MessageConsumer;
 use crate::{
     AckFuture, Acker, Backlog, Capabilities, Consumer, Delivery, Error, ErrorKind, Event, Ordering,
-    Publisher, Receipt, Result, topic,
+    Publisher, Receipt, Result, Unsettled, topic,
 };
 
 const BACKEND: &str = "memory";
@@ -111,7 +111,7 @@ impl MemoryBroker {
     pub const CAPABILITIES: Capabilities = Capabilities::NONE
         .with_redelivery_on_nack(true)
         .with_nack_delay(true)
-        .with_redelivery_on_drop(true)
+        .with_unsettled(Unsettled::Redelivered)
         .with_consumer_groups(true)
         .with_durable_groups(true)
         .with_ordering(Ordering::PerTopic)

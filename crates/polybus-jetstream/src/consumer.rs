@@ -17,7 +17,7 @@ use futures_util::StreamExt as _;
 use futures_util::future::BoxFuture;
 use polybus_core::{
     AckFuture, Acker, Backlog, Capabilities, Consumer, Delivery, Error, ErrorKind, MessageConsumer,
-    Ordering, Result,
+    Ordering, Result, Unsettled,
 };
 
 use crate::client::JetStream;
@@ -45,7 +45,7 @@ pub const CAPABILITIES: Capabilities = Capabilities::NONE
     .with_persistent(true)
     .with_redelivery_on_nack(true)
     .with_nack_delay(true)
-    .with_redelivery_on_drop(true)
+    .with_unsettled(Unsettled::Redelivered)
     .with_consumer_groups(true)
     .with_durable_groups(true)
     .with_ordering(Ordering::PerTopic)

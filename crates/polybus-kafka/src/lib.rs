@@ -38,7 +38,7 @@
 //! | consume | at-least-once: an offset is committed only once every earlier delivered record of its partition was acked (or termed) |
 //! | nack | local redelivery after the delay, with `delivery_count` + 1; the offset stays uncommitted meanwhile, so a crash or rebalance also redelivers it |
 //! | term | Kafka cannot delete a record: commits past it like `ack` |
-//! | dropped unsettled delivery | handed back to the subscription and redelivered (best effort); [`CAPABILITIES`] still says `redelivery_on_drop = false` because a record acked *after* an unsettled one on the same partition is redelivered too after a restart (Kafka commits one offset per partition) |
+//! | dropped unsettled delivery | handed back to the subscription and redelivered (best effort); [`CAPABILITIES`] says [`Unsettled::RedeliveredFromPosition`](polybus_core::Unsettled::RedeliveredFromPosition): once the subscription is gone, a record acked *after* an unsettled one on the same partition is redelivered too (Kafka commits one offset per partition) |
 //! | order | per partition, so per key; a nacked record comes back after later ones |
 //! | groups | durable consumer groups; a new group starts at `auto.offset.reset` (`earliest` by default here) |
 //! | rebalance | acked offsets are committed on revoke; settling a revoked partition's delivery is a no-op; the new owner resumes from the committed offset |

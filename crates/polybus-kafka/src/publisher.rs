@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use polybus_core::cloudevents::Mode;
 use polybus_core::{
-    Backlog, Capabilities, Error, ErrorKind, Event, Ordering, Publisher, Receipt, Result,
+    Backlog, Capabilities, Error, ErrorKind, Event, Ordering, Publisher, Receipt, Result, Unsettled,
 };
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
@@ -22,7 +22,7 @@ pub const CAPABILITIES: Capabilities = Capabilities::NONE
     .with_persistent(true)
     .with_redelivery_on_nack(true)
     .with_nack_delay(true)
-    .with_redelivery_on_drop(false)
+    .with_unsettled(Unsettled::RedeliveredFromPosition)
     .with_consumer_groups(true)
     .with_durable_groups(true)
     .with_ordering(Ordering::PerKey)

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use polybus_core::{Backlog, Capabilities, Ordering, Result};
+use polybus_core::{Backlog, Capabilities, Ordering, Result, Unsettled};
 
 use crate::config::{MqttConfig, Protocol};
 use crate::conn::Inner;
@@ -148,7 +148,7 @@ pub(crate) fn capabilities(cfg: &MqttConfig) -> Capabilities {
         .with_persistent(persistent_session)
         .with_redelivery_on_nack(false)
         .with_nack_delay(false)
-        .with_redelivery_on_drop(false)
+        .with_unsettled(Unsettled::Lost)
         .with_consumer_groups(true)
         .with_durable_groups(persistent_session)
         .with_ordering(Ordering::PerTopic)

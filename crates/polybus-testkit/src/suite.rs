@@ -385,7 +385,7 @@ pub async fn term_is_not_redelivered<F: Fixture>(f: &F) -> Result<()> {
 /// back (RustStream settlement: out-of-order settlement is safe).
 pub async fn out_of_order_ack_is_safe<F: Fixture>(f: &F) -> Result<()> {
     let caps = f.capabilities();
-    if !(caps.redelivery_on_drop && caps.consumer_groups) {
+    if !(caps.unsettled == polybus_core::Unsettled::Redelivered && caps.consumer_groups) {
         return not_applicable(
             f,
             "out_of_order_ack_is_safe",
@@ -426,7 +426,7 @@ pub async fn out_of_order_ack_is_safe<F: Fixture>(f: &F) -> Result<()> {
 /// comes back).
 pub async fn unsettled_delivery_returns<F: Fixture>(f: &F) -> Result<()> {
     let caps = f.capabilities();
-    if !caps.redelivery_on_drop {
+    if !caps.unsettled.comes_back() {
         return not_applicable(
             f,
             "unsettled_delivery_returns",
