@@ -24,12 +24,12 @@ use tokio::sync::Mutex;
 use crate::crash::run_child_and_kill;
 use crate::support::{Flaky, keyed};
 
-fn subject(name: &str) -> String {
+pub(crate) fn subject(name: &str) -> String {
     format!("compose.{name}.{}", uuid::Uuid::now_v7().simple())
 }
 
 /// A bus over real brokers with retries fast enough for tests.
-fn builder(nats: &str, kafka: &str, spool: &std::path::Path) -> BusBuilder {
+pub(crate) fn builder(nats: &str, kafka: &str, spool: &std::path::Path) -> BusBuilder {
     Bus::builder()
         .nats(nats)
         .kafka_config(kafka_config(kafka))
@@ -43,7 +43,7 @@ fn builder(nats: &str, kafka: &str, spool: &std::path::Path) -> BusBuilder {
         .drain_timeout(Duration::from_secs(20))
 }
 
-fn kafka_config(brokers: &str) -> KafkaConfig {
+pub(crate) fn kafka_config(brokers: &str) -> KafkaConfig {
     KafkaConfig::new(brokers, "polybus-compose-tests").with_topic_defaults(3, 1)
 }
 
@@ -52,10 +52,12 @@ fn kafka_config(brokers: &str) -> KafkaConfig {
 /// broker's group coordinator). Events are rebuilt from the CloudEvents Kafka binding: `ce_id`,
 /// the record key, the payload, extensions (`ce_<name>`) and plain headers.
 ///
-/// One reader, no second chance: it stops once every wanted id has come or nothing has come
-/// for `idle`. `auto.offset.reset = error` turns a failed start-offset lookup into an error
-/// instead of a silent jump to the end of a partition (librdkafka's default, `latest`).
-async fn read_kafka(
+/// One reader, no second chance: once every wanted id has come it reads on to the end of the
+/// topic (each partition's high watermark, taken at that moment), so a later copy of a wanted
+/// event is read and counted; it stops early when nothing has come for `idle`.
+/// `auto.offset.reset = error` turns a failed start-offset lookup into an error instead of a
+/// silent jump to the end of a partition (librdkafka's default, `latest`).
+pub(crate) async fn read_kafka(
     brokers: &str,
     topic: &str,
     want: &HashSet<String>,
@@ -103,12 +105,40 @@ async fn read_kafka(
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         let mut last = Instant::now();
-        while !want.is_subset(&seen) && last.elapsed() < idle {
+        // Per partition: the next offset to read, and (once every wanted id has come) the
+        // high watermark to read up to.
+        let mut next = vec![0i64; partitions];
+        let mut end: Option<Vec<i64>> = None;
+        while last.elapsed() < idle {
+            if end.is_none() && want.is_subset(&seen) {
+                let mut highs = Vec::with_capacity(partitions);
+                for p in 0..partitions {
+                    let (_, high) = consumer.fetch_watermarks(
+                        &topic,
+                        i32::try_from(p)?,
+                        Duration::from_secs(10),
+                    )?;
+                    highs.push(high);
+                }
+                end = Some(highs);
+            }
+            if end
+                .as_ref()
+                .is_some_and(|e| e.iter().zip(&next).all(|(high, next)| next >= high))
+            {
+                break;
+            }
             let Some(m) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
             };
             let m = m?;
             last = Instant::now();
+            if let Some(n) = usize::try_from(m.partition())
+                .ok()
+                .and_then(|p| next.get_mut(p))
+            {
+                *n = m.offset() + 1;
+            }
             let mut id = None;
             let mut headers = Vec::new();
             if let Some(h) = m.headers() {
@@ -150,7 +180,7 @@ async fn read_kafka(
 }
 
 /// Dedup by id: (unique events, duplicates removed).
-fn dedup(events: &[Event]) -> (Vec<Event>, usize) {
+pub(crate) fn dedup(events: &[Event]) -> (Vec<Event>, usize) {
     let mut seen = HashSet::new();
     let mut unique = Vec::new();
     for e in events {
@@ -163,7 +193,7 @@ fn dedup(events: &[Event]) -> (Vec<Event>, usize) {
 }
 
 /// Per-key order of the `seq` header among `events` (first copies): violations found.
-fn order_violations(events: &[Event]) -> usize {
+pub(crate) fn order_violations(events: &[Event]) -> usize {
     let mut last: HashMap<Vec<u8>, usize> = HashMap::new();
     let mut bad = 0;
     for e in events {

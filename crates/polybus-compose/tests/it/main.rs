@@ -5,5 +5,6 @@
 mod brokers;
 mod crash;
 mod engine;
+mod nats_outage;
 mod observability;
 mod support;
