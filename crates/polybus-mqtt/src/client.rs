@@ -106,8 +106,14 @@ impl MqttClient {
     }
 
     /// The delivery semantics of this connection (they depend on protocol and session).
+    ///
+    /// `max_payload` is the configured limit ([`MqttConfig::max_payload`]), lowered when the
+    /// broker announced a smaller Maximum Packet Size in its MQTT 5 CONNACK: then it is that
+    /// packet size less room for topic and properties (16 KiB, or half the packet for
+    /// packets under 32 KiB). It follows the latest CONNACK. MQTT 3.1.1 brokers announce no
+    /// limit, so there it is always the configured one.
     pub fn capabilities(&self) -> Capabilities {
-        capabilities(&self.handle.inner.cfg)
+        self.handle.inner.capabilities()
     }
 
     /// The client identifier.
@@ -138,7 +144,8 @@ impl MqttClient {
     }
 }
 
-/// The capabilities of a connection configured by `cfg`.
+/// The capabilities of a connection configured by `cfg`, before the broker's limits are
+/// known (`Inner::capabilities` lowers `max_payload` to the broker's).
 pub(crate) fn capabilities(cfg: &MqttConfig) -> Capabilities {
     let persistent_session = !cfg.clean_start
         && (cfg.protocol == Protocol::V311 || cfg.session_expiry.is_some_and(|d| !d.is_zero()));

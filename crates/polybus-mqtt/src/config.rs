@@ -316,6 +316,14 @@ impl fmt::Debug for MqttConfig {
 /// limit is derived from the maximum packet size.
 pub(crate) const PACKET_OVERHEAD: u32 = 16 * 1024;
 
+/// The payload limit derived from a broker's maximum packet size `packet`: the packet less
+/// [`PACKET_OVERHEAD`] for topic and properties, or less half the packet when the packet is
+/// under twice that (a broker configured with a few KiB still leaves room for the topic and
+/// the CloudEvents attributes, about 200 bytes, and for the payload).
+pub(crate) fn payload_limit(packet: u32) -> usize {
+    (packet - PACKET_OVERHEAD.min(packet / 2)) as usize
+}
+
 impl MqttConfig {
     /// A configuration for the broker at `host`:`port` with client identifier `client_id`.
     pub fn new(host: impl Into<String>, port: u16, client_id: impl Into<String>) -> Self {
@@ -385,10 +393,19 @@ impl MqttConfig {
         self.last_will = Some(will);
         self
     }
-    /// The largest packet this client sends or accepts (default 1 MiB). The broker's own
-    /// limit (MQTT 5 CONNACK Maximum Packet Size) applies too. Payloads above
-    /// `max_packet_size - 16 KiB` (room for topic and properties) fail with
+    /// The largest packet this client sends or accepts (default 1 MiB, at least 16 KiB + 1).
+    /// Payloads above `max_packet_size - 16 KiB` (room for topic and properties) fail with
     /// [`ErrorKind::PayloadTooLarge`] before anything is sent.
+    ///
+    /// The broker's own limit applies too. An MQTT 5 broker announces it in the CONNACK
+    /// (Maximum Packet Size; mosquitto's `max_packet_size`): when it is smaller, the
+    /// connection's payload limit ([`MqttClient::capabilities`]) drops to match, and a
+    /// publish whose payload or whole PUBLISH packet would exceed it fails with
+    /// [`ErrorKind::PayloadTooLarge`] before sending, instead of the broker closing the
+    /// connection. MQTT 3.1.1 has no such announcement, so a 3.1.1 connection knows only this
+    /// limit: set it to the broker's. A 3.1.1 broker with a smaller limit closes the
+    /// connection on a larger packet, and since an unacknowledged publish is sent again after
+    /// every reconnect, that connection then keeps being closed.
     pub fn max_packet_size(mut self, bytes: u32) -> Self {
         self.max_packet_size = bytes.max(PACKET_OVERHEAD + 1);
         self
@@ -445,12 +462,18 @@ impl MqttConfig {
         self
     }
 
-    /// The largest payload accepted before sending.
+    /// The largest payload this configuration accepts before sending: `max_packet_size`
+    /// less 16 KiB for topic and properties. A connection may accept less, when its broker
+    /// announces a smaller Maximum Packet Size (see [`MqttClient::capabilities`]).
     pub fn max_payload(&self) -> usize {
         (self.max_packet_size - PACKET_OVERHEAD) as usize
     }
 
-    /// The delivery semantics a connection with this configuration has.
+    /// The delivery semantics a connection with this configuration has, as far as the
+    /// configuration tells: `max_payload` is [`max_payload`](Self::max_payload). The broker's
+    /// limit is only known once connected, so a connection's
+    /// [`MqttClient::capabilities`] may declare a smaller `max_payload` (MQTT 5 brokers with
+    /// a smaller Maximum Packet Size); everything else is the same.
     pub fn capabilities(&self) -> polybus_core::Capabilities {
         crate::client::capabilities(self)
     }
@@ -478,6 +501,23 @@ mod tests {
         assert!(!dbg.contains("hunter2"), "{dbg}");
         let tls = TlsOptions::new().client_auth_pem(b"CERT".to_vec(), b"SECRETKEY".to_vec());
         assert!(!format!("{tls:?}").contains("SECRETKEY"));
+    }
+
+    #[test]
+    fn payload_limit_leaves_room_for_topic_and_properties() {
+        assert_eq!(payload_limit(1024 * 1024), 1024 * 1024 - 16 * 1024);
+        assert_eq!(payload_limit(32 * 1024), 16 * 1024);
+        assert_eq!(payload_limit(2048), 1024);
+        assert_eq!(payload_limit(1), 1);
+        assert_eq!(payload_limit(0), 0);
+        assert_eq!(
+            payload_limit(u32::MAX),
+            (u32::MAX - PACKET_OVERHEAD) as usize
+        );
+        // Continuous where the two rules meet: never more payload for a smaller packet.
+        for p in (0..70_000).step_by(7) {
+            assert!(payload_limit(p) <= payload_limit(p + 7), "{p}");
+        }
     }
 
     #[test]

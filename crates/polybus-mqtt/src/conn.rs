@@ -27,7 +27,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::BACKEND;
-use crate::config::{MqttConfig, Protocol, QoS};
+use crate::config::{MqttConfig, Protocol, QoS, payload_limit};
 use crate::convert;
 use crate::driver::{self, Client, Driver, Ev, InMsg, OutMsg};
 use crate::error::err;
@@ -205,7 +205,8 @@ impl Inner {
         });
         let task = tokio::spawn(run(inner.clone(), driver));
         *inner.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
-        match tokio::time::timeout(connect_timeout + Duration::from_millis(500), first_rx).await {
+        let bound = connect_timeout.saturating_add(Duration::from_millis(500));
+        match tokio::time::timeout(bound, first_rx).await {
             Ok(Ok(Ok(()))) => Ok(inner),
             Ok(Ok(Err(e))) => {
                 inner.abort();
@@ -255,7 +256,8 @@ impl Inner {
         self.lock().connected
     }
 
-    /// The payload limit: the configured one, lowered by the broker's maximum packet size.
+    /// The packet limit: the configured one, lowered by the broker's maximum packet size
+    /// (MQTT 5 CONNACK; the latest CONNACK counts, a broker may change it across a restart).
     pub(crate) fn max_packet_size(&self) -> u32 {
         let broker = self.lock().broker_max_packet;
         broker.map_or(self.cfg.max_packet_size, |b| {
@@ -263,22 +265,37 @@ impl Inner {
         })
     }
 
+    /// The payload limit of this connection: the configured one
+    /// ([`MqttConfig::max_payload`]), lowered to what fits the broker's maximum packet size
+    /// when the broker announced a smaller one.
+    pub(crate) fn max_payload(&self) -> usize {
+        let ours = self.cfg.max_payload();
+        match self.lock().broker_max_packet {
+            Some(b) if b < self.cfg.max_packet_size => ours.min(payload_limit(b)),
+            _ => ours,
+        }
+    }
+
+    /// The delivery semantics of this connection, with the payload limit the broker allows.
+    pub(crate) fn capabilities(&self) -> polybus_core::Capabilities {
+        crate::client::capabilities(&self.cfg).with_max_payload(Some(self.max_payload()))
+    }
+
     /// Sends a PUBLISH; resolves when the broker acknowledged it (PUBACK for QoS 1, PUBCOMP
     /// for QoS 2) or when it was written (QoS 0).
     pub(crate) async fn publish(&self, msg: OutMsg) -> Result<()> {
-        if msg.payload.len() > self.cfg.max_payload() {
+        let max_payload = self.max_payload();
+        let max = self.max_packet_size() as usize;
+        if msg.payload.len() > max_payload {
             return Err(err(
                 ErrorKind::PayloadTooLarge,
                 format!(
-                    "payload is {} bytes, the limit is {} (max packet size {} less room for topic and properties)",
+                    "payload is {} bytes, the limit is {max_payload} (max packet size {max} less room for topic and properties)",
                     msg.payload.len(),
-                    self.cfg.max_payload(),
-                    self.cfg.max_packet_size
                 ),
             ));
         }
         let size = driver::publish_size(&msg, self.cfg.protocol);
-        let max = self.max_packet_size() as usize;
         if size > max {
             return Err(err(
                 ErrorKind::PayloadTooLarge,

@@ -11,14 +11,15 @@ use polybus_core::{Capabilities, Consumer, Delivery, Error, MessageConsumer, Res
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::BACKEND;
-use crate::client::{Handle, capabilities};
+use crate::client::Handle;
 use crate::config::QoS;
 use crate::conn::Sink;
 use crate::topic;
 
 fn channel(handle: &Handle) -> (Sink, mpsc::Receiver<Result<Delivery>>) {
     let cfg = &handle.inner.cfg;
-    mpsc::channel(cfg.buffer.max(usize::from(cfg.receive_maximum)))
+    let n = cfg.buffer.max(usize::from(cfg.receive_maximum));
+    mpsc::channel(n.min(tokio::sync::Semaphore::MAX_PERMITS))
 }
 
 /// The seed's consumer: subscribe to topic filters with a QoS, then take deliveries from all
@@ -142,9 +143,9 @@ impl MqttConsumer {
         });
     }
 
-    /// The delivery semantics of this connection.
+    /// The delivery semantics of this connection (as [`MqttClient::capabilities`](crate::MqttClient::capabilities)).
     pub fn capabilities(&self) -> Capabilities {
-        capabilities(&self.handle.inner.cfg)
+        self.handle.inner.capabilities()
     }
 
     /// Closes the connection (shared with the producer). A persistent session keeps its
@@ -260,7 +261,7 @@ impl Consumer for MqttSubscriber {
     }
 
     fn capabilities(&self) -> Capabilities {
-        capabilities(&self.handle.inner.cfg)
+        self.handle.inner.capabilities()
     }
 }
 

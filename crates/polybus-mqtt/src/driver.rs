@@ -211,6 +211,9 @@ pub(crate) const REQUEST_CHANNEL: usize = 256;
 /// rumqttc's outgoing in-flight ceiling (the broker's Receive Maximum lowers it). rumqttc
 /// allocates a slot per packet id up to this number for every connection, so not `u16::MAX`.
 const OUTGOING_INFLIGHT: u16 = 1024;
+/// The longest keep-alive MQTT can express (a `u16` of seconds). rumqttc writes
+/// `as_secs() as u16` and computes `Instant::now() + keep_alive`, so longer ones saturate here.
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(u16::MAX as u64);
 
 impl Driver {
     /// Builds the rumqttc client and event loop for `cfg`.
@@ -219,7 +222,8 @@ impl Driver {
         match cfg.protocol {
             Protocol::V5 => {
                 let mut o = r5::MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
-                o.set_keep_alive(cfg.keep_alive)
+                // rumqttc's MQTT 5 options assert a keep-alive of at least 5 s.
+                o.set_keep_alive(cfg.keep_alive.clamp(Duration::from_secs(5), MAX_KEEP_ALIVE))
                     .set_clean_start(cfg.clean_start)
                     .set_manual_acks(true)
                     .set_connection_timeout(connect_secs)
@@ -264,7 +268,7 @@ impl Driver {
                 let mut o =
                     rumqttc::MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
                 let max = cfg.max_packet_size as usize;
-                o.set_keep_alive(cfg.keep_alive)
+                o.set_keep_alive(cfg.keep_alive.min(MAX_KEEP_ALIVE))
                     .set_clean_session(cfg.clean_start)
                     .set_manual_acks(true)
                     .set_max_packet_size(max, max)
@@ -614,7 +618,8 @@ pub(crate) fn backoff(attempt: u32, min: Duration, max: Duration) -> Duration {
     let exp = attempt.saturating_sub(1).min(20);
     let step = min.saturating_mul(1u32 << exp).min(max);
     let half = step / 2;
-    let jitter = rand::random_range(0..=half.as_millis().max(1) as u64);
+    let half_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+    let jitter = rand::random_range(0..=half_ms.max(1));
     half + Duration::from_millis(jitter)
 }
 

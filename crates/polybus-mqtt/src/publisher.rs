@@ -168,6 +168,12 @@ impl MqttProducer {
         Ok(Receipt::new(topic))
     }
 
+    /// The delivery semantics of this connection (as [`MqttClient::capabilities`]); its
+    /// `max_payload` is the largest payload [`publish`](Self::publish) accepts.
+    pub fn capabilities(&self) -> polybus_core::Capabilities {
+        self.handle.inner.capabilities()
+    }
+
     /// Waits until every publish made so far on this connection is acknowledged.
     ///
     /// # Errors

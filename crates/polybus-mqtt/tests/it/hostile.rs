@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use polybus_core::{Consumer, ErrorKind, Event, Publisher};
-use polybus_mqtt::{MqttConfig, Protocol};
+use polybus_mqtt::{LastWill, MqttConfig, Protocol};
 use polybus_testkit::brokers::{BrokerProcess, mqtt_addr};
 
 use crate::support;
@@ -112,6 +112,79 @@ async fn hostile_payload_over_the_broker_limit() -> anyhow::Result<()> {
     assert_eq!(d.payload(), b"small");
     d.ack().await?;
     client.close().await?;
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn broker_max_packet_size_lowers_the_declared_payload_limit() -> anyhow::Result<()> {
+    // mosquitto's `max_packet_size` reaches an MQTT 5 client as the CONNACK's Maximum Packet
+    // Size; ours stays the default 1 MiB.
+    let broker = BrokerProcess::mosquitto("max_packet_size 2048\n").await?;
+    let will_topic = support::topic();
+    let cfg = MqttConfig::new("127.0.0.1", broker.port(), support::client_id("limit2k"))
+        .connect_timeout(Duration::from_secs(3))
+        .last_will(LastWill::new(will_topic.clone(), "dropped"));
+    // Before connecting only the configuration is known.
+    assert_eq!(cfg.capabilities().max_payload, Some(cfg.max_payload()));
+    assert!(cfg.max_payload() > 2048);
+    // A second client sees the last will if the broker ever drops the first one.
+    let watcher = MqttConfig::new("127.0.0.1", broker.port(), support::client_id("watch"))
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await?;
+    let mut wills = watcher.consumer();
+    wills.subscribe(&will_topic, 1).await?;
+
+    let client = cfg.connect().await?;
+    let limit = client.capabilities().max_payload.expect("a declared limit");
+    assert!(limit > 0 && limit < 2048, "limit {limit}");
+    let p = client.producer();
+    assert_eq!(p.capabilities().max_payload, Some(limit));
+    assert_eq!(client.consumer().capabilities().max_payload, Some(limit));
+    assert_eq!(
+        Consumer::capabilities(&client.subscriber(None)).max_payload,
+        Some(limit)
+    );
+
+    let topic = support::topic();
+    let mut c = client.consumer();
+    c.subscribe(&topic, 1).await?;
+    // Just over the declared limit, and a payload that fits our packet size but not the
+    // broker's: both refused before anything is sent.
+    for size in [limit + 1, 2048, 4096] {
+        let started = std::time::Instant::now();
+        let e = p
+            .publish(&topic, vec![0u8; size], 1)
+            .await
+            .expect_err("over the broker's limit");
+        assert_eq!(e.kind(), ErrorKind::PayloadTooLarge, "{size} bytes: {e}");
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "{size} bytes: refused before sending, not after a round trip"
+        );
+    }
+    // The connection is still up, and a payload of exactly the declared limit (a default
+    // event: id, source, type, time as user properties) fits the broker's packet.
+    assert!(client.is_connected());
+    p.publish(&topic, vec![7u8; limit], 1).await?;
+    p.publish(&topic, b"small".to_vec(), 1).await?;
+    let d = tokio::time::timeout(Duration::from_secs(10), c.next()).await??;
+    assert_eq!(d.payload().len(), limit);
+    d.ack().await?;
+    let d = tokio::time::timeout(Duration::from_secs(10), c.next()).await??;
+    assert_eq!(d.payload(), b"small");
+    d.ack().await?;
+    // A clean close sends DISCONNECT, so a will now would mean the broker dropped the
+    // connection earlier.
+    client.close().await?;
+    let will = tokio::time::timeout(Duration::from_millis(500), wills.next()).await;
+    assert!(
+        will.is_err(),
+        "the broker dropped the connection: {:?}",
+        will.map(|d| d.map(|d| d.payload().to_vec()))
+    );
+    watcher.close().await?;
     Ok(())
 }
 
