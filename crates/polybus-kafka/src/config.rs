@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use polybus_core::cloudevents::Mode;
-use polybus_core::{Error, ErrorKind, Event, Result};
+use polybus_core::{Backlog, Capabilities, Error, ErrorKind, Event, Ordering, Result, Unsettled};
 use rdkafka::ClientConfig;
 
 use crate::error::BACKEND;
@@ -159,7 +159,14 @@ pub struct KafkaConfig {
     extra: Vec<(String, String)>,
     key_mapper: KeyMapper,
     lag_interval: Duration,
+    max_in_flight: usize,
 }
+
+/// The default `message.max.bytes`.
+pub(crate) const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// The default of [`KafkaConfig::with_max_in_flight`], JetStream's default `max_ack_pending`.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1000;
 
 impl KafkaConfig {
     /// A configuration for the brokers `brokers` (`host:port[,host:port...]`) and the consumer
@@ -175,7 +182,7 @@ impl KafkaConfig {
             create_topics: true,
             topic_partitions: 3,
             topic_replication: 1,
-            message_max_bytes: 1_000_000,
+            message_max_bytes: DEFAULT_MESSAGE_MAX_BYTES,
             queue_capacity: None,
             connect_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
@@ -189,6 +196,155 @@ impl KafkaConfig {
             extra: Vec::new(),
             key_mapper: KeyMapper::EventKey,
             lag_interval: Duration::from_secs(10),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+
+    /// At most `n` deliveries of one subscription are unsettled at once (default
+    /// [`DEFAULT_MAX_IN_FLIGHT`] = 1000, JetStream's default `max_ack_pending`; 0 counts as 1).
+    ///
+    /// A delivery counts from the moment the subscription takes its record from librdkafka
+    /// until it is acked or termed; a nacked or dropped delivery still counts while it waits
+    /// for its local redelivery. At the limit `next` waits (backpressure) until one is
+    /// settled, or until a nacked one is due again, instead of reading more records. So the
+    /// memory a subscription holds for unsettled deliveries is bounded by `n` events,
+    /// whatever the application does.
+    ///
+    /// librdkafka is not polled while `next` waits here: a member that keeps `n` deliveries
+    /// unsettled for longer than `max.poll.interval.ms` (5 minutes by default) leaves the
+    /// group, exactly as if it stopped calling `next`, and its partitions go to another
+    /// member.
+    ///
+    /// ```
+    /// use polybus_kafka::KafkaConfig;
+    /// let cfg = KafkaConfig::new("localhost:9092", "g1").with_max_in_flight(64);
+    /// assert_eq!(cfg.max_in_flight(), 64);
+    /// ```
+    pub fn with_max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// The most deliveries one subscription keeps unsettled (see
+    /// [`with_max_in_flight`](Self::with_max_in_flight)).
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// What producers and consumers of this configuration guarantee, derived from the
+    /// settings that decide it:
+    ///
+    /// * `exactly_once_publish` is always `false`: the idempotent producer (and a
+    ///   transactional one) only keeps its *own* retries from duplicating a record; publishing
+    ///   the same event twice stores it twice.
+    /// * `backlog`: [`Delivered`](Backlog::Delivered) when `auto.offset.reset` is `earliest`
+    ///   (or `smallest`, `beginning`), [`Missed`](Backlog::Missed) for `latest` (`largest`,
+    ///   `end`) and for `error`, where a group without a committed offset gets an error
+    ///   instead of the backlog.
+    /// * `ordering`: [`PerKey`](Ordering::PerKey) when producer retries cannot reorder a
+    ///   partition: the idempotent (or transactional) producer, or at most one request in
+    ///   flight per connection, or no retries. With idempotence off and pipelined retries,
+    ///   a retried record can land after a later one: [`Ordering::None`].
+    /// * `durable_groups`: only while offsets are committed by the consumer
+    ///   ([`with_auto_commit`](Self::with_auto_commit), on by default). With it off, the
+    ///   group position moves only through [`KafkaConsumer::commit`](crate::KafkaConsumer::commit)
+    ///   or a transaction, not through `ack`, so a rejoining member starts over from the last
+    ///   explicit commit.
+    /// * `max_payload`: [`message_max_bytes`](Self::message_max_bytes), the limit on key +
+    ///   value + headers.
+    /// * always: `persistent`, consumer groups, `nack` with a delay, headers; a dropped
+    ///   delivery is [`RedeliveredFromPosition`](Unsettled::RedeliveredFromPosition); no
+    ///   request-reply.
+    ///
+    /// Passthrough properties ([`set`](Self::set)) count: they override the typed setters, as
+    /// they do in the librdkafka configuration.
+    ///
+    /// ```
+    /// use polybus_core::Backlog;
+    /// use polybus_kafka::KafkaConfig;
+    /// let cfg = KafkaConfig::new("localhost:9092", "g1").with_auto_offset_reset("latest");
+    /// let caps = cfg.capabilities();
+    /// assert_eq!(caps.backlog, Backlog::Missed);
+    /// assert!(!caps.exactly_once_publish);
+    /// assert_eq!(caps.max_payload, Some(cfg.message_max_bytes()));
+    /// ```
+    pub fn capabilities(&self) -> Capabilities {
+        let reset = self
+            .passthrough("auto.offset.reset")
+            .unwrap_or(&self.auto_offset_reset);
+        let backlog = if ["earliest", "smallest", "beginning"]
+            .iter()
+            .any(|v| reset.eq_ignore_ascii_case(v))
+        {
+            Backlog::Delivered
+        } else {
+            // latest, largest, end; `error` delivers no backlog either (the group gets an
+            // error), and librdkafka refuses any other value when the client is created.
+            Backlog::Missed
+        };
+        let ordering = if self.producer_keeps_order() {
+            Ordering::PerKey
+        } else {
+            Ordering::None
+        };
+        let auto_commit = self
+            .passthrough_bool("enable.auto.commit")
+            .unwrap_or(self.auto_commit);
+        Capabilities::NONE
+            .with_persistent(true)
+            .with_redelivery_on_nack(true)
+            .with_nack_delay(true)
+            .with_unsettled(Unsettled::RedeliveredFromPosition)
+            .with_consumer_groups(true)
+            .with_durable_groups(auto_commit)
+            .with_ordering(ordering)
+            .with_backlog(backlog)
+            .with_exactly_once_publish(false)
+            .with_headers(true)
+            .with_request_reply(false)
+            .with_max_payload(Some(self.message_max_bytes))
+    }
+
+    /// Whether the producer's retries keep the order of a partition.
+    fn producer_keeps_order(&self) -> bool {
+        let transactional =
+            self.transactional_id.is_some() || self.passthrough("transactional.id").is_some();
+        let idempotent = self
+            .passthrough_bool("enable.idempotence")
+            .unwrap_or(self.idempotent)
+            || transactional;
+        let number = |keys: &[&str]| {
+            keys.iter()
+                .filter_map(|k| self.passthrough(k))
+                .next_back()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        idempotent
+            || number(&["max.in.flight.requests.per.connection", "max.in.flight"])
+                .is_some_and(|n| n <= 1)
+            || number(&["message.send.max.retries", "retries"]) == Some(0)
+    }
+
+    /// The last passthrough value of the librdkafka property `key` (the one that wins).
+    fn passthrough(&self, key: &str) -> Option<&str> {
+        self.extra
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A boolean passthrough property, read as librdkafka reads it (`true`, `t`, `1`;
+    /// `false`, `f`, `0`; case-insensitive); `None` when unset or unreadable (librdkafka then
+    /// refuses the configuration).
+    fn passthrough_bool(&self, key: &str) -> Option<bool> {
+        let v = self.passthrough(key)?;
+        if v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("t") || v == "1" {
+            Some(true)
+        } else if v.eq_ignore_ascii_case("false") || v.eq_ignore_ascii_case("f") || v == "0" {
+            Some(false)
+        } else {
+            None
         }
     }
 
@@ -212,7 +368,8 @@ impl KafkaConfig {
     /// How often consumers report their lag to the `polybus_consumer_lag` gauge (librdkafka
     /// statistics, `statistics.interval.ms`; default 10 s, `Duration::ZERO` turns it off).
     pub fn with_lag_interval(mut self, interval: Duration) -> Self {
-        self.lag_interval = interval;
+        // librdkafka's maximum (a day); longer saturates instead of failing the client.
+        self.lag_interval = interval.min(Duration::from_secs(86_400));
         self
     }
 
@@ -274,14 +431,15 @@ impl KafkaConfig {
     /// Bounds the producer's local queue (`queue.buffering.max.messages`). When it is full a
     /// publish waits for room; nothing is dropped.
     pub fn with_queue_capacity(mut self, messages: usize) -> Self {
-        self.queue_capacity = Some(messages.max(1));
+        self.queue_capacity = Some(messages.clamp(1, 2_147_483_647)); // librdkafka: 1..=i32::MAX
         self
     }
 
     /// How long topic checks and other admin requests wait for a broker before failing with
     /// `Connect` (10 s by default).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        // rdkafka passes timeouts as i32 milliseconds (`as i32`): saturate rather than wrap.
+        self.connect_timeout = timeout.min(Duration::from_millis(2_147_483_647));
         self
     }
 
@@ -289,7 +447,7 @@ impl KafkaConfig {
     /// (`auto.commit.interval.ms`, 1 s by default). They are also committed on revoke and on
     /// close.
     pub fn with_commit_interval(mut self, interval: Duration) -> Self {
-        self.commit_interval = interval;
+        self.commit_interval = interval.min(Duration::from_secs(86_400)); // librdkafka's maximum
         self
     }
 
@@ -306,8 +464,9 @@ impl KafkaConfig {
     /// Consumer `session.timeout.ms` and `heartbeat.interval.ms`; short values make group
     /// changes faster (tests), long ones tolerate pauses.
     pub fn with_session_timeout(mut self, session: Duration, heartbeat: Duration) -> Self {
-        self.session_timeout = Some(session);
-        self.heartbeat_interval = Some(heartbeat);
+        // librdkafka's maximum for both is an hour; longer saturates.
+        self.session_timeout = Some(session.min(Duration::from_secs(3_600)));
+        self.heartbeat_interval = Some(heartbeat.min(Duration::from_secs(3_600)));
         self
     }
 
@@ -595,6 +754,7 @@ impl fmt::Debug for KafkaConfig {
             .field("extra", &extra)
             .field("key_mapper", &self.key_mapper)
             .field("lag_interval", &self.lag_interval)
+            .field("max_in_flight", &self.max_in_flight)
             .finish()
     }
 }
@@ -651,5 +811,155 @@ mod tests {
         let p = KafkaConfig::new("b", "g").producer_client_config();
         assert_eq!(p.get("enable.idempotence"), Some("true"));
         assert_eq!(p.get("message.max.bytes"), Some("1000000"));
+    }
+
+    #[test]
+    fn capabilities_of_the_default_configuration_are_the_constant() {
+        let cfg = KafkaConfig::new("b", "g");
+        let caps = cfg.capabilities();
+        assert_eq!(caps, crate::CAPABILITIES);
+        assert!(
+            !caps.exactly_once_publish,
+            "the idempotent producer does not dedup events"
+        );
+        assert_eq!(caps.backlog, Backlog::Delivered);
+        assert_eq!(caps.ordering, Ordering::PerKey);
+        assert_eq!(caps.unsettled, Unsettled::RedeliveredFromPosition);
+        assert!(caps.persistent && caps.consumer_groups && caps.durable_groups);
+        assert!(caps.redelivery_on_nack && caps.nack_delay && caps.headers);
+        assert!(!caps.request_reply);
+        assert_eq!(caps.max_payload, Some(1_000_000));
+    }
+
+    #[test]
+    fn backlog_follows_auto_offset_reset() {
+        let backlog = |reset: &str| {
+            KafkaConfig::new("b", "g")
+                .with_auto_offset_reset(reset)
+                .capabilities()
+                .backlog
+        };
+        for delivered in ["earliest", "smallest", "beginning", "EARLIEST"] {
+            assert_eq!(backlog(delivered), Backlog::Delivered, "{delivered}");
+        }
+        // `error`: a group without a position gets an error, not the backlog.
+        for missed in ["latest", "largest", "end", "Latest", "error"] {
+            assert_eq!(backlog(missed), Backlog::Missed, "{missed}");
+        }
+        // The passthrough property wins, as it does in the client configuration.
+        let cfg = KafkaConfig::new("b", "g").set("auto.offset.reset", "latest");
+        assert_eq!(
+            cfg.consumer_client_config("g").get("auto.offset.reset"),
+            Some("latest")
+        );
+        assert_eq!(cfg.capabilities().backlog, Backlog::Missed);
+        let cfg = KafkaConfig::new("b", "g")
+            .with_auto_offset_reset("latest")
+            .set("auto.offset.reset", "smallest");
+        assert_eq!(cfg.capabilities().backlog, Backlog::Delivered);
+    }
+
+    #[test]
+    fn max_payload_is_message_max_bytes() {
+        for bytes in [1000, 65_536, 5_000_000] {
+            let cfg = KafkaConfig::new("b", "g").with_message_max_bytes(bytes);
+            assert_eq!(
+                cfg.capabilities().max_payload,
+                Some(cfg.message_max_bytes())
+            );
+            assert_eq!(cfg.capabilities().max_payload, Some(bytes));
+        }
+    }
+
+    #[test]
+    fn order_needs_a_producer_whose_retries_cannot_reorder() {
+        let ordering = |cfg: KafkaConfig| cfg.capabilities().ordering;
+        let plain = KafkaConfig::new("b", "g").with_idempotent_producer(false);
+        assert_eq!(ordering(plain.clone()), Ordering::None);
+        assert_eq!(
+            ordering(plain.clone().with_transactional_id("tx")),
+            Ordering::PerKey
+        );
+        assert_eq!(
+            ordering(plain.clone().set("transactional.id", "tx")),
+            Ordering::PerKey
+        );
+        assert_eq!(
+            ordering(plain.clone().set("enable.idempotence", "true")),
+            Ordering::PerKey
+        );
+        assert_eq!(
+            ordering(plain.clone().set("max.in.flight", "1")),
+            Ordering::PerKey
+        );
+        assert_eq!(
+            ordering(
+                plain
+                    .clone()
+                    .set("max.in.flight.requests.per.connection", "5")
+            ),
+            Ordering::None
+        );
+        assert_eq!(
+            ordering(plain.clone().set("retries", "0")),
+            Ordering::PerKey
+        );
+        assert_eq!(
+            ordering(plain.set("message.send.max.retries", "3")),
+            Ordering::None
+        );
+        // Idempotence turned off through the passthrough counts too.
+        let off = KafkaConfig::new("b", "g").set("enable.idempotence", "f");
+        assert_eq!(
+            off.producer_client_config().get("enable.idempotence"),
+            Some("f")
+        );
+        assert_eq!(ordering(off), Ordering::None);
+        // Neither idempotence nor transactions make publishing the same event twice store it
+        // once.
+        for cfg in [
+            KafkaConfig::new("b", "g"),
+            KafkaConfig::new("b", "g").with_transactional_id("tx"),
+        ] {
+            assert!(!cfg.capabilities().exactly_once_publish);
+        }
+    }
+
+    #[test]
+    fn groups_are_durable_only_while_the_consumer_commits() {
+        let durable = |cfg: KafkaConfig| cfg.capabilities().durable_groups;
+        assert!(durable(KafkaConfig::new("b", "g")));
+        assert!(!durable(KafkaConfig::new("b", "g").with_auto_commit(false)));
+        assert!(!durable(
+            KafkaConfig::new("b", "g").set("enable.auto.commit", "false")
+        ));
+        assert!(durable(
+            KafkaConfig::new("b", "g")
+                .with_auto_commit(false)
+                .set("enable.auto.commit", "True")
+        ));
+        // Consumer groups, nack and the rest do not depend on the configuration.
+        let caps = KafkaConfig::new("b", "g")
+            .with_auto_commit(false)
+            .capabilities();
+        assert!(caps.consumer_groups && caps.redelivery_on_nack && caps.nack_delay);
+        assert_eq!(caps.unsettled, Unsettled::RedeliveredFromPosition);
+    }
+
+    #[test]
+    fn max_in_flight_defaults_to_jetstreams_max_ack_pending() {
+        assert_eq!(KafkaConfig::new("b", "g").max_in_flight(), 1000);
+        assert_eq!(
+            KafkaConfig::new("b", "g")
+                .with_max_in_flight(0)
+                .max_in_flight(),
+            1
+        );
+        assert_eq!(
+            KafkaConfig::new("b", "g")
+                .with_max_in_flight(8)
+                .max_in_flight(),
+            8
+        );
     }
 }

@@ -1,9 +1,9 @@
 //! `KafkaConsumer`: consumer groups with at-least-once delivery (offsets committed only for
 //! what was acknowledged), local nack redelivery, rebalance handling and lag.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,14 +20,13 @@ use rdkafka::consumer::{
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::KafkaConfig;
 use crate::admin::{TopicEnsurer, blocking, validate_topic};
 use crate::convert;
 use crate::error::{BACKEND, closed, from_kafka, kind_of_code};
-use crate::publisher::CAPABILITIES;
 
 /// The lag of one assigned partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +47,9 @@ pub struct PartitionLag {
 // ---------------------------------------------------------------------------------------------
 // Offset tracking: per partition, the offsets delivered and not yet settled. The offset stored
 // for commit is the lowest unsettled offset (or one past the highest delivered), so an
-// unsettled record is never committed past.
+// unsettled record is never committed past. Every offset in `inflight` belongs to a delivery
+// the subscription's `Flight` counts, so the sets together hold at most `max_in_flight`
+// offsets; a revoked partition's state is removed whole.
 
 #[derive(Debug)]
 struct PartState {
@@ -274,12 +275,117 @@ struct Pending {
     offset: i64,
     epoch: u64,
     count: u32,
-    at: Instant,
+}
+
+/// What one subscription has taken from librdkafka and not yet acked or termed: deliveries
+/// the application holds plus those waiting for local redelivery. The reader reads no more
+/// records while `unsettled` is at `max`, so the redelivery queue (a subset) is bounded by
+/// `max` too, and so are the tracker's offset sets. Ackers hold it weakly: once the
+/// subscription is gone, the queue goes with it.
+struct Flight {
+    state: Mutex<FlightState>,
+    /// Wakes the reader when a delivery is settled or handed back. A `Notify` keeps at most
+    /// one permit, so signals need no queue of their own.
+    changed: Notify,
+}
+
+struct FlightState {
+    max: usize,
+    unsettled: usize,
+    seq: u64,
+    /// Local redeliveries by due time (and arrival, for ties).
+    due: BTreeMap<(Instant, u64), Pending>,
+}
+
+/// What the reader does next.
+#[allow(clippy::large_enum_variant)] // one short-lived value per step, moved once
+enum Step {
+    /// Deliver this local redelivery now.
+    Redeliver(Pending),
+    /// Wait for a change, the next redelivery's due time, or (when `read`) a record.
+    Wait { wake: Option<Instant>, read: bool },
+}
+
+impl Flight {
+    fn new(max: usize) -> Arc<Flight> {
+        Arc::new(Flight {
+            state: Mutex::new(FlightState {
+                max: max.max(1),
+                unsettled: 0,
+                seq: 0,
+                due: BTreeMap::new(),
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FlightState> {
+        // Nothing here can leave the state half-written, so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A record was taken from librdkafka and handed out.
+    fn taken(&self) {
+        self.lock().unsettled += 1;
+    }
+
+    /// A delivery was acked or termed, or a waiting redelivery was dropped.
+    fn settled(&self) {
+        {
+            let mut s = self.lock();
+            s.unsettled = s.unsettled.saturating_sub(1);
+        }
+        self.changed.notify_one();
+    }
+
+    /// A delivery was nacked or dropped: it waits for redelivery at `at` (still unsettled).
+    fn hand_back(&self, pending: Pending, at: Instant) {
+        {
+            let mut s = self.lock();
+            s.seq = s.seq.wrapping_add(1);
+            let seq = s.seq;
+            s.due.insert((at, seq), pending);
+        }
+        self.changed.notify_one();
+    }
+
+    fn step(&self, now: Instant) -> Step {
+        let mut s = self.lock();
+        if let Some(entry) = s.due.first_entry()
+            && entry.key().0 <= now
+        {
+            return Step::Redeliver(entry.remove());
+        }
+        Step::Wait {
+            wake: s.due.first_key_value().map(|(k, _)| k.0),
+            read: s.unsettled < s.max,
+        }
+    }
+
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.unsettled, s.due.len())
+    }
+}
+
+/// Settles `offset` in the tracker and stores the offset that is now safe to commit.
+fn settle_offset(core: &Core, topic: &Arc<str>, partition: i32, offset: i64, epoch: u64) {
+    let point = core
+        .tracker
+        .lock()
+        .ok()
+        .and_then(|mut t| t.settled(topic, partition, offset, epoch));
+    if let Some(p) = point {
+        core.store(topic, partition, p);
+    }
 }
 
 struct KafkaAcker {
     core: Weak<Core>,
-    redeliver: mpsc::UnboundedSender<Pending>,
+    flight: Weak<Flight>,
+    /// The event while the delivery is unsettled; `None` once acked, termed or handed back
+    /// (later calls are no-ops).
     event: Option<Event>,
     topic: Arc<str>,
     partition: i32,
@@ -288,21 +394,23 @@ struct KafkaAcker {
     count: u32,
 }
 
+fn subscription_gone() -> Error {
+    closed("the subscription").with_message(
+        "the subscription is closed; the record stays uncommitted and is delivered again",
+    )
+}
+
 impl KafkaAcker {
     fn settle(&mut self) -> Result<()> {
-        self.event = None;
+        if self.event.take().is_none() {
+            return Ok(());
+        }
         let Some(core) = self.core.upgrade() else {
-            return Err(closed("the subscription").with_message(
-                "the subscription is closed; the record stays uncommitted and is delivered again",
-            ));
+            return Err(subscription_gone());
         };
-        let point = core
-            .tracker
-            .lock()
-            .ok()
-            .and_then(|mut t| t.settled(&self.topic, self.partition, self.offset, self.epoch));
-        if let Some(p) = point {
-            core.store(&self.topic, self.partition, p);
+        settle_offset(&core, &self.topic, self.partition, self.offset, self.epoch);
+        if let Some(flight) = self.flight.upgrade() {
+            flight.settled();
         }
         Ok(())
     }
@@ -311,6 +419,9 @@ impl KafkaAcker {
         let Some(event) = self.event.take() else {
             return Ok(());
         };
+        let Some(flight) = self.flight.upgrade() else {
+            return Err(subscription_gone());
+        };
         let pending = Pending {
             event,
             topic: Arc::clone(&self.topic),
@@ -318,13 +429,9 @@ impl KafkaAcker {
             offset: self.offset,
             epoch: self.epoch,
             count: self.count.saturating_add(1),
-            at: polybus_core::time::deadline_after(delay),
         };
-        self.redeliver.send(pending).map_err(|_| {
-            closed("the subscription").with_message(
-                "the subscription is closed; the record stays uncommitted and is delivered again",
-            )
-        })
+        flight.hand_back(pending, polybus_core::time::deadline_after(delay));
+        Ok(())
     }
 }
 
@@ -402,42 +509,16 @@ struct Reader {
     core: Arc<Core>,
     topics: Vec<String>,
     subscribed: bool,
-    tx: mpsc::UnboundedSender<Pending>,
-    rx: mpsc::UnboundedReceiver<Pending>,
-    waiting: Vec<Pending>,
+    flight: Arc<Flight>,
 }
 
 impl Reader {
-    fn new(core: Arc<Core>, topics: Vec<String>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+    fn new(core: Arc<Core>, topics: Vec<String>, max_in_flight: usize) -> Self {
         Reader {
             core,
             topics,
             subscribed: false,
-            tx,
-            rx,
-            waiting: Vec::new(),
-        }
-    }
-
-    fn acker(
-        &self,
-        event: Option<Event>,
-        topic: Arc<str>,
-        partition: i32,
-        offset: i64,
-        epoch: u64,
-        count: u32,
-    ) -> KafkaAcker {
-        KafkaAcker {
-            core: Arc::downgrade(&self.core),
-            redeliver: self.tx.clone(),
-            event,
-            topic,
-            partition,
-            offset,
-            epoch,
-            count,
+            flight: Flight::new(max_in_flight),
         }
     }
 
@@ -450,15 +531,17 @@ impl Reader {
         epoch: u64,
         count: u32,
     ) -> Delivery {
-        let acker = self.acker(
-            Some(event.clone()),
-            Arc::clone(&topic),
+        let acker = KafkaAcker {
+            core: Arc::downgrade(&self.core),
+            flight: Arc::downgrade(&self.flight),
+            event: Some(event.clone()),
+            topic: Arc::clone(&topic),
             partition,
             offset,
             epoch,
             count,
-        );
-        let mut d = Delivery::new(event, Arc::clone(&topic), acker)
+        };
+        let mut d = Delivery::new(event, topic, acker)
             .with_partition(partition)
             .with_delivery_count(count);
         if let Ok(o) = u64::try_from(offset) {
@@ -468,7 +551,8 @@ impl Reader {
     }
 
     /// The next delivery. Cancel-safe: a message taken from librdkafka is returned in the
-    /// same poll.
+    /// same poll. At `max_in_flight` unsettled deliveries it reads nothing from librdkafka
+    /// and waits for a settlement or a due redelivery.
     async fn next(&mut self) -> Option<Result<Delivery>> {
         if !self.subscribed {
             if let Err(e) = self.core.subscribe(&self.topics).await {
@@ -478,35 +562,30 @@ impl Reader {
         }
         loop {
             // Due local redeliveries first, in the order they became due.
-            let now = Instant::now();
-            if let Some(i) = self
-                .waiting
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.at <= now)
-                .min_by_key(|(_, p)| p.at)
-                .map(|(i, _)| i)
-            {
-                let p = self.waiting.swap_remove(i);
-                let current = self
-                    .core
-                    .tracker
-                    .lock()
-                    .map(|t| t.is_current(&p.topic, p.partition, p.epoch))
-                    .unwrap_or(false);
-                if current {
-                    return Some(Ok(self.delivery(
-                        p.event,
-                        p.topic,
-                        p.partition,
-                        p.offset,
-                        p.epoch,
-                        p.count,
-                    )));
+            let (wake, read) = match self.flight.step(Instant::now()) {
+                Step::Redeliver(p) => {
+                    let current = self
+                        .core
+                        .tracker
+                        .lock()
+                        .map(|t| t.is_current(&p.topic, p.partition, p.epoch))
+                        .unwrap_or(false);
+                    if current {
+                        return Some(Ok(self.delivery(
+                            p.event,
+                            p.topic,
+                            p.partition,
+                            p.offset,
+                            p.epoch,
+                            p.count,
+                        )));
+                    }
+                    // Revoked meanwhile: the new owner delivers it; it no longer counts here.
+                    self.flight.settled();
+                    continue;
                 }
-                continue; // revoked meanwhile: the new owner delivers it
-            }
-            let wake = self.waiting.iter().map(|p| p.at).min();
+                Step::Wait { wake, read } => (wake, read),
+            };
             let core = Arc::clone(&self.core);
             let native = match core.native() {
                 Ok(n) => n,
@@ -514,21 +593,23 @@ impl Reader {
             };
             tokio::select! {
                 biased;
-                Some(p) = self.rx.recv() => self.waiting.push(p),
+                () = self.flight.changed.notified() => {}
                 () = sleep_until_opt(wake) => {}
-                msg = native.recv() => match msg {
+                msg = native.recv(), if read => match msg {
                     Ok(m) => {
                         let topic: Arc<str> = Arc::from(m.topic());
                         let (partition, offset) = (m.partition(), m.offset());
                         let epoch = self.core.tracker.lock().map(|mut t| t.delivered(&topic, partition, offset)).unwrap_or(0);
                         match convert::decode(&m) {
-                            Ok(ev) => return Some(Ok(self.delivery(ev, topic, partition, offset, epoch, 1))),
+                            Ok(ev) => {
+                                self.flight.taken();
+                                return Some(Ok(self.delivery(ev, topic, partition, offset, epoch, 1)));
+                            }
                             Err(e) => {
                                 // A record that claims to be a CloudEvent but is malformed: it is
                                 // reported once and committed past (it can never be decoded).
                                 self.core.telemetry.decode_failed(&e);
-                                let mut a = self.acker(None, topic, partition, offset, epoch, 1);
-                                let _ = a.settle();
+                                settle_offset(&self.core, &topic, partition, offset, epoch);
                                 return Some(Err(e.with_message(format!("record at {}/{partition}@{offset} is not a valid CloudEvent", m.topic()))));
                             }
                         }
@@ -700,6 +781,7 @@ impl KafkaConsumer {
         c.seed = Some(Reader::new(
             core,
             topics.iter().map(|t| (*t).to_owned()).collect(),
+            c.cfg.max_in_flight(),
         ));
         Ok(c)
     }
@@ -734,9 +816,11 @@ impl KafkaConsumer {
         &self.group
     }
 
-    /// The semantics of this backend.
+    /// What this consumer's configuration guarantees
+    /// ([`KafkaConfig::capabilities`]): the backlog follows `auto.offset.reset`,
+    /// `max_payload` is `message.max.bytes`, and so on.
     pub fn capabilities(&self) -> Capabilities {
-        CAPABILITIES.with_max_payload(Some(self.cfg.message_max_bytes()))
+        self.cfg.capabilities()
     }
 
     /// Per-partition lag of the seed subscription (the partitions assigned to it now).
@@ -785,12 +869,9 @@ impl KafkaConsumer {
     /// As [`commit`](Self::commit).
     pub async fn close(&mut self) -> Result<()> {
         let r = self.commit().await;
-        if let Some(reader) = self.seed.take() {
-            let core = reader.core;
-            drop(reader.rx);
-            // The last reference closes the member on the blocking pool (see Core::drop).
-            drop(core);
-        }
+        // The last reference to the core closes the member on the blocking pool (see
+        // Core::drop); the redelivery queue goes with the reader.
+        drop(self.seed.take());
         self.pending_topics.clear();
         r
     }
@@ -801,7 +882,11 @@ impl KafkaConsumer {
                 return Err(closed("the consumer (no subscription)"));
             }
             let core = Core::new(&self.cfg, &self.group)?;
-            self.seed = Some(Reader::new(core, std::mem::take(&mut self.pending_topics)));
+            self.seed = Some(Reader::new(
+                core,
+                std::mem::take(&mut self.pending_topics),
+                self.cfg.max_in_flight(),
+            ));
         }
         self.seed
             .as_mut()
@@ -817,7 +902,11 @@ impl Consumer for KafkaConsumer {
             return failed(e);
         }
         match Core::new(&self.cfg, &self.group) {
-            Ok(core) => stream_of(Reader::new(core, vec![topic.to_owned()])),
+            Ok(core) => stream_of(Reader::new(
+                core,
+                vec![topic.to_owned()],
+                self.cfg.max_in_flight(),
+            )),
             Err(e) => failed(e),
         }
     }
@@ -850,5 +939,88 @@ impl MessageConsumer for KafkaConsumer {
             Some(r) => r,
             None => Err(closed("the consumer")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(offset: i64) -> Pending {
+        Pending {
+            event: Event::new(offset.to_string()),
+            topic: Arc::from("t"),
+            partition: 0,
+            offset,
+            epoch: 1,
+            count: 2,
+        }
+    }
+
+    fn read(step: Step) -> bool {
+        match step {
+            Step::Wait { read, .. } => read,
+            Step::Redeliver(p) => panic!("unexpected redelivery of {}", p.offset),
+        }
+    }
+
+    #[test]
+    fn flight_stops_reading_at_the_limit_and_resumes_after_a_settlement() {
+        let f = Flight::new(3);
+        let now = Instant::now();
+        for _ in 0..3 {
+            assert!(read(f.step(now)));
+            f.taken();
+        }
+        assert!(!read(f.step(now)), "a 4th record was read with 3 unsettled");
+        f.settled();
+        assert!(read(f.step(now)));
+        assert_eq!(f.counts(), (2, 0));
+    }
+
+    #[test]
+    fn handed_back_deliveries_still_count_and_come_back_by_due_time() {
+        let f = Flight::new(3);
+        let now = Instant::now();
+        for _ in 0..3 {
+            f.taken();
+        }
+        // Handed back in another order than they are due; ties keep arrival order.
+        f.hand_back(pending(30), now + Duration::from_secs(30));
+        f.hand_back(pending(10), now + Duration::from_secs(10));
+        f.hand_back(pending(11), now + Duration::from_secs(10));
+        assert_eq!(f.counts(), (3, 3));
+        match f.step(now) {
+            Step::Wait { wake, read } => {
+                assert!(!read, "a nacked delivery is still unsettled");
+                assert_eq!(wake, Some(now + Duration::from_secs(10)));
+            }
+            Step::Redeliver(p) => panic!("{} is not due yet", p.offset),
+        }
+        let later = now + Duration::from_secs(60);
+        let mut order = Vec::new();
+        while let Step::Redeliver(p) = f.step(later) {
+            order.push(p.offset);
+        }
+        assert_eq!(order, [10, 11, 30]);
+        assert_eq!(f.counts(), (3, 0));
+    }
+
+    #[test]
+    fn tracker_holds_only_unsettled_offsets() {
+        let mut t = Tracker::default();
+        let topic: Arc<str> = Arc::from("t");
+        // 1,000 rounds of deliver-and-settle leave nothing behind.
+        for offset in 0..1000 {
+            let epoch = t.delivered(&topic, 0, offset);
+            assert_eq!(t.settled(&topic, 0, offset, epoch), Some(offset + 1));
+        }
+        let held: usize = t.parts.values().map(|p| p.inflight.len()).sum();
+        assert_eq!(held, 0);
+        // An unsettled offset holds the commit point back; settling it releases it.
+        let e = t.delivered(&topic, 0, 1000);
+        t.delivered(&topic, 0, 1001);
+        assert_eq!(t.settled(&topic, 0, 1001, e), None);
+        assert_eq!(t.settled(&topic, 0, 1000, e), Some(1002));
     }
 }

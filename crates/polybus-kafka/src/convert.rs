@@ -118,9 +118,33 @@ pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded
     })
 }
 
+/// Where a record sits in the log: what names a record written by a plain Kafka client.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    pub(crate) topic: &'a str,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+}
+
+impl Origin<'_> {
+    /// The id of a record without CloudEvents attributes: `kafka:<topic>:<partition>:<offset>`,
+    /// the same for every copy of the record (a redelivery, another group, a replay), so
+    /// consumer-side dedup works for it too. Topic names are `[a-zA-Z0-9._-]`, so the id has
+    /// no control characters and no `:` besides the separators.
+    pub(crate) fn id(&self) -> String {
+        format!("kafka:{}:{}:{}", self.topic, self.partition, self.offset)
+    }
+
+    /// The source of such a record: `kafka:<topic>`.
+    pub(crate) fn source(&self) -> String {
+        format!("kafka:{}", self.topic)
+    }
+}
+
 /// Decodes a received record into an event. A record without `ce_specversion` (written by a
-/// plain Kafka client) becomes an event with a fresh id, the record timestamp as its time and
-/// every header kept as a plain header.
+/// plain Kafka client) becomes an event with the id and source of its position
+/// ([`Origin::id`], [`Origin::source`]), the record timestamp as its time and every header
+/// kept as a plain header.
 pub(crate) fn decode(msg: &BorrowedMessage<'_>) -> Result<Event> {
     let payload = Bytes::copy_from_slice(msg.payload().unwrap_or_default());
     let key = msg.key().map(Bytes::copy_from_slice);
@@ -128,17 +152,24 @@ pub(crate) fn decode(msg: &BorrowedMessage<'_>) -> Result<Event> {
         .headers()
         .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
         .unwrap_or_default();
-    decode_parts(payload, key, &headers, msg.timestamp().to_millis())
+    let origin = Origin {
+        topic: msg.topic(),
+        partition: msg.partition(),
+        offset: msg.offset(),
+    };
+    decode_parts(payload, key, &headers, msg.timestamp().to_millis(), &origin)
 }
 
 /// Decodes a record from its parts. CloudEvents headers (`ce_*`, `content-type`) must be UTF-8
 /// as the binding requires (a `Codec` error otherwise); other headers that are not UTF-8 are
-/// kept with U+FFFD in place of the invalid bytes.
+/// kept with U+FFFD in place of the invalid bytes. A record that is not a CloudEvent (no
+/// `ce_specversion`, not structured) is named by `origin`.
 pub(crate) fn decode_parts(
     payload: Bytes,
     key: Option<Bytes>,
     headers: &[(&str, Option<&[u8]>)],
     timestamp_ms: Option<i64>,
+    origin: &Origin<'_>,
 ) -> Result<Event> {
     let strict = |name: &str, value: Option<&[u8]>| -> Result<String> {
         std::str::from_utf8(value.unwrap_or_default())
@@ -173,10 +204,11 @@ pub(crate) fn decode_parts(
         return Ok(ev);
     }
     let mut dec = BinaryDecoder::new();
-    let mut has_time = false;
+    let (mut has_time, mut cloudevent) = (false, false);
     for (n, v) in headers {
         if let Some(attr) = n.strip_prefix(CE_PREFIX) {
             has_time |= attr == "time";
+            cloudevent |= attr == "specversion";
             dec.attribute(attr, strict(n, *v)?);
         } else if n.eq_ignore_ascii_case(CONTENT_TYPE) {
             dec.content_type(strict(n, *v)?);
@@ -188,7 +220,16 @@ pub(crate) fn decode_parts(
         dec.key(k);
     }
     let mut ev = dec.finish(payload, BACKEND)?;
-    if !has_time && let Some(ms) = timestamp_ms.and_then(|ms| u64::try_from(ms).ok()) {
+    if !cloudevent {
+        // A plain producer's record: the decoder gave it a fresh id, which a redelivered copy
+        // would not share. Its position names it instead.
+        ev.set_id(origin.id());
+        ev.set_source(origin.source());
+    }
+    // A plain record's `ce_time`, if any, is not an attribute: the record time is its time.
+    if (!has_time || !cloudevent)
+        && let Some(ms) = timestamp_ms.and_then(|ms| u64::try_from(ms).ok())
+    {
         ev.set_time(UNIX_EPOCH + Duration::from_millis(ms));
     }
     Ok(ev)
@@ -215,6 +256,12 @@ mod tests {
             })
             .collect()
     }
+
+    const AT: Origin<'static> = Origin {
+        topic: "orders.v1",
+        partition: 2,
+        offset: 41,
+    };
 
     fn raw(h: &[(String, String)]) -> Vec<(&str, Option<&[u8]>)> {
         h.iter()
@@ -273,7 +320,7 @@ mod tests {
         assert_eq!(enc.size, counted + 2 + ev.data().len());
 
         let hv = raw(&h);
-        let back = decode_parts(enc.value.clone(), enc.key.clone(), &hv, None).unwrap();
+        let back = decode_parts(enc.value.clone(), enc.key.clone(), &hv, None, &AT).unwrap();
         assert_eq!(back.id(), "id-1");
         assert_eq!(back.kind(), "order.created");
         assert_eq!(back.key(), Some(&b"k1"[..]));
@@ -289,7 +336,7 @@ mod tests {
         let h = names(&enc.headers);
         assert!(h.contains(&("content-type".into(), "application/cloudevents+json".into())));
         let hv = raw(&h);
-        let back = decode_parts(enc.value.clone(), enc.key.clone(), &hv, None).unwrap();
+        let back = decode_parts(enc.value.clone(), enc.key.clone(), &hv, None, &AT).unwrap();
         assert_eq!(back.id(), "id-1");
         assert_eq!(back.data(), ev.data());
         assert_eq!(back.headers().get("X-Req"), Some("r"));
@@ -303,12 +350,57 @@ mod tests {
             Some(Bytes::from_static(b"k")),
             &[("trace", Some(&b"1"[..]))],
             Some(1_700_000_000_000),
+            &AT,
         )
         .unwrap();
         assert_eq!(ev.data(), &Bytes::from_static(b"raw"));
         assert_eq!(ev.key(), Some(&b"k"[..]));
         assert_eq!(ev.headers().get("trace"), Some("1"));
         assert_eq!(millis(ev.time()), Some(1_700_000_000_000));
+    }
+
+    #[test]
+    fn raw_records_are_named_by_their_position_every_time() {
+        let decode = |at: &Origin<'_>| {
+            decode_parts(
+                Bytes::from_static(b"raw"),
+                None,
+                &[("ce_time", Some(&b"not a time"[..]))],
+                Some(1_700_000_000_000),
+                at,
+            )
+            .unwrap()
+        };
+        let first = decode(&AT);
+        assert_eq!(first.id(), "kafka:orders.v1:2:41");
+        assert_eq!(first.source(), "kafka:orders.v1");
+        assert!(first.has_source());
+        first.validate().unwrap();
+        // The same record decoded again (a redelivery, another group) is the same event.
+        let again = decode(&AT);
+        assert_eq!(again.id(), first.id());
+        assert_eq!(again.dedup_key(), first.dedup_key());
+        // The record time wins over a plain record's `ce_time` header.
+        assert_eq!(millis(first.time()), Some(1_700_000_000_000));
+        // Another offset, partition or topic is another event.
+        for other in [
+            Origin { offset: 42, ..AT },
+            Origin { partition: 1, ..AT },
+            Origin {
+                topic: "orders.v2",
+                ..AT
+            },
+        ] {
+            assert_ne!(decode(&other).dedup_key(), first.dedup_key(), "{other:?}");
+        }
+        // A CloudEvent keeps its own id and source, binary or structured.
+        let ev = sample();
+        for mode in [Mode::Binary, Mode::Structured] {
+            let enc = encode(&ev, mode, &KeyMapper::EventKey).unwrap();
+            let h = names(&enc.headers);
+            let back = decode_parts(enc.value.clone(), None, &raw(&h), None, &AT).unwrap();
+            assert_eq!((back.id(), back.source()), ("id-1", "urn:t"), "{mode:?}");
+        }
     }
 
     mod props {
@@ -344,8 +436,8 @@ mod tests {
                 prop_assert_eq!(enc.value.as_ptr(), sent.data().as_ptr(), "value not copied");
             }
             let h = names(&enc.headers);
-            let got =
-                decode_parts(enc.value.clone(), enc.key.clone(), &raw(&h), None).expect("decodes");
+            let got = decode_parts(enc.value.clone(), enc.key.clone(), &raw(&h), None, &AT)
+                .expect("decodes");
             // The record key is the event key; the data is the same bytes in both modes.
             assert_same(sent, &got, false)
         }
@@ -397,7 +489,7 @@ mod tests {
             ) {
                 let h: Vec<(&str, Option<&[u8]>)> =
                     headers.iter().map(|(n, v)| (n.as_str(), v.as_deref())).collect();
-                let _ = decode_parts(Bytes::from(value), key.map(Bytes::from), &h, ts);
+                let _ = decode_parts(Bytes::from(value), key.map(Bytes::from), &h, ts, &AT);
             }
         }
 
@@ -409,11 +501,11 @@ mod tests {
                 ("ce_source", Some(b"s")),
                 ("ce_type", Some(b"t")),
             ];
-            let e = decode_parts(Bytes::new(), None, &h, None).unwrap_err();
+            let e = decode_parts(Bytes::new(), None, &h, None, &AT).unwrap_err();
             assert_eq!(e.kind(), polybus_core::ErrorKind::Codec);
             // A plain header keeps its text with U+FFFD.
             let h: Vec<(&str, Option<&[u8]>)> = vec![("x", Some(b"a\xffb"))];
-            let ev = decode_parts(Bytes::new(), None, &h, None).unwrap();
+            let ev = decode_parts(Bytes::new(), None, &h, None, &AT).unwrap();
             assert_eq!(ev.headers().get("x"), Some("a\u{fffd}b"));
         }
     }

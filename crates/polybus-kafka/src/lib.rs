@@ -35,13 +35,25 @@
 //! | | |
 //! |---|---|
 //! | publish | idempotent producer (no duplicates or reordering from retries), acknowledged by the partition leader; a full local queue makes `publish` wait, never drop |
+//! | duplicate publish | not deduplicated: the idempotent producer only keeps its *own* retries from duplicating, so the same event (same id) published twice is stored and delivered twice; `exactly_once_publish` is `false`. Deduplicate on the consumer side (`source` + `id`) |
 //! | consume | at-least-once: an offset is committed only once every earlier delivered record of its partition was acked (or termed) |
+//! | in flight | at most [`KafkaConfig::with_max_in_flight`] deliveries (1000 by default) of one subscription are unsettled, nacked ones waiting for redelivery included; at the limit `next` waits instead of reading more |
 //! | nack | local redelivery after the delay, with `delivery_count` + 1; the offset stays uncommitted meanwhile, so a crash or rebalance also redelivers it |
 //! | term | Kafka cannot delete a record: commits past it like `ack` |
-//! | dropped unsettled delivery | handed back to the subscription and redelivered (best effort); [`CAPABILITIES`] says [`Unsettled::RedeliveredFromPosition`](polybus_core::Unsettled::RedeliveredFromPosition): once the subscription is gone, a record acked *after* an unsettled one on the same partition is redelivered too (Kafka commits one offset per partition) |
+//! | dropped unsettled delivery | handed back to the subscription and redelivered (best effort); the capabilities say [`Unsettled::RedeliveredFromPosition`](polybus_core::Unsettled::RedeliveredFromPosition): once the subscription is gone, a record acked *after* an unsettled one on the same partition is redelivered too (Kafka commits one offset per partition) |
 //! | order | per partition, so per key; a nacked record comes back after later ones |
 //! | groups | durable consumer groups; a new group starts at `auto.offset.reset` (`earliest` by default here) |
+//! | records of plain producers | a record without CloudEvents headers gets the id `kafka:<topic>:<partition>:<offset>` and the source `kafka:<topic>`, so every copy of it has the same id (see docs/WIRE-FORMAT.md) |
 //! | rebalance | acked offsets are committed on revoke; settling a revoked partition's delivery is a no-op; the new owner resumes from the committed offset |
+//!
+//! # Capabilities
+//!
+//! [`KafkaConfig::capabilities`] derives what a configuration guarantees (the consumer's and
+//! producer's `capabilities()` return it): the backlog follows `auto.offset.reset`
+//! (`earliest` delivers it, `latest` and `error` do not), per-key order needs the idempotent
+//! producer (or no pipelined retries), durable groups need the consumer to commit
+//! (`with_auto_commit`), `max_payload` is `message.max.bytes`. `exactly_once_publish` is always
+//! `false`, see above. [`CAPABILITIES`] is the answer for the default configuration.
 //!
 //! # Topics
 //!
@@ -74,7 +86,7 @@ mod publisher;
 mod transaction;
 
 pub use admin::{KafkaAdmin, MAX_TOPIC_LEN, validate_topic};
-pub use config::{KafkaConfig, KeyFn, KeyMapper, SaslMechanism};
+pub use config::{DEFAULT_MAX_IN_FLIGHT, KafkaConfig, KeyFn, KeyMapper, SaslMechanism};
 pub use consumer::{KafkaConsumer, KafkaStream, PartitionLag};
 pub use publisher::{CAPABILITIES, KafkaProducer};
 pub use transaction::{KafkaTransactionalProducer, next_offsets};

@@ -17,7 +17,16 @@ use crate::admin::{TopicEnsurer, blocking, validate_topic};
 use crate::convert::{self, Encoded};
 use crate::error::{BACKEND, closed, from_kafka};
 
-/// What the Kafka adapter guarantees (see the crate docs for the reasoning).
+/// What producers and consumers of the default configuration
+/// ([`KafkaConfig::new`](crate::KafkaConfig::new) with nothing changed) guarantee, as a
+/// constant. A given configuration can differ (`auto.offset.reset = latest` misses the
+/// backlog, a producer without idempotence may reorder, another `message.max.bytes`...):
+/// [`KafkaConfig::capabilities`](crate::KafkaConfig::capabilities) derives them, and
+/// [`KafkaProducer::capabilities`] and [`KafkaConsumer::capabilities`](crate::KafkaConsumer::capabilities)
+/// return those of their configuration.
+///
+/// `exactly_once_publish` is `false`: the idempotent producer only keeps its own retries from
+/// duplicating a record; the same event published twice is stored twice.
 pub const CAPABILITIES: Capabilities = Capabilities::NONE
     .with_persistent(true)
     .with_redelivery_on_nack(true)
@@ -27,9 +36,10 @@ pub const CAPABILITIES: Capabilities = Capabilities::NONE
     .with_durable_groups(true)
     .with_ordering(Ordering::PerKey)
     .with_backlog(Backlog::Delivered)
-    .with_exactly_once_publish(true)
+    .with_exactly_once_publish(false)
     .with_headers(true)
-    .with_request_reply(false);
+    .with_request_reply(false)
+    .with_max_payload(Some(crate::config::DEFAULT_MESSAGE_MAX_BYTES));
 
 /// Publishes events to Kafka topics.
 ///
@@ -63,6 +73,7 @@ struct Inner {
     mode: Mode,
     source: Option<Cow<'static, str>>,
     max_bytes: usize,
+    capabilities: Capabilities,
     brokers: String,
     key_mapper: crate::config::KeyMapper,
     telemetry: polybus_core::telemetry::Telemetry,
@@ -103,6 +114,7 @@ impl KafkaProducer {
                 mode: cfg.mode(),
                 source: cfg.source().cloned(),
                 max_bytes: cfg.message_max_bytes(),
+                capabilities: cfg.capabilities(),
                 brokers: cfg.brokers().to_owned(),
                 key_mapper: cfg.key_mapper().clone(),
                 telemetry: polybus_core::telemetry::Telemetry::new(BACKEND),
@@ -115,9 +127,10 @@ impl KafkaProducer {
         &self.inner.producer
     }
 
-    /// The semantics of this backend.
+    /// What this producer's configuration guarantees
+    /// ([`KafkaConfig::capabilities`](crate::KafkaConfig::capabilities)).
     pub fn capabilities(&self) -> Capabilities {
-        CAPABILITIES.with_max_payload(Some(self.inner.max_bytes))
+        self.inner.capabilities
     }
 
     /// Publishes `event` to `topic` and waits for the broker's acknowledgement.
