@@ -344,10 +344,21 @@ where
     /// * [`ErrorKind::InvalidTopic`] if `subject` is not a concrete subject or maps to no
     ///   legal Kafka topic; [`ErrorKind::Codec`] for an invalid event;
     /// * [`ErrorKind::Rejected`] when the spool is full under the `reject` policy;
-    /// * the NATS publisher's error, or a spool error. As with any broker, an error does not
-    ///   prove the event went nowhere: the other write may have succeeded (a spooled event
-    ///   still reaches Kafka). Publishing the same [`Event`] again is safe: JetStream, the
-    ///   spool's forwarded keys and consumers all dedup by `source` + `id`.
+    /// * the NATS publisher's error: while nats-server is down, [`ErrorKind::Timeout`] (or
+    ///   [`ErrorKind::Connect`]) once the JetStream publish timeout has passed
+    ///   ([`JsOptions::publish_timeout`](polybus_jetstream::JsOptions::publish_timeout),
+    ///   default 10 s: the client keeps the message and reconnects in the background, so the
+    ///   call waits that long rather than failing at once); [`ErrorKind::NotFound`] when no
+    ///   stream covers the subject (`StreamPolicy::Existing`); [`ErrorKind::Rejected`] when
+    ///   the stream refuses the message;
+    /// * a spool error.
+    ///
+    /// A failed JetStream publish does not undo the spool write, which runs to its end all
+    /// the same: the call fails, yet the event is spooled and **still reaches Kafka**. A
+    /// publish that timed out may also still reach JetStream once the client has reconnected.
+    /// So an error means "not acknowledged", not "went nowhere". Publishing the same
+    /// [`Event`] again is safe: JetStream dedups it by `Nats-Msg-Id`, the spool's forwarded
+    /// keys keep Kafka at one copy, and consumers dedup by `source` + `id`.
     pub async fn publish(&self, subject: &str, payload: impl IntoEvent) -> Result<BusReceipt> {
         let mut event = payload.into_event();
         event.set_source_if_unset(&self.inner.source);

@@ -25,6 +25,12 @@
 //! mapped Kafka topic (idempotent producer) and delete them from the spool once Kafka
 //! acknowledges, so at any time every acknowledged event is in Kafka or in the spool.
 //!
+//! * **NATS fails**: the publish fails with a typed error and is not acknowledged (NATS down:
+//!   `Timeout` after the JetStream publish timeout, 10 s by default; no stream covers the
+//!   subject: `NotFound`; the stream refuses: `Rejected`), but the spool write is not undone:
+//!   the event still reaches Kafka, and publishing it again adds no copy (see
+//!   [`Bus::publish`]). Once the client has reconnected, publishes acknowledge again, with
+//!   nothing to restart.
 //! * **Order**: events with the same key share a bucket and are forwarded in spool order.
 //! * **Restart**: the spool is replayed first: forwarders start at its oldest entries.
 //! * **Bounded**: the spool holds at most [`SpoolConfig::capacity`] events; when full a
