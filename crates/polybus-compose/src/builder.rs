@@ -307,9 +307,10 @@ impl BusBuilder {
         self
     }
 
-    /// Deliveries a subscription buffers ahead of the caller (default 256).
+    /// Deliveries a subscription buffers ahead of the caller (default 256; at least 1, at most
+    /// [`tokio::sync::Semaphore::MAX_PERMITS`], the bound of a channel).
     pub fn consume_buffer(mut self, n: usize) -> Self {
-        self.parts.consume_buffer = n.max(1);
+        self.parts.consume_buffer = n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 

@@ -160,7 +160,7 @@ pub(crate) async fn run<K: Publisher + 'static>(
         // Refill from the spool, in sequence order.
         if pending.len() < window {
             let reader = sh.spool.reader();
-            let (from, want) = (cursor, 2 * window - pending.len());
+            let (from, want) = (cursor, window.saturating_mul(2) - pending.len());
             match tokio::task::spawn_blocking(move || reader.read_bucket(bucket, from, want)).await
             {
                 Ok(Ok(entries)) => {

@@ -129,7 +129,11 @@ impl RetryPolicy {
         let base = base.min(max);
         let factor = 1.0 + self.jitter * (2.0 * unit.clamp(0.0, 1.0) - 1.0);
         let secs = (base * factor).clamp(0.0, max);
-        Duration::try_from_secs_f64(secs).unwrap_or(self.max_backoff)
+        // `as_secs_f64` rounds: a result a hair over the maximum (or beyond `Duration`) is the
+        // maximum.
+        Duration::try_from_secs_f64(secs)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff)
     }
 }
 

@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, Context, stream};
 use polybus_core::{Error, ErrorKind, Result};
 use polybus_nats::NatsConnection;
 
-use crate::config::{ConsumerSettings, JsOptions, StreamPolicy, StreamSettings};
+use crate::config::{ConsumerSettings, JsOptions, StreamPolicy, StreamSettings, server_duration};
 use crate::error::{self, BACKEND};
 use crate::kv::KvBucket;
 use crate::object::ObjectBucket;
@@ -322,11 +322,13 @@ impl JetStream {
     }
 
     /// Opens the key-value bucket of `config.bucket`, creating it with `config` if it does not
-    /// exist.
+    /// exist. A `max_age` longer than the server takes (about 292 years) saturates.
     ///
     /// # Errors
     /// As for [`kv`](Self::kv).
-    pub async fn kv_with(&self, config: jetstream::kv::Config) -> Result<KvBucket> {
+    pub async fn kv_with(&self, mut config: jetstream::kv::Config) -> Result<KvBucket> {
+        config.max_age = server_duration(config.max_age);
+        config.limit_markers = config.limit_markers.map(server_duration);
         KvBucket::open(&self.inner.ctx, config).await
     }
 
@@ -383,8 +385,8 @@ fn stream_config(name: &str, subjects: &[&str], s: &StreamSettings) -> stream::C
         subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
         retention: s.retention,
         storage: s.storage,
-        duplicate_window: s.duplicate_window,
-        max_age: s.max_age,
+        duplicate_window: server_duration(s.duplicate_window),
+        max_age: server_duration(s.max_age),
         max_messages: s.max_messages,
         max_bytes: s.max_bytes,
         num_replicas: s.replicas,
@@ -402,15 +404,15 @@ pub(crate) fn consumer_config(
         name: durable.map(str::to_owned),
         deliver_policy: s.deliver_policy,
         ack_policy: AckPolicy::Explicit,
-        ack_wait: s.ack_wait,
+        ack_wait: server_duration(s.ack_wait),
         max_deliver: s.max_deliver,
-        backoff: s.backoff.clone(),
+        backoff: s.backoff.iter().copied().map(server_duration).collect(),
         max_ack_pending: s.max_ack_pending,
         filter_subject: filter.unwrap_or_default().to_owned(),
         inactive_threshold: if durable.is_some() {
             std::time::Duration::ZERO
         } else {
-            s.inactive_threshold
+            server_duration(s.inactive_threshold)
         },
         ..Default::default()
     }

@@ -13,6 +13,15 @@ use polybus_nats::NatsOptions;
 
 use crate::{JetStream, JsConsumer, JsProducer};
 
+/// The longest duration the server takes: Go's `time.Duration` is nanoseconds in an `i64`
+/// (about 292 years). The client writes `as_nanos() as i64`, so anything longer would wrap.
+pub(crate) const MAX_SERVER_DURATION: Duration = Duration::from_nanos(i64::MAX as u64);
+
+/// `d`, saturated to what the server takes ([`MAX_SERVER_DURATION`]).
+pub(crate) fn server_duration(d: Duration) -> Duration {
+    d.min(MAX_SERVER_DURATION)
+}
+
 /// Where the stream holding a topic comes from when the generic [`Publisher`] and [`Consumer`]
 /// traits are used with arbitrary topics.
 ///
@@ -81,14 +90,15 @@ impl StreamSettings {
         self.storage = v;
         self
     }
-    /// Sets [`duplicate_window`](Self::duplicate_window).
+    /// Sets [`duplicate_window`](Self::duplicate_window) (at most about 292 years, the server's
+    /// limit; longer saturates).
     pub fn duplicate_window(mut self, v: Duration) -> Self {
-        self.duplicate_window = v;
+        self.duplicate_window = server_duration(v);
         self
     }
-    /// Sets [`max_age`](Self::max_age).
+    /// Sets [`max_age`](Self::max_age) (at most about 292 years; longer saturates).
     pub fn max_age(mut self, v: Duration) -> Self {
-        self.max_age = v;
+        self.max_age = server_duration(v);
         self
     }
     /// Sets [`max_messages`](Self::max_messages).
@@ -156,9 +166,9 @@ impl Default for ConsumerSettings {
 }
 
 impl ConsumerSettings {
-    /// Sets [`ack_wait`](Self::ack_wait).
+    /// Sets [`ack_wait`](Self::ack_wait) (at most about 292 years; longer saturates).
     pub fn ack_wait(mut self, v: Duration) -> Self {
-        self.ack_wait = v;
+        self.ack_wait = server_duration(v);
         self
     }
     /// Sets [`max_deliver`](Self::max_deliver).
@@ -166,9 +176,9 @@ impl ConsumerSettings {
         self.max_deliver = v;
         self
     }
-    /// Sets [`backoff`](Self::backoff).
+    /// Sets [`backoff`](Self::backoff) (each delay at most about 292 years; longer saturates).
     pub fn backoff(mut self, v: Vec<Duration>) -> Self {
-        self.backoff = v;
+        self.backoff = v.into_iter().map(server_duration).collect();
         self
     }
     /// Sets [`max_ack_pending`](Self::max_ack_pending).
@@ -186,14 +196,15 @@ impl ConsumerSettings {
         self.fetch_batch = v.max(1);
         self
     }
-    /// Sets [`fetch_expiry`](Self::fetch_expiry) (at least 10 ms).
+    /// Sets [`fetch_expiry`](Self::fetch_expiry) (at least 10 ms, at most about 292 years).
     pub fn fetch_expiry(mut self, v: Duration) -> Self {
-        self.fetch_expiry = v.max(Duration::from_millis(10));
+        self.fetch_expiry = server_duration(v.max(Duration::from_millis(10)));
         self
     }
-    /// Sets [`inactive_threshold`](Self::inactive_threshold).
+    /// Sets [`inactive_threshold`](Self::inactive_threshold) (at most about 292 years; longer
+    /// saturates).
     pub fn inactive_threshold(mut self, v: Duration) -> Self {
-        self.inactive_threshold = v;
+        self.inactive_threshold = server_duration(v);
         self
     }
     /// Sets [`confirm_acks`](Self::confirm_acks).

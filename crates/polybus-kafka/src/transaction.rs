@@ -72,7 +72,8 @@ impl KafkaTransactionalProducer {
     /// Sets how long the blocking transaction calls may take (at least the connect timeout,
     /// 10 s by default).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        // rdkafka passes it as i32 milliseconds (`as i32`): saturate rather than wrap.
+        self.timeout = timeout.min(Duration::from_millis(2_147_483_647));
         self
     }
 

@@ -266,7 +266,8 @@ impl NatsOptions {
     }
 
     /// Messages buffered per subscription before the client drops new ones as a slow consumer
-    /// (counted and logged, see [`NatsConnection::slow_consumer_drops`]). Default 65 536.
+    /// (counted and logged, see [`NatsConnection::slow_consumer_drops`]). Default 65 536; at
+    /// least 1 and at most [`tokio::sync::Semaphore::MAX_PERMITS`] (the client's channel bound).
     ///
     /// ```no_run
     /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
@@ -274,7 +275,7 @@ impl NatsOptions {
     /// # Ok(()) }
     /// ```
     pub fn subscription_capacity(mut self, capacity: usize) -> Self {
-        self.subscription_capacity = capacity.max(1);
+        self.subscription_capacity = capacity.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 
