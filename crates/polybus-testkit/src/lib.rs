@@ -25,13 +25,14 @@ mod config {
     pub(crate) const HOST: &str = "127.0.0.1";
 }
 mod memory;
+pub mod mutation;
 #[cfg(feature = "proptest")]
 pub mod strategies;
 pub mod suite;
 pub mod support;
 pub mod tls;
 
-pub use fixture::Fixture;
+pub use fixture::{Fixture, PrivateBroker, Restart};
 pub use memory::MemoryFixture;
 
 /// Generates one `#[tokio::test]` per scenario of [`suite`] for the fixture `$fixture` (an
@@ -50,7 +51,8 @@ macro_rules! conformance {
             consumer_group_balance per_key_order concurrent_close flush_on_close_loses_nothing
             use_after_close_errors late_subscriber_backlog oversized_payload_rejected
             invalid_topic_rejected publish_json_sets_content_type boxed_backends_work
-            spawned_tasks_work capabilities_match_the_backend
+            spawned_tasks_work capabilities_match_the_backend persistent_across_broker_restart
+            duplicate_publish_stored_once request_reply_as_declared
         }
     };
 }

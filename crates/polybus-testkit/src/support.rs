@@ -57,10 +57,13 @@ pub async fn with_member<F: Fixture, R>(
 }
 
 impl<C: Consumer> Sub<'_, C> {
-    /// The next delivery within `within`; `Ok(None)` on timeout or end of stream.
+    /// The next delivery within `within`; `Ok(None)` on timeout. A subscription that ends is
+    /// an error: no scenario expects its stream to end, and a quiet check must not pass on a
+    /// stream that can no longer deliver anything.
     pub async fn next_within(&mut self, within: Duration) -> Result<Option<Delivery>> {
         match tokio::time::timeout(within, self.stream.next()).await {
-            Err(_) | Ok(None) => Ok(None),
+            Err(_) => Ok(None),
+            Ok(None) => bail!("the subscription ended"),
             Ok(Some(item)) => Ok(Some(item.context("subscription yielded an error")?)),
         }
     }
@@ -109,6 +112,35 @@ impl<C: Consumer> Sub<'_, C> {
         Ok(events)
     }
 
+    /// Receives and acks until `ids` have all been seen, failing on any event that is not one
+    /// of them (an event of another topic or test); duplicates of `ids` are tolerated. Returns
+    /// the events in arrival order without duplicates.
+    pub async fn collect_exact(&mut self, ids: &HashSet<String>) -> Result<Vec<Event>> {
+        let mut seen = HashSet::new();
+        let mut events = Vec::new();
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        while seen.len() < ids.len() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(d) = self.next_within(left).await? else {
+                bail!(
+                    "received {} of {} expected events within {:?}",
+                    seen.len(),
+                    ids.len(),
+                    self.timeout
+                );
+            };
+            let ev = d.event().clone();
+            d.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+            if !ids.contains(ev.id()) {
+                bail!("a foreign event arrived: {ev:?}");
+            }
+            if seen.insert(ev.id().to_owned()) {
+                events.push(ev);
+            }
+        }
+        Ok(events)
+    }
+
     /// Receives `n` deliveries (each within the receive timeout, or an error naming `what`)
     /// and nacks each without delay.
     pub async fn nack_next(&mut self, n: usize, what: &str) -> Result<()> {
@@ -118,7 +150,8 @@ impl<C: Consumer> Sub<'_, C> {
         Ok(())
     }
 
-    /// Asserts that nothing arrives during the fixture's quiet period.
+    /// Asserts that nothing arrives during the fixture's quiet period (and that the
+    /// subscription is still open).
     pub async fn expect_quiet(&mut self, why: &str) -> Result<()> {
         if let Some(d) = self.next_within(self.quiet).await? {
             bail!("{why}: unexpected delivery of {} ({:?})", d.event().id(), d);

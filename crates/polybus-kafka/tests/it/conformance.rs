@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use polybus_core::{Capabilities, Result};
 use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
-use polybus_testkit::Fixture;
+use polybus_testkit::brokers::{BrokerProcess, TansuStorage};
+use polybus_testkit::{Fixture, PrivateBroker};
 
 use crate::common::{brokers, test_config};
 
@@ -38,6 +39,16 @@ impl Fixture for KafkaFixture {
             Some(g) => KafkaConsumer::new(&self.cfg.clone().with_group_id(g)),
             None => KafkaConsumer::new_anonymous(&self.cfg),
         }
+    }
+    async fn private_broker(&self) -> anyhow::Result<PrivateBroker<Self>> {
+        let broker = BrokerProcess::tansu(TansuStorage::Sqlite).await?;
+        let fixture = KafkaFixture {
+            cfg: test_config(&broker.url(), "unused"),
+        };
+        Ok(PrivateBroker {
+            fixture,
+            broker: Box::new(broker),
+        })
     }
     fn subscribe_settle(&self) -> Duration {
         Duration::from_secs(3)

@@ -3,19 +3,30 @@
 use std::time::Duration;
 
 use polybus_core::{Capabilities, Result};
-use polybus_mqtt::{MqttProducer, MqttSubscriber, Protocol};
-use polybus_testkit::Fixture;
+use polybus_mqtt::{MqttConfig, MqttProducer, MqttSubscriber, Protocol};
+use polybus_testkit::brokers::BrokerProcess;
+use polybus_testkit::{Fixture, PrivateBroker};
 
 use crate::support;
 
 /// A fresh connection per publisher and per consumer, clean sessions.
 pub(crate) struct MqttFixture {
     protocol: Protocol,
+    port: u16,
 }
 
 impl MqttFixture {
     pub(crate) fn new(protocol: Protocol) -> Self {
-        MqttFixture { protocol }
+        MqttFixture {
+            protocol,
+            port: support::broker().1,
+        }
+    }
+
+    fn config(&self, what: &str) -> MqttConfig {
+        MqttConfig::new("127.0.0.1", self.port, support::client_id(what))
+            .connect_timeout(Duration::from_secs(5))
+            .protocol(self.protocol)
     }
 }
 
@@ -31,25 +42,29 @@ impl Fixture for MqttFixture {
     }
 
     fn capabilities(&self) -> Capabilities {
-        support::config("caps")
-            .protocol(self.protocol)
-            .capabilities()
+        self.config("caps").capabilities()
     }
 
     async fn publisher(&self) -> Result<MqttProducer> {
-        let client = support::config("pub")
-            .protocol(self.protocol)
-            .connect()
-            .await?;
+        let client = self.config("pub").connect().await?;
         Ok(client.producer())
     }
 
     async fn consumer(&self, group: Option<&str>) -> Result<MqttSubscriber> {
-        let client = support::config("sub")
-            .protocol(self.protocol)
-            .connect()
-            .await?;
+        let client = self.config("sub").connect().await?;
         Ok(client.subscriber(group))
+    }
+
+    async fn private_broker(&self) -> anyhow::Result<PrivateBroker<Self>> {
+        let broker = BrokerProcess::mosquitto("").await?;
+        let fixture = MqttFixture {
+            protocol: self.protocol,
+            port: broker.port(),
+        };
+        Ok(PrivateBroker {
+            fixture,
+            broker: Box::new(broker),
+        })
     }
 
     fn topic(&self) -> String {

@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
-use polybus_core::{Capabilities, Consumer, Result};
+use futures_util::StreamExt as _;
+use polybus_core::{Capabilities, Consumer, Event, Result};
 use polybus_nats::{NatsConsumer, NatsOptions, NatsProducer};
-use polybus_testkit::Fixture;
+use polybus_testkit::brokers::BrokerProcess;
+use polybus_testkit::{Fixture, PrivateBroker};
 
 pub(crate) struct NatsFixture {
     url: String,
@@ -13,7 +15,10 @@ pub(crate) struct NatsFixture {
 
 impl NatsFixture {
     pub(crate) async fn new() -> anyhow::Result<Self> {
-        let url = crate::nats_url();
+        Self::on(crate::nats_url()).await
+    }
+
+    async fn on(url: String) -> anyhow::Result<Self> {
         let probe = NatsConsumer::connect(&url).await?;
         let caps = probe.capabilities();
         probe.close().await?;
@@ -43,6 +48,36 @@ impl Fixture for NatsFixture {
             opts = opts.queue_group(g);
         }
         opts.consumer().await
+    }
+
+    async fn private_broker(&self) -> anyhow::Result<PrivateBroker<Self>> {
+        let broker = BrokerProcess::nats("").await?;
+        let fixture = NatsFixture::on(broker.url()).await?;
+        Ok(PrivateBroker {
+            fixture,
+            broker: Box::new(broker),
+        })
+    }
+
+    async fn request_echo(&self, topic: &str, request: Event) -> Result<Event> {
+        let responder = NatsConsumer::connect(&self.url).await?;
+        let mut requests = Box::pin(responder.serve(topic));
+        let serving = tokio::spawn(async move {
+            while let Some(req) = requests.next().await {
+                let req = req?;
+                let echo = Event::new(req.event().data().clone());
+                req.respond(echo).await?;
+            }
+            Result::<()>::Ok(())
+        });
+        // The subscription opens on the task's first poll; give it the settle time.
+        tokio::time::sleep(self.subscribe_settle()).await;
+        let reply = NatsProducer::connect(&self.url)
+            .await?
+            .request(topic, request)
+            .await;
+        serving.abort();
+        reply
     }
 
     fn topic(&self) -> String {
