@@ -11,6 +11,7 @@ mod ci;
 mod config;
 mod demo;
 mod install;
+mod mutations;
 mod probe;
 mod process;
 mod test;
@@ -44,6 +45,9 @@ Commands:
   bench micro [ARGS...]     the criterion micro-benches (cargo bench -p polybus-benches)
   ci                        what CI runs: fmt, clippy, test, docs; stops the brokers it started
   demo [ARGS...]            cargo run -p polybus-examples --example demo -- [ARGS]
+  mutations [MUTATION...]   run every backend's conformance scenarios once per declared
+                            capability changed (POLYBUS_CAPS_MUTATION); prints which scenarios
+                            failed and fails if a change went unnoticed (~40 min)
   help                      this text
 
 Brokers (loopback only, ports overridable):
@@ -83,6 +87,7 @@ fn run() -> Result<()> {
             ci::run(&sh)
         }
         "demo" => demo::run(&sh, &rest),
+        "mutations" => mutations::run(&sh, &rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             Ok(())

@@ -460,10 +460,10 @@ pub async fn term_is_not_redelivered<F: Fixture>(f: &F) -> Result<()> {
 /// Acking a later event does not consume an earlier unsettled one (RustStream settlement:
 /// out-of-order settlement is safe). A member gets two events, acks the second, drops the
 /// first and leaves; the next member of the group gets what the declaration says:
-/// * [`Unsettled::Redelivered`]: the first again, and the acked second never;
-/// * [`Unsettled::RedeliveredFromPosition`]: the first again, and the second too (the group
-///   resumes from the first's position);
-/// * [`Unsettled::Lost`]: nothing.
+/// * with [`Unsettled::Redelivered`], the first again, and the acked second never;
+/// * with [`Unsettled::RedeliveredFromPosition`], the first again, and the second too (the
+///   group resumes from the first's position);
+/// * with [`Unsettled::Lost`], nothing.
 pub async fn out_of_order_ack_is_safe<F: Fixture>(f: &F) -> Result<()> {
     let caps = declared(f)?;
     if !caps.consumer_groups {
