@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::pull::{Batch, BatchError};
 use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer};
-use async_nats::jetstream::message::{AckKind, Acker as NatsAcker};
+use async_nats::jetstream::message::{AckKind, Acker as NatsAcker, Info};
 use async_nats::jetstream::stream::StorageType;
 use futures_core::Stream;
 use futures_util::StreamExt as _;
@@ -386,7 +386,10 @@ impl JsSubscription {
     fn pull_request(&self) -> Option<BoxFuture<'static, Result<Batch, BatchError>>> {
         let pull = self.pull.clone()?;
         let settings = &self.js.options().consumer;
-        let (batch, expiry) = (settings.fetch_batch, settings.fetch_expiry);
+        let (batch, expiry) = (
+            settings.fetch_batch,
+            crate::config::server_duration(settings.fetch_expiry),
+        );
         Some(Box::pin(async move {
             pull.batch()
                 .max_messages(batch)
@@ -436,21 +439,27 @@ impl JsSubscription {
     }
 
     fn delivery(&self, msg: async_nats::jetstream::Message) -> Result<Delivery> {
-        let (sequence, delivered) = msg
-            .info()
-            .map(|i| (Some(i.stream_sequence), i.delivered))
-            .unwrap_or((None, 1));
+        let info = msg.info().ok();
+        let (sequence, delivered) = info
+            .as_ref()
+            .map_or((None, 1), |i| (Some(i.stream_sequence), i.delivered));
+        // The payload is reference counted: cloning it copies nothing.
+        let decoded = polybus_nats::decode_event_with(
+            msg.headers.as_ref(),
+            msg.payload.clone(),
+            BACKEND,
+            |event| foreign_identity(event, info.as_ref()),
+        );
         let (message, acker) = msg.split();
-        let mut event =
-            match polybus_nats::decode_event(message.headers.as_ref(), message.payload, BACKEND) {
-                Ok(event) => event,
-                Err(e) => {
-                    // The acker drops here unsettled: the server redelivers after `ack_wait`
-                    // until `max_deliver`, as for any message the application cannot take.
-                    self.js.telemetry().decode_failed(&e);
-                    return Err(e);
-                }
-            };
+        let mut event = match decoded {
+            Ok(event) => event,
+            Err(e) => {
+                // The acker drops here unsettled: the server redelivers after `ack_wait`
+                // until `max_deliver`, as for any message the application cannot take.
+                self.js.telemetry().decode_failed(&e);
+                return Err(e);
+            }
+        };
         event.headers_mut().remove(MSG_ID_HEADER);
         let acker = JsAcker {
             acker: Some(acker),
@@ -464,6 +473,39 @@ impl JsSubscription {
         }
         Ok(self.js.telemetry().delivered(d))
     }
+}
+
+/// Gives an event decoded from a message that was not a CloudEvent (a plain NATS publisher
+/// wrote it) an identity that every delivery of the stored message shares, instead of the
+/// fresh UUIDv7 and receive time of a plain event:
+///
+/// * id: the publisher's `Nats-Msg-Id` when it set one (the id JetStream deduplicates by, as
+///   polybus's own event id is), otherwise `jetstream:<stream>:<stream sequence>`;
+/// * time: when the stream stored the message.
+///
+/// Without ack metadata (a message that did not come from a JetStream consumer) the event
+/// keeps the plain-event identity.
+fn foreign_identity(event: &mut polybus_core::Event, info: Option<&Info<'_>>) {
+    let msg_id = event
+        .headers()
+        .get(MSG_ID_HEADER)
+        .filter(|id| !id.is_empty() && !id.chars().any(char::is_control))
+        .map(str::to_owned);
+    if let Some(id) = msg_id {
+        event.set_id(id);
+    } else if let Some(info) = info {
+        event.set_id(stored_message_id(info.stream, info.stream_sequence));
+    }
+    if let Some(info) = info {
+        event.set_time(info.published.into());
+    }
+}
+
+/// The id of a foreign message stored in `stream` at sequence `seq`. Stream names hold no
+/// whitespace, `.`, `*`, `>` or path separators, and the server refuses control characters,
+/// so the id is a valid event id and `:` cannot occur inside the stream part.
+fn stored_message_id(stream: &str, seq: u64) -> String {
+    format!("jetstream:{stream}:{seq}")
 }
 
 impl Stream for JsSubscription {
@@ -635,7 +677,7 @@ impl Acker for JsAcker {
     }
 
     fn nack(&mut self, delay: Duration) -> AckFuture<'_> {
-        let delay = (!delay.is_zero()).then_some(delay);
+        let delay = (!delay.is_zero()).then_some(crate::config::server_duration(delay));
         self.settle(AckKind::Nak(delay), "nak", false)
     }
 

@@ -13,7 +13,8 @@
 //! On receive the mode is detected as the binding says: a `Content-Type` starting with
 //! `application/cloudevents` means structured, anything else binary. A message without
 //! `ce-specversion` was not written as a CloudEvent and becomes a plain event (fresh id,
-//! default kind and source) with every header kept.
+//! default kind and source) with every header kept; [`decode_event_with`] lets the caller
+//! give such an event what the broker knows about the message (JetStream: a stable id).
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -310,8 +311,38 @@ pub fn decode_event(
     payload: Bytes,
     backend: &'static str,
 ) -> Result<Event> {
+    decode_event_with(headers, payload, backend, |_| {})
+}
+
+/// [`decode_event`], then `foreign` on the event when the message was not a CloudEvent (no
+/// `ce-specversion` header and not structured mode: a plain NATS publisher sent it). Such an
+/// event has a fresh UUIDv7 id, the receive time and default source and kind; `foreign` can
+/// replace them with what the broker knows about the message, such as a JetStream stream
+/// sequence, so that every delivery of the same stored message gets the same id.
+///
+/// # Errors
+/// As [`decode_event`].
+///
+/// ```
+/// use bytes::Bytes;
+///
+/// let ev = polybus_nats::decode_event_with(None, Bytes::from_static(b"raw"), "nats", |ev| {
+///     ev.set_id("orders:42")
+/// })?;
+/// assert_eq!(ev.id(), "orders:42");
+/// assert_eq!(ev.data(), b"raw".as_slice());
+/// # Ok::<(), polybus_core::Error>(())
+/// ```
+pub fn decode_event_with(
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    backend: &'static str,
+    foreign: impl FnOnce(&mut Event),
+) -> Result<Event> {
     let Some(headers) = headers.filter(|h| !h.is_empty()) else {
-        return BinaryDecoder::new().finish(payload, backend);
+        let mut event = BinaryDecoder::new().finish(payload, backend)?;
+        foreign(&mut event);
+        return Ok(event);
     };
     let content_type = headers
         .iter()
@@ -332,6 +363,7 @@ pub fn decode_event(
         return Ok(event);
     }
     let mut dec = BinaryDecoder::new();
+    let mut cloudevent = false;
     for (name, values) in headers.iter() {
         let name: &str = name.as_ref();
         if has_ce_prefix(name) {
@@ -351,6 +383,7 @@ pub fn decode_event(
                 })?;
                 dec.attribute(&attr, value);
             }
+            cloudevent |= attr == "specversion";
         } else if name.eq_ignore_ascii_case(CONTENT_TYPE) {
             if let Some(v) = values.first() {
                 dec.content_type(v.as_str());
@@ -361,7 +394,11 @@ pub fn decode_event(
             }
         }
     }
-    dec.finish(payload, backend)
+    let mut event = dec.finish(payload, backend)?;
+    if !cloudevent {
+        foreign(&mut event);
+    }
+    Ok(event)
 }
 
 /// Percent-encodes a header value as the CloudEvents NATS binding requires: space, `"`, `%`
@@ -737,6 +774,32 @@ mod tests {
         let ev = decode_event(Some(&h), Bytes::new(), "nats").unwrap();
         assert_eq!(ev.headers().get("x-any"), Some("1"));
         assert_eq!(ev.content_type(), Some("application/json"));
+    }
+
+    #[test]
+    fn the_foreign_hook_runs_for_plain_messages_only() {
+        let stamp = |ev: &mut Event| ev.set_id("stream:7");
+        let ev = decode_event_with(None, Bytes::from_static(b"raw"), "nats", stamp).unwrap();
+        assert_eq!(ev.id(), "stream:7");
+        let mut plain = HeaderMap::new();
+        plain.insert("X-Any", "1");
+        plain.insert("ce-not-a-cloudevent", "without specversion");
+        let ev = decode_event_with(Some(&plain), Bytes::new(), "nats", stamp).unwrap();
+        assert_eq!(ev.id(), "stream:7");
+        assert_eq!(ev.headers().get("x-any"), Some("1"));
+        let sent = sample();
+        for mode in [Mode::Binary, Mode::Structured] {
+            let (h, payload) = encode_event(&sent, mode, "nats").unwrap();
+            let ev = decode_event_with(Some(&h), payload, "nats", stamp).unwrap();
+            assert_eq!(ev.id(), sent.id(), "{mode:?}");
+        }
+        let mut upper = HeaderMap::new();
+        upper.insert("CE-SpecVersion", "1.0");
+        upper.insert("ce-id", "theirs");
+        upper.insert("ce-source", "s");
+        upper.insert("ce-type", "t");
+        let ev = decode_event_with(Some(&upper), Bytes::new(), "nats", stamp).unwrap();
+        assert_eq!(ev.id(), "theirs");
     }
 
     #[test]

@@ -71,7 +71,8 @@ mod subject;
 pub use config::{NatsConnection, NatsOptions};
 pub use consumer::{CAPABILITIES, NatsConsumer, NatsRequest, NatsRequests, NatsSubscription};
 pub use convert::{
-    CE_PREFIX, CONTENT_TYPE, Encoder, decode_event, encode_event, percent_decode, percent_encode,
+    CE_PREFIX, CONTENT_TYPE, Encoder, decode_event, decode_event_with, encode_event,
+    percent_decode, percent_encode,
 };
 pub use publisher::{NatsProducer, check_size};
 pub use subject::{

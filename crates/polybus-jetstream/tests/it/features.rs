@@ -278,3 +278,78 @@ async fn message_consumer_subscribe_misses_nothing_with_deliver_new() -> anyhow:
     d.ack().await?;
     Ok(())
 }
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn foreign_messages_get_a_stable_id_from_the_stream() -> anyhow::Result<()> {
+    let url = crate::nats_url();
+    let js = per_topic(&url).connect().await?;
+    let t = topic();
+    // A polybus event first: it creates the stream and keeps its own id.
+    let ours = Event::new("ours");
+    js.producer().publish(&t, ours.clone()).await?;
+
+    // Plain async-nats publishers: no CloudEvents headers at all, and only a Nats-Msg-Id.
+    let raw = async_nats::jetstream::new(async_nats::connect(&url).await?);
+    let bare = raw.publish(t.clone(), "bare".into()).await?.await?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "order-17");
+    let with_id = raw
+        .publish_with_headers(t.clone(), headers, "with id".into())
+        .await?
+        .await?;
+    assert_eq!(bare.stream, with_id.stream);
+    assert_eq!(with_id.sequence, bare.sequence + 1);
+
+    let c = js.consumer(Some("foreign-ids"));
+    let mut s = std::pin::pin!(c.subscribe(&t));
+    let d = next(&mut s, Duration::from_secs(10)).await.expect("ours");
+    assert_eq!(d.event().id(), ours.id(), "a CloudEvent keeps its id");
+    d.ack().await?;
+
+    let first = next(&mut s, Duration::from_secs(10)).await.expect("bare");
+    assert_eq!(first.payload(), b"bare");
+    assert_eq!(first.sequence(), Some(bare.sequence));
+    let expected = format!("jetstream:{}:{}", bare.stream, bare.sequence);
+    assert_eq!(first.event().id(), expected);
+    let stored_at = first.event().time();
+    let age = std::time::SystemTime::now()
+        .duration_since(stored_at)
+        .unwrap_or_default();
+    assert!(age < Duration::from_secs(60), "stored {age:?} ago");
+    let nacked_at = std::time::SystemTime::now();
+    first.nack(Duration::ZERO).await?;
+
+    // The redelivery of the same stored message: same id, same time.
+    let again = loop {
+        let d = next(&mut s, Duration::from_secs(10))
+            .await
+            .expect("the nacked message again");
+        if d.payload() == b"bare" {
+            break d;
+        }
+        // The message with a Nats-Msg-Id may come first; settle it later.
+        assert_eq!(d.event().id(), "order-17");
+        d.nack(Duration::ZERO).await?;
+    };
+    assert_eq!(again.delivery_count(), 2);
+    assert_eq!(again.event().id(), expected);
+    assert_eq!(again.event().time(), stored_at);
+    assert!(
+        again.event().time() < nacked_at,
+        "the store time, not the receive time"
+    );
+    again.ack().await?;
+
+    // The publisher's Nats-Msg-Id is the id, as polybus's own event id is.
+    let d = next(&mut s, Duration::from_secs(10))
+        .await
+        .expect("with a Nats-Msg-Id");
+    assert_eq!(d.payload(), b"with id");
+    assert_eq!(d.event().id(), "order-17");
+    assert_eq!(d.sequence(), Some(with_id.sequence));
+    assert!(d.event().headers().get("Nats-Msg-Id").is_none());
+    d.ack().await?;
+    assert!(next(&mut s, Duration::from_millis(500)).await.is_none());
+    Ok(())
+}
