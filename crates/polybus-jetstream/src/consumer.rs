@@ -502,8 +502,8 @@ fn foreign_identity(event: &mut polybus_core::Event, info: Option<&Info<'_>>) {
 }
 
 /// The id of a foreign message stored in `stream` at sequence `seq`. Stream names hold no
-/// whitespace, `.`, `*`, `>` or path separators, and the server refuses control characters,
-/// so the id is a valid event id and `:` cannot occur inside the stream part.
+/// whitespace or non-printable characters, so the id is a valid event id; a name may hold
+/// `:`, but the sequence is always what follows the last one.
 fn stored_message_id(stream: &str, seq: u64) -> String {
     format!("jetstream:{stream}:{seq}")
 }

@@ -32,6 +32,10 @@
 //! persistent with file storage, deduplicated on publish within the duplicate window, ordered
 //! per stream for a single subscriber.
 //!
+//! A stored message without CloudEvents headers (from a plain NATS publisher) is delivered
+//! with an id that every redelivery shares: its `Nats-Msg-Id` when the publisher set one,
+//! otherwise `jetstream:<stream>:<stream sequence>`; its time is when the stream stored it.
+//!
 //! ```no_run
 //! use futures_util::StreamExt;
 //! use polybus_core::{Consumer, Event, Publisher};

@@ -37,6 +37,9 @@
 //!   `+` and `#`.
 //! * A payload over the maximum packet size (less 16 KiB for topic and properties) fails with
 //!   [`ErrorKind::PayloadTooLarge`](polybus_core::ErrorKind::PayloadTooLarge) before sending.
+//!   With MQTT 5 the broker's Maximum Packet Size (CONNACK) counts too when it is smaller,
+//!   and the connection's `capabilities().max_payload` says so; MQTT 3.1.1 brokers announce
+//!   no limit (see [`MqttConfig::max_packet_size`]).
 //!
 //! # Wire format
 //!
@@ -46,7 +49,10 @@
 //! are further User Properties and the payload is the event data, untouched. MQTT 3.1.1 has
 //! no properties, so events travel as structured JSON CloudEvents. Received messages are
 //! decoded by mode; a message from a plain MQTT client becomes an event around its payload
-//! with its User Properties as headers.
+//! with its User Properties as headers, and a fresh id each time it is received: MQTT gives
+//! a message no identity (packet ids belong to one session and are reused, and a
+//! redelivery after a reconnect is a new PUBLISH), so deduplicating such messages needs a
+//! key of the application's own, in a User Property or the payload.
 //!
 //! # Example
 //!

@@ -24,7 +24,10 @@
 //!
 //! The CloudEvents NATS binding: binary mode by default (`ce-` headers, percent-encoded
 //! values, `Content-Type`), structured mode on request; see [`encode_event`] and
-//! [`decode_event`]. Subjects are checked before anything is sent
+//! [`decode_event`]. A message without CloudEvents headers (from a plain NATS publisher)
+//! becomes an event with a fresh UUIDv7 id for each subscriber that receives it: core NATS
+//! keeps nothing and gives a message no identity to derive a stable id from (and never
+//! redelivers it). Subjects are checked before anything is sent
 //! ([`validate_publish_subject`], [`validate_subscribe_subject`]), and so is the size of each
 //! message against the server's `max_payload`.
 //!
