@@ -341,3 +341,99 @@ async fn polybus_reads_cloudevents_sdk_binary_mode() -> anyhow::Result<()> {
 async fn polybus_reads_cloudevents_sdk_structured_mode() -> anyhow::Result<()> {
     polybus_reads_sdk("write-structured").await
 }
+
+/// Records from a bare rdkafka producer (no headers at all) get the id
+/// `kafka:<topic>:<partition>:<offset>` and the source `kafka:<topic>`, the same each time the
+/// record is decoded: by a second member of the group after the first left without acking,
+/// and by another group. So consumer-side dedup (`source` + `id`) recognises the copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn records_without_cloudevents_headers_keep_one_id_across_redeliveries() -> anyhow::Result<()>
+{
+    use polybus_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+    use std::collections::BTreeMap;
+
+    const N: usize = 6;
+    let group = topic("raw-id-g");
+    let cfg = test_config(&brokers(), &group);
+    let t = topic("raw-id");
+    KafkaAdmin::new(&cfg)?.ensure_topic(&t).await?;
+    let raw: FutureProducer = cfg.producer_client_config().create()?;
+    for i in 0..N {
+        let payload = format!("plain-{i}");
+        let key = format!("k{i}");
+        raw.send(
+            FutureRecord::to(&t).payload(&payload).key(&key),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    }
+
+    // Reads every record once in a fresh member of `group`: payload -> (id, source, dedup
+    // key); checks each id against the record's own coordinates.
+    let read = |group: String, ack: bool| {
+        let cfg = test_config(&brokers(), &group);
+        let t = t.clone();
+        async move {
+            let consumer = KafkaConsumer::new(&cfg)?;
+            let mut s = consumer.subscribe(&t);
+            let mut got = BTreeMap::new();
+            // Unacked deliveries are held until the member leaves (dropped, one would come
+            // straight back to this member).
+            let mut held = Vec::new();
+            while got.len() < N {
+                let d = tokio::time::timeout(Duration::from_secs(30), s.next())
+                    .await
+                    .context("no delivery within 30 s")?
+                    .context("the stream ended")??;
+                let ev = d.event();
+                let (partition, offset) = (
+                    d.partition().context("no partition")?,
+                    d.sequence().context("no offset")?,
+                );
+                ensure!(
+                    ev.id() == format!("kafka:{t}:{partition}:{offset}"),
+                    "id {:?} of the record at {partition}@{offset}",
+                    ev.id()
+                );
+                ensure!(
+                    ev.source() == format!("kafka:{t}"),
+                    "source {:?}",
+                    ev.source()
+                );
+                ev.validate()?;
+                got.insert(
+                    String::from_utf8_lossy(d.payload()).into_owned(),
+                    (ev.id().to_owned(), ev.dedup_key()),
+                );
+                if ack {
+                    d.ack().await?;
+                } else {
+                    held.push(d);
+                }
+            }
+            drop(s);
+            drop(held);
+            anyhow::Ok(got)
+        }
+    };
+
+    // The first member never acks, so the group's next member gets the records again from
+    // the broker (decoded anew), as after a crash.
+    let first = read(group.clone(), false).await?;
+    let second = read(group.clone(), true).await?;
+    let other_group = read(topic("raw-id-other"), true).await?;
+    ensure!(first.len() == N, "{first:?}");
+    ensure!(
+        first == second,
+        "redelivered copies differ: {first:?} vs {second:?}"
+    );
+    ensure!(
+        first == other_group,
+        "another group's copies differ: {first:?} vs {other_group:?}"
+    );
+    let ids: std::collections::HashSet<_> = first.values().map(|(id, _)| id).collect();
+    ensure!(ids.len() == N, "two records share an id: {first:?}");
+    Ok(())
+}

@@ -5,6 +5,7 @@
 mod common;
 mod conformance;
 mod errors;
+mod flow;
 mod hostile;
 mod interop;
 mod resilience;
