@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use polybus::{Consumer, Delivery, ErrorKind, Event, MemoryBroker, MemoryConfig, Publisher};
+use proptest::prelude::*;
+
 // The adapter crates directly (dev-dependencies), so this runs without the facade's features.
-use polybus::{
-    Consumer, Delivery, ErrorKind, Event, MemoryBroker, MemoryConfig, Publisher, PublisherExt,
-};
 use polybus_compose::{
     Bus, Dedup, DedupKey, DedupStore, MemoryDedupStore, RedriveOptions, RetryPolicy, SpoolConfig,
 };
@@ -21,7 +21,6 @@ use polybus_jetstream::{ConsumerSettings, JsOptions, StreamSettings};
 use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, KafkaTransactionalProducer};
 use polybus_mqtt::{MqttConfig, Protocol};
 use polybus_nats::NatsOptions;
-use proptest::prelude::*;
 
 /// Go's `time.Duration` (nanoseconds in an `i64`): the longest duration a NATS server takes.
 const NATS_MAX: Duration = Duration::from_nanos(i64::MAX as u64);
