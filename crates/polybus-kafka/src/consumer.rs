@@ -727,6 +727,13 @@ async fn lag(core: Arc<Core>) -> Result<Vec<PartitionLag>> {
 /// handed back the same way. After a rebalance, settling a record of a revoked partition is a
 /// harmless no-op and the new owner resumes from the committed offset.
 ///
+/// Flow control: a subscription keeps at most
+/// [`max_in_flight`](KafkaConfig::with_max_in_flight) deliveries unsettled (1000 by default),
+/// counting nacked and dropped ones until they are redelivered and settled. At the limit,
+/// `next` reads nothing more from librdkafka and waits for an `ack` or `term`, or for a
+/// handed-back delivery to be due again. Local redeliveries wait in a queue ordered by due
+/// time, bounded by the same limit.
+///
 /// ```no_run
 /// use polybus_core::mq::{MessageConsumer, MessageProducer};
 /// use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
