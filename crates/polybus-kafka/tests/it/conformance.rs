@@ -29,7 +29,7 @@ impl Fixture for KafkaFixture {
         "kafka"
     }
     fn capabilities(&self) -> Capabilities {
-        polybus_kafka::CAPABILITIES.with_max_payload(Some(self.cfg.message_max_bytes()))
+        self.cfg.capabilities()
     }
     async fn publisher(&self) -> Result<KafkaProducer> {
         KafkaProducer::new_with_config(&self.cfg)
