@@ -481,6 +481,8 @@ impl JsSubscription {
 ///
 /// * id: the publisher's `Nats-Msg-Id` when it set one (the id JetStream deduplicates by, as
 ///   polybus's own event id is), otherwise `jetstream:<stream>:<stream sequence>`;
+/// * source: `jetstream:<stream>`, since a `Nats-Msg-Id` is unique only within its stream
+///   (the dedup key is source and id);
 /// * time: when the stream stored the message.
 ///
 /// Without ack metadata (a message that did not come from a JetStream consumer) the event
@@ -497,6 +499,7 @@ fn foreign_identity(event: &mut polybus_core::Event, info: Option<&Info<'_>>) {
         event.set_id(stored_message_id(info.stream, info.stream_sequence));
     }
     if let Some(info) = info {
+        event.set_source(format!("jetstream:{}", info.stream));
         event.set_time(info.published.into());
     }
 }

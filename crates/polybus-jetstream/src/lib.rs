@@ -34,7 +34,8 @@
 //!
 //! A stored message without CloudEvents headers (from a plain NATS publisher) is delivered
 //! with an id that every redelivery shares: its `Nats-Msg-Id` when the publisher set one,
-//! otherwise `jetstream:<stream>:<stream sequence>`; its time is when the stream stored it.
+//! otherwise `jetstream:<stream>:<stream sequence>`; its source is `jetstream:<stream>` and its
+//! time is when the stream stored it.
 //!
 //! ```no_run
 //! use futures_util::StreamExt;

@@ -311,7 +311,9 @@ async fn foreign_messages_get_a_stable_id_from_the_stream() -> anyhow::Result<()
     assert_eq!(first.payload(), b"bare");
     assert_eq!(first.sequence(), Some(bare.sequence));
     let expected = format!("jetstream:{}:{}", bare.stream, bare.sequence);
+    let source = format!("jetstream:{}", bare.stream);
     assert_eq!(first.event().id(), expected);
+    assert_eq!(first.event().source(), source);
     let stored_at = first.event().time();
     let age = std::time::SystemTime::now()
         .duration_since(stored_at)
@@ -334,6 +336,7 @@ async fn foreign_messages_get_a_stable_id_from_the_stream() -> anyhow::Result<()
     };
     assert_eq!(again.delivery_count(), 2);
     assert_eq!(again.event().id(), expected);
+    assert_eq!(again.event().source(), source);
     assert_eq!(again.event().time(), stored_at);
     assert!(
         again.event().time() < nacked_at,
@@ -347,6 +350,11 @@ async fn foreign_messages_get_a_stable_id_from_the_stream() -> anyhow::Result<()
         .expect("with a Nats-Msg-Id");
     assert_eq!(d.payload(), b"with id");
     assert_eq!(d.event().id(), "order-17");
+    assert_eq!(
+        d.event().source(),
+        source,
+        "a Nats-Msg-Id is unique within its stream"
+    );
     assert_eq!(d.sequence(), Some(with_id.sequence));
     assert!(d.event().headers().get("Nats-Msg-Id").is_none());
     d.ack().await?;
