@@ -103,7 +103,9 @@ impl ObjectBucket {
             };
             error::err(kind, format!("reading object {name:?}"), e)
         })?;
-        let mut out = Vec::with_capacity(object.info().size);
+        // The size is what the server says; reserve at most 8 MiB up front and let the
+        // buffer grow with what really arrives, so a bogus size cannot abort the process.
+        let mut out = Vec::with_capacity(object.info().size.min(8 << 20));
         object
             .read_to_end(&mut out)
             .await
