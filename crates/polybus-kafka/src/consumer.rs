@@ -137,6 +137,7 @@ impl Tracker {
 
 struct Ctx {
     tracker: Arc<Mutex<Tracker>>,
+    flight: Arc<Flight>,
     telemetry: polybus_core::telemetry::Telemetry,
 }
 
@@ -169,6 +170,9 @@ impl ConsumerContext for Ctx {
             if let Ok(mut t) = self.tracker.lock() {
                 t.revoke(tpl);
             }
+            // Redeliveries of revoked partitions belong to the next owner now: they stop
+            // counting against this member's limit at once, whatever their delay.
+            self.flight.forget(tpl);
         }
     }
     fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -186,6 +190,8 @@ type Native = StreamConsumer<Ctx>;
 struct Core {
     consumer: Option<Native>,
     tracker: Arc<Mutex<Tracker>>,
+    /// The subscription's unsettled deliveries (one `Core` per subscription).
+    flight: Arc<Flight>,
     topics: Arc<TopicEnsurer>,
     group: String,
     timeout: Duration,
@@ -200,17 +206,20 @@ impl Core {
                 .with_message("a Kafka consumer must be created inside a tokio runtime"));
         }
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let flight = Flight::new(cfg.max_in_flight());
         let telemetry = polybus_core::telemetry::Telemetry::new(BACKEND);
         let consumer: Native = cfg
             .consumer_client_config(group)
             .create_with_context(Ctx {
                 tracker: Arc::clone(&tracker),
+                flight: Arc::clone(&flight),
                 telemetry: telemetry.clone(),
             })
             .map_err(|e| from_kafka(e, "creating the consumer"))?;
         Ok(Arc::new(Core {
             consumer: Some(consumer),
             tracker,
+            flight,
             topics: TopicEnsurer::new(cfg),
             group: group.to_owned(),
             timeout: cfg.connect_timeout(),
@@ -281,7 +290,8 @@ struct Pending {
 /// the application holds plus those waiting for local redelivery. The reader reads no more
 /// records while `unsettled` is at `max`, so the redelivery queue (a subset) is bounded by
 /// `max` too, and so are the tracker's offset sets. Ackers hold it weakly: once the
-/// subscription is gone, the queue goes with it.
+/// subscription is gone, the queue goes with it. A revoke drops the waiting redeliveries of
+/// the revoked partitions.
 struct Flight {
     state: Mutex<FlightState>,
     /// Wakes the reader when a delivery is settled or handed back. A `Notify` keeps at most
@@ -347,6 +357,33 @@ impl Flight {
             s.due.insert((at, seq), pending);
         }
         self.changed.notify_one();
+    }
+
+    /// Drops the waiting redeliveries of the partitions in `revoked`; they no longer count.
+    fn forget(&self, revoked: &TopicPartitionList) {
+        let gone: Vec<(String, i32)> = revoked
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        self.forget_where(|p| {
+            gone.iter()
+                .any(|(t, part)| *part == p.partition && **t == *p.topic)
+        });
+    }
+
+    fn forget_where(&self, revoked: impl Fn(&Pending) -> bool) {
+        let forgotten = {
+            let mut s = self.lock();
+            let before = s.due.len();
+            s.due.retain(|_, p| !revoked(p));
+            let forgotten = before - s.due.len();
+            s.unsettled = s.unsettled.saturating_sub(forgotten);
+            forgotten
+        };
+        if forgotten > 0 {
+            self.changed.notify_one();
+        }
     }
 
     fn step(&self, now: Instant) -> Step {
@@ -513,12 +550,12 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(core: Arc<Core>, topics: Vec<String>, max_in_flight: usize) -> Self {
+    fn new(core: Arc<Core>, topics: Vec<String>) -> Self {
         Reader {
+            flight: Arc::clone(&core.flight),
             core,
             topics,
             subscribed: false,
-            flight: Flight::new(max_in_flight),
         }
     }
 
@@ -788,7 +825,6 @@ impl KafkaConsumer {
         c.seed = Some(Reader::new(
             core,
             topics.iter().map(|t| (*t).to_owned()).collect(),
-            c.cfg.max_in_flight(),
         ));
         Ok(c)
     }
@@ -889,11 +925,7 @@ impl KafkaConsumer {
                 return Err(closed("the consumer (no subscription)"));
             }
             let core = Core::new(&self.cfg, &self.group)?;
-            self.seed = Some(Reader::new(
-                core,
-                std::mem::take(&mut self.pending_topics),
-                self.cfg.max_in_flight(),
-            ));
+            self.seed = Some(Reader::new(core, std::mem::take(&mut self.pending_topics)));
         }
         self.seed
             .as_mut()
@@ -909,11 +941,7 @@ impl Consumer for KafkaConsumer {
             return failed(e);
         }
         match Core::new(&self.cfg, &self.group) {
-            Ok(core) => stream_of(Reader::new(
-                core,
-                vec![topic.to_owned()],
-                self.cfg.max_in_flight(),
-            )),
+            Ok(core) => stream_of(Reader::new(core, vec![topic.to_owned()])),
             Err(e) => failed(e),
         }
     }
@@ -1011,6 +1039,25 @@ mod tests {
         }
         assert_eq!(order, [10, 11, 30]);
         assert_eq!(f.counts(), (3, 0));
+    }
+
+    #[test]
+    fn revoked_redeliveries_stop_counting_at_once() {
+        let f = Flight::new(2);
+        let now = Instant::now();
+        f.taken();
+        f.taken();
+        let mut other = pending(7);
+        other.partition = 1;
+        f.hand_back(pending(5), now + Duration::from_secs(3600));
+        f.hand_back(other, now + Duration::from_secs(3600));
+        assert!(!read(f.step(now)));
+        let mut revoked = TopicPartitionList::new();
+        revoked.add_partition("t", 0);
+        revoked.add_partition("other", 1);
+        f.forget(&revoked);
+        assert_eq!(f.counts(), (1, 1));
+        assert!(read(f.step(now)), "a revoked redelivery still holds a slot");
     }
 
     #[test]
