@@ -1,138 +1,49 @@
 //! Dead letters: where events go after their retries are exhausted, and the headers that say
-//! why. Modelled on Spring Cloud Stream's `x-original-*` / `x-exception-*` headers; the
-//! event keeps its key, id, source and every original header.
+//! why. The format (header names, topic naming) is `polybus_core::dlq`, shared with
+//! polybus-runtime: one dead-letter format for the bus and the runtime.
 
+use polybus_core::dlq::DeadLetter;
+#[cfg(test)]
+use polybus_core::dlq::MAX_MESSAGE_LEN;
+pub use polybus_core::dlq::{
+    DEAD_LETTER_HEADERS, DeadLetterTopic, X_ATTEMPTS, X_EXCEPTION_KIND, X_EXCEPTION_MESSAGE,
+    X_ORIGINAL_OFFSET, X_ORIGINAL_PARTITION, X_ORIGINAL_SUBJECT, X_ORIGINAL_TOPIC,
+};
 use polybus_core::{Delivery, Error, Event};
 
 use crate::codec::SpoolRecord;
 
-/// Header: the Kafka topic the event was meant for.
-pub const X_ORIGINAL_TOPIC: &str = "x-original-topic";
-/// Header: the NATS subject the event was published to (bus forwards only).
-pub const X_ORIGINAL_SUBJECT: &str = "x-original-subject";
-/// Header: the partition the event was read from (consumer-side dead letters).
-pub const X_ORIGINAL_PARTITION: &str = "x-original-partition";
-/// Header: the offset the event was read from (consumer-side dead letters).
-pub const X_ORIGINAL_OFFSET: &str = "x-original-offset";
-/// Header: the last error, as text.
-pub const X_EXCEPTION_MESSAGE: &str = "x-exception-message";
-/// Header: the kind of the last error (`rejected`, `payload too large`, ...).
-pub const X_EXCEPTION_KIND: &str = "x-exception-kind";
-/// Header: how many attempts were made.
-pub const X_ATTEMPTS: &str = "x-attempts";
-
-/// Every header the bus adds to a dead letter (and `redrive` removes).
-pub const DEAD_LETTER_HEADERS: [&str; 7] = [
-    X_ORIGINAL_TOPIC,
-    X_ORIGINAL_SUBJECT,
-    X_ORIGINAL_PARTITION,
-    X_ORIGINAL_OFFSET,
-    X_EXCEPTION_MESSAGE,
-    X_EXCEPTION_KIND,
-    X_ATTEMPTS,
-];
-
-const MAX_MESSAGE_LEN: usize = 1024;
-
-/// How the dead-letter topic of a Kafka topic is named.
-///
-/// ```
-/// use polybus_compose::DeadLetterTopic;
-/// assert_eq!(DeadLetterTopic::default().topic_for("orders.created"), "orders.created.dlq");
-/// assert_eq!(DeadLetterTopic::Fixed("dead".into()).topic_for("orders.created"), "dead");
-/// ```
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeadLetterTopic {
-    /// The topic name plus this suffix (default `.dlq`).
-    Suffix(String),
-    /// One topic for every dead letter.
-    Fixed(String),
-}
-
-impl Default for DeadLetterTopic {
-    fn default() -> Self {
-        DeadLetterTopic::Suffix(".dlq".into())
-    }
-}
-
-impl DeadLetterTopic {
-    /// The dead-letter topic for `topic`.
-    pub fn topic_for(&self, topic: &str) -> String {
-        match self {
-            DeadLetterTopic::Suffix(s) => format!("{topic}{s}"),
-            DeadLetterTopic::Fixed(t) => t.clone(),
-        }
-    }
-}
-
 /// The dead letter of a spooled record whose forward retries are exhausted.
 pub(crate) fn from_record(record: &SpoolRecord) -> Event {
-    let mut ev = record.event.clone();
-    let h = ev.headers_mut();
-    for name in DEAD_LETTER_HEADERS {
-        h.remove(name);
-    }
-    h.append_unchecked(X_ORIGINAL_TOPIC, clean(&record.topic));
-    h.append_unchecked(X_ORIGINAL_SUBJECT, clean(&record.subject));
-    h.append_unchecked(
-        X_EXCEPTION_MESSAGE,
-        clean(record.last_error.as_deref().unwrap_or("unknown")),
-    );
-    h.append_unchecked(
-        X_EXCEPTION_KIND,
-        clean(record.last_error_kind.as_deref().unwrap_or("error")),
-    );
-    h.append_unchecked(X_ATTEMPTS, record.attempts.to_string());
-    ev
+    DeadLetter::new(
+        &record.topic,
+        record.last_error_kind.as_deref().unwrap_or("error"),
+        record.last_error.as_deref().unwrap_or("unknown"),
+        record.attempts,
+    )
+    .subject(Some(&record.subject))
+    .apply(record.event.clone())
 }
 
 /// The dead letter of a consumed delivery whose processing failed `attempts` times.
 pub(crate) fn from_delivery(d: &Delivery, error: &Error, attempts: u32) -> Event {
-    let mut ev = d.event().clone();
-    let h = ev.headers_mut();
-    for name in DEAD_LETTER_HEADERS {
-        h.remove(name);
-    }
-    h.append_unchecked(X_ORIGINAL_TOPIC, clean(d.topic()));
-    if let Some(p) = d.partition() {
-        h.append_unchecked(X_ORIGINAL_PARTITION, p.to_string());
-    }
-    if let Some(o) = d.sequence() {
-        h.append_unchecked(X_ORIGINAL_OFFSET, o.to_string());
-    }
-    h.append_unchecked(X_EXCEPTION_MESSAGE, clean(&error.to_string()));
-    h.append_unchecked(X_EXCEPTION_KIND, clean(error.kind().as_str()));
-    h.append_unchecked(X_ATTEMPTS, attempts.to_string());
-    ev
+    DeadLetter::new(
+        d.topic(),
+        error.kind().as_str(),
+        &error.to_string(),
+        attempts,
+    )
+    .partition(d.partition())
+    .offset(d.sequence())
+    .apply(d.event().clone())
 }
 
 /// Removes the dead-letter headers; returns the original topic and subject if they were
 /// there.
-pub(crate) fn strip(mut ev: Event) -> (Event, Option<String>, Option<String>) {
-    let topic = ev.headers().get(X_ORIGINAL_TOPIC).map(str::to_owned);
+pub(crate) fn strip(ev: Event) -> (Event, Option<String>, Option<String>) {
     let subject = ev.headers().get(X_ORIGINAL_SUBJECT).map(str::to_owned);
-    let h = ev.headers_mut();
-    for name in DEAD_LETTER_HEADERS {
-        h.remove(name);
-    }
+    let (ev, topic) = polybus_core::dlq::strip(ev);
     (ev, topic, subject)
-}
-
-/// A header value: control characters become spaces, at most 1 KiB.
-fn clean(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .map(|c| if c.is_control() && c != '\t' { ' ' } else { c })
-        .collect();
-    if out.len() > MAX_MESSAGE_LEN {
-        let mut cut = MAX_MESSAGE_LEN;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-    }
-    out
 }
 
 #[cfg(test)]

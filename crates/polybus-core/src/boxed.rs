@@ -16,6 +16,11 @@ use crate::{Capabilities, Consumer, Delivery, Event, Publisher, Receipt, Result}
 
 trait ErasedPublisher: Send + Sync {
     fn publish_boxed<'a>(&'a self, topic: &'a str, event: Event) -> BoxFuture<'a, Result<Receipt>>;
+    fn publish_batch_boxed<'a>(
+        &'a self,
+        topic: &'a str,
+        events: Vec<Event>,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>>>;
     fn flush_boxed(&self) -> BoxFuture<'_, Result<()>>;
     fn close_boxed(&self) -> BoxFuture<'_, Result<()>>;
 }
@@ -23,6 +28,13 @@ trait ErasedPublisher: Send + Sync {
 impl<P: Publisher> ErasedPublisher for P {
     fn publish_boxed<'a>(&'a self, topic: &'a str, event: Event) -> BoxFuture<'a, Result<Receipt>> {
         self.publish(topic, event).boxed()
+    }
+    fn publish_batch_boxed<'a>(
+        &'a self,
+        topic: &'a str,
+        events: Vec<Event>,
+    ) -> BoxFuture<'a, Result<Vec<Receipt>>> {
+        self.publish_batch(topic, events).boxed()
     }
     fn flush_boxed(&self) -> BoxFuture<'_, Result<()>> {
         self.flush().boxed()
@@ -65,6 +77,9 @@ impl fmt::Debug for BoxPublisher {
 impl Publisher for BoxPublisher {
     async fn publish(&self, topic: &str, event: Event) -> Result<Receipt> {
         self.0.publish_boxed(topic, event).await
+    }
+    async fn publish_batch(&self, topic: &str, events: Vec<Event>) -> Result<Vec<Receipt>> {
+        self.0.publish_batch_boxed(topic, events).await
     }
     fn flush(&self) -> impl Future<Output = Result<()>> + Send {
         self.0.flush_boxed()

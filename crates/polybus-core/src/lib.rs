@@ -12,6 +12,7 @@
 //! * [`BoxPublisher`] / [`BoxConsumer`]: erased types for brokers chosen at run time.
 //! * [`MemoryBroker`]: an in-process backend for tests and embedding.
 //! * [`cloudevents`]: the CloudEvents mapping the broker bindings share.
+//! * [`dlq`]: the dead-letter format (headers, topic naming) the bus and the runtime share.
 //! * [`telemetry`]: a `tracing` span per publish and per delivery with the OpenTelemetry
 //!   messaging attributes, and W3C `traceparent` carried across brokers; [`metrics`]: counters,
 //!   gauges and histograms through the `metrics` facade.
@@ -48,6 +49,7 @@ mod boxed;
 mod capabilities;
 pub mod cloudevents;
 mod delivery;
+pub mod dlq;
 mod error;
 mod event;
 mod headers;

@@ -33,6 +33,40 @@ pub trait Publisher: Send + Sync {
     /// can tell (see its delivery semantics).
     fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send;
 
+    /// Publishes `events` to `topic` in order and resolves with one receipt per event, once
+    /// the broker has all of them.
+    ///
+    /// The default publishes one event after the other and stops at the first error: the
+    /// events before it are published, the ones after it are not. Backends whose client
+    /// batches override it.
+    ///
+    /// ```
+    /// use polybus_core::{Event, MemoryBroker, Publisher};
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> polybus_core::Result<()> {
+    /// let publisher = MemoryBroker::new().publisher();
+    /// let receipts = publisher
+    ///     .publish_batch("orders", vec![Event::new(b"a"), Event::new(b"b")])
+    ///     .await?;
+    /// assert_eq!(receipts.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// The first error `publish` returned.
+    fn publish_batch(
+        &self,
+        topic: &str,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Result<Vec<Receipt>>> + Send {
+        async move {
+            let mut receipts = Vec::with_capacity(events.len());
+            for event in events {
+                receipts.push(self.publish(topic, event).await?);
+            }
+            Ok(receipts)
+        }
+    }
+
     /// Waits until every event published so far has been handed to the broker.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
 
@@ -150,6 +184,9 @@ macro_rules! forward {
         impl<P: Publisher + ?Sized> Publisher for $ptr {
             fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
                 (**self).publish(topic, event)
+            }
+            fn publish_batch(&self, topic: &str, events: Vec<Event>) -> impl Future<Output = Result<Vec<Receipt>>> + Send {
+                (**self).publish_batch(topic, events)
             }
             fn flush(&self) -> impl Future<Output = Result<()>> + Send {
                 (**self).flush()
