@@ -1,0 +1,935 @@
+//! The application: routes, settings, and the run loop (dispatcher, per-key lanes, retry,
+//! dead letters, drain).
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{self, BoxStream};
+use futures_util::{FutureExt as _, StreamExt as _};
+use polybus_core::dlq::{DeadLetter, DeadLetterTopic};
+use polybus_core::{
+    BoxError, BoxPublisher, Consumer, Delivery, ErrorKind, Event, Publisher, Result,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceExt as _};
+use tracing::Instrument as _;
+
+use crate::handler::ErrorsAsFailures;
+use crate::{
+    Handler, HandlerError, HandlerService, Message, Outbound, Outcome, Report, RetryMode,
+    RetryPolicy, Settlement, Status,
+};
+
+/// A route's handler with its layers: what the dispatcher calls.
+pub type RouteService = BoxCloneSyncService<Message, Outcome, Infallible>;
+
+type LayerFn = Arc<dyn Fn(RouteService) -> RouteService + Send + Sync>;
+type Observer = Arc<dyn Fn(&Report) + Send + Sync>;
+
+fn boxed_layer<L>(layer: L) -> LayerFn
+where
+    L: Layer<RouteService> + Send + Sync + 'static,
+    L::Service: Service<Message, Response = Outcome> + Clone + Send + Sync + 'static,
+    <L::Service as Service<Message>>::Error: Into<BoxError>,
+    <L::Service as Service<Message>>::Future: Send + 'static,
+{
+    Arc::new(move |svc| BoxCloneSyncService::new(ErrorsAsFailures::new(layer.layer(svc))))
+}
+
+/// One topic (optionally one CloudEvents `type` on it) and its handler.
+///
+/// ```
+/// use std::time::Duration;
+/// use polybus_runtime::layers::TimeoutLayer;
+/// use polybus_runtime::{App, Route};
+///
+/// async fn created() {}
+/// async fn anything_else() {}
+/// let app = App::new()
+///     .add_route(Route::new("orders", created).kind("order.created")
+///         .layer(TimeoutLayer::new(Duration::from_secs(2))))
+///     .route("orders", anything_else);
+/// # let _ = app;
+/// ```
+pub struct Route<S> {
+    topic: String,
+    kind: Option<String>,
+    make: Box<dyn FnOnce(S) -> RouteService + Send>,
+}
+
+impl<S: Clone + Send + Sync + 'static> Route<S> {
+    /// `handler` for every event on `topic` (a NATS subject may have wildcards).
+    pub fn new<H, T>(topic: impl Into<String>, handler: H) -> Self
+    where
+        H: Handler<T, S>,
+        T: 'static,
+    {
+        Route {
+            topic: topic.into(),
+            kind: None,
+            make: Box::new(move |state| {
+                BoxCloneSyncService::new(HandlerService::new(handler, state))
+            }),
+        }
+    }
+
+    /// Only events whose CloudEvents `type` is `kind`. Routes with a kind are tried first, in
+    /// the order they were added; a route without one takes the rest of its topic.
+    pub fn kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
+        self
+    }
+
+    /// Wraps this route's handler in `layer` (inside the app-wide layers).
+    pub fn layer<L>(self, layer: L) -> Self
+    where
+        L: Layer<RouteService> + Send + Sync + 'static,
+        L::Service: Service<Message, Response = Outcome> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        let wrap = boxed_layer(layer);
+        let make = self.make;
+        Route {
+            topic: self.topic,
+            kind: self.kind,
+            make: Box::new(move |state| wrap(make(state))),
+        }
+    }
+}
+
+impl<S> fmt::Debug for Route<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("topic", &self.topic)
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+/// Where dead letters go.
+#[derive(Debug, Clone)]
+enum DeadLetters {
+    Off,
+    SameBackend(DeadLetterTopic),
+    To(DeadLetterTopic, BoxPublisher),
+}
+
+/// An event-driven application: routes from topics to handlers, layers, a retry policy, a
+/// dead-letter topic and a concurrency, run over any [`Consumer`] and [`Publisher`].
+///
+/// * **Routing**: [`route`](Self::route) a topic to a handler, or [`add_route`](Self::add_route) a
+///   [`Route`] filtered by CloudEvents `type`. An event no route takes is a permanent failure
+///   (`x-exception-kind: unrouted`).
+/// * **Retry**: a failure (see [`HandlerError`] for which are retried) is tried again after
+///   the [`RetryPolicy`]'s backoff, by redelivery or in process ([`RetryMode`]); after the
+///   last attempt, or at once for a permanent failure, the event goes to the dead-letter
+///   topic (`<topic>.dlq` by default, on the app's publisher) in the
+///   [`polybus_core::dlq`] format, and the delivery is settled with `term`.
+/// * **Order and concurrency**: [`concurrency(n)`](Self::concurrency) runs up to `n`
+///   handlers at once; events with the same key go through one lane, strictly in order;
+///   events without a key are not ordered. At most `n` + [`buffer`](Self::buffer) deliveries
+///   are held; when they are, the app stops pulling from the consumer (backpressure).
+/// * **Lifecycle**: [`run`](Self::run) until SIGTERM or SIGINT, or
+///   [`run_until`](Self::run_until) a future: stop pulling, let in-flight handlers finish
+///   within the [`drain_timeout`](Self::drain_timeout), hand back what did not finish (nack
+///   or drop unsettled, so the backend redelivers it where it can), flush and close the
+///   publishers.
+///
+/// ```
+/// use polybus_core::{MemoryBroker, PublisherExt};
+/// use polybus_runtime::{App, Json};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Order { id: u64 }
+///
+/// async fn on_order(Json(order): Json<Order>) -> anyhow::Result<()> {
+///     anyhow::ensure!(order.id > 0, "order ids start at 1");
+///     Ok(())
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> anyhow::Result<()> {
+/// let broker = MemoryBroker::new();
+/// let app = App::new().route("orders", on_order).concurrency(8);
+/// let mut status = app.status();
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let running = tokio::spawn(app.run_until(
+///     broker.consumer_group("billing"),
+///     broker.publisher(),
+///     async { let _ = stopped.await; },
+/// ));
+/// status.wait_for(|s| *s == polybus_runtime::Status::Running).await?;
+/// broker.publisher().publish_json("orders", &serde_json::json!({"id": 1})).await?;
+/// # let _ = stop.send(());
+/// # running.await??;
+/// # Ok(()) }
+/// ```
+pub struct App<S = ()> {
+    state: S,
+    routes: Vec<Route<S>>,
+    layers: Vec<LayerFn>,
+    concurrency: usize,
+    buffer: Option<usize>,
+    retry: RetryPolicy,
+    retry_mode: RetryMode,
+    dead_letters: DeadLetters,
+    drain_timeout: Duration,
+    observer: Option<Observer>,
+    status: watch::Sender<Status>,
+}
+
+impl<S> fmt::Debug for App<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("App")
+            .field("routes", &self.routes)
+            .field("layers", &self.layers.len())
+            .field("concurrency", &self.concurrency)
+            .field("buffer", &self.buffer)
+            .field("retry", &self.retry)
+            .field("retry_mode", &self.retry_mode)
+            .field("dead_letters", &self.dead_letters)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish()
+    }
+}
+
+impl App<()> {
+    /// An app without state.
+    pub fn new() -> Self {
+        App::with_state(())
+    }
+}
+
+impl Default for App<()> {
+    fn default() -> Self {
+        App::new()
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> App<S> {
+    /// An app whose handlers can take `State<S>`.
+    pub fn with_state(state: S) -> Self {
+        App {
+            state,
+            routes: Vec::new(),
+            layers: Vec::new(),
+            concurrency: 1,
+            buffer: None,
+            retry: RetryPolicy::default(),
+            retry_mode: RetryMode::Auto,
+            dead_letters: DeadLetters::SameBackend(DeadLetterTopic::default()),
+            drain_timeout: Duration::from_secs(10),
+            observer: None,
+            status: watch::Sender::new(Status::Starting),
+        }
+    }
+
+    /// Routes every event on `topic` to `handler`.
+    pub fn route<H, T>(self, topic: impl Into<String>, handler: H) -> Self
+    where
+        H: Handler<T, S>,
+        T: 'static,
+    {
+        self.add_route(Route::new(topic, handler))
+    }
+
+    /// Adds a [`Route`].
+    pub fn add_route(mut self, route: Route<S>) -> Self {
+        self.routes.push(route);
+        self
+    }
+
+    /// Wraps every route's handler in `layer`. Each call wraps what is there, so the last
+    /// layer added is the outermost.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<RouteService> + Send + Sync + 'static,
+        L::Service: Service<Message, Response = Outcome> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Message>>::Error: Into<BoxError>,
+        <L::Service as Service<Message>>::Future: Send + 'static,
+    {
+        self.layers.push(boxed_layer(layer));
+        self
+    }
+
+    /// Runs up to `n` handlers at once (default 1), in per-key lanes.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.clamp(1, Semaphore::MAX_PERMITS / 4);
+        self
+    }
+
+    /// How many deliveries may wait in lanes beyond the `n` running (default `n`).
+    pub fn buffer(mut self, n: usize) -> Self {
+        self.buffer = Some(n.min(Semaphore::MAX_PERMITS / 4));
+        self
+    }
+
+    /// Sets the retry policy (default: 5 attempts, 200 ms doubling, 20 % jitter).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Sets how retries are made (default [`RetryMode::Auto`]).
+    pub fn retry_mode(mut self, mode: RetryMode) -> Self {
+        self.retry_mode = mode;
+        self
+    }
+
+    /// Dead letters go to `naming`'s topic on the app's publisher (the default, with
+    /// `<topic>.dlq`).
+    pub fn dead_letter_topic(mut self, naming: DeadLetterTopic) -> Self {
+        self.dead_letters = DeadLetters::SameBackend(naming);
+        self
+    }
+
+    /// Dead letters go to `naming`'s topic on `publisher` (another backend).
+    pub fn dead_letter_publisher(
+        mut self,
+        naming: DeadLetterTopic,
+        publisher: BoxPublisher,
+    ) -> Self {
+        self.dead_letters = DeadLetters::To(naming, publisher);
+        self
+    }
+
+    /// No dead-letter topic: an event that is given up on is settled with `term` (and lost
+    /// where the backend cannot keep it).
+    pub fn without_dead_letters(mut self) -> Self {
+        self.dead_letters = DeadLetters::Off;
+        self
+    }
+
+    /// The dead-letter topic of `topic`, if the app has dead letters.
+    pub fn dead_letter_topic_for(&self, topic: &str) -> Option<String> {
+        match &self.dead_letters {
+            DeadLetters::Off => None,
+            DeadLetters::SameBackend(n) | DeadLetters::To(n, _) => Some(n.topic_for(topic)),
+        }
+    }
+
+    /// How long in-flight handlers may finish after shutdown starts (default 10 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Calls `observer` with a [`Report`] on every settlement (keep it quick: it runs on the
+    /// handling task).
+    pub fn on_report(mut self, observer: impl Fn(&Report) + Send + Sync + 'static) -> Self {
+        let previous = self.observer.take();
+        self.observer = Some(Arc::new(move |r: &Report| {
+            if let Some(p) = &previous {
+                p(r);
+            }
+            observer(r);
+        }));
+        self
+    }
+
+    /// The app's [`Status`], to wait for `Running` (subscribed) or `Stopped`.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// Runs until SIGTERM or SIGINT (see [`run_until`](Self::run_until)).
+    ///
+    /// # Errors
+    /// As [`run_until`](Self::run_until).
+    pub async fn run<C, P>(self, consumer: C, publisher: P) -> Result<()>
+    where
+        C: Consumer,
+        P: Publisher + 'static,
+    {
+        self.run_until(consumer, publisher, shutdown_signal()).await
+    }
+
+    /// Subscribes to every route's topic and handles deliveries until `shutdown` resolves or
+    /// every subscription has ended; then drains (see the type's docs), flushes and closes
+    /// `publisher` (and the dead-letter publisher).
+    ///
+    /// # Errors
+    /// A subscription failed for good (invalid topic, unauthorized, unsupported, not found):
+    /// the app drains and returns it. Other stream errors are logged and the app goes on.
+    pub async fn run_until<C, P, F>(self, consumer: C, publisher: P, shutdown: F) -> Result<()>
+    where
+        C: Consumer,
+        P: Publisher + 'static,
+        F: Future<Output = ()> + Send,
+    {
+        let caps = consumer.capabilities();
+        let redeliver = match self.retry_mode {
+            RetryMode::Redeliver => true,
+            RetryMode::InProcess => false,
+            _ => caps.nack_delay,
+        };
+        let tables = build_tables(self.routes, &self.layers, &self.state);
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let concurrency = self.concurrency;
+        let pending = Arc::new(Semaphore::new(
+            concurrency + self.buffer.unwrap_or(concurrency),
+        ));
+        let ctx = Arc::new(Ctx {
+            publisher: Arc::new(publisher),
+            dead_letters: self.dead_letters,
+            retry: self.retry,
+            redeliver,
+            release_by_nack: caps.redelivery_on_nack,
+            observer: self.observer,
+            running: Semaphore::new(concurrency),
+            cancel: cancel_rx,
+            lanes: Mutex::new(HashMap::new()),
+        });
+
+        let streams: Vec<BoxStream<'_, (usize, Result<Delivery>)>> = tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| consumer.subscribe(&t.topic).map(move |r| (i, r)).boxed())
+            .collect();
+        let mut deliveries = stream::select_all(streams);
+        self.status.send_replace(Status::Running);
+        tracing::info!(
+            routes = tables.len(),
+            concurrency,
+            redeliver,
+            "polybus runtime running"
+        );
+
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut tasks = JoinSet::new();
+        let mut fatal = None;
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                p = pending.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let item = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                item = deliveries.next() => item,
+            };
+            while tasks.try_join_next().is_some() {}
+            match item {
+                None => break,
+                Some((i, Err(e))) => {
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::InvalidTopic
+                            | ErrorKind::Unauthorized
+                            | ErrorKind::Unsupported
+                            | ErrorKind::NotFound
+                    ) {
+                        tracing::error!(topic = %tables[i].topic, error = %e, "subscription failed");
+                        fatal = Some(e);
+                        break;
+                    }
+                    tracing::warn!(topic = %tables[i].topic, error = %e, "subscription error");
+                }
+                Some((i, Ok(delivery))) => {
+                    let service = tables[i].route_for(delivery.event().kind());
+                    dispatch(
+                        &ctx,
+                        &mut tasks,
+                        Job {
+                            delivery,
+                            service,
+                            _permit: permit,
+                        },
+                    );
+                }
+            }
+        }
+
+        // Drain: no more pulls; in-flight and queued deliveries get until the deadline.
+        self.status.send_replace(Status::Draining);
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.drain_timeout, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                in_flight = tasks.len(),
+                "drain timeout: handing back unfinished deliveries"
+            );
+            cancel_tx.send_replace(true);
+            let release = async { while tasks.join_next().await.is_some() {} };
+            if tokio::time::timeout(RELEASE_GRACE, release).await.is_err() {
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+            }
+        }
+        drop(deliveries);
+        if let Err(e) = ctx.publisher.flush().await {
+            tracing::warn!(error = %e, "flushing the publisher at shutdown");
+        }
+        if let DeadLetters::To(_, p) = &ctx.dead_letters
+            && let Err(e) = p.flush().await
+        {
+            tracing::warn!(error = %e, "flushing the dead-letter publisher at shutdown");
+        }
+        if let Err(e) = ctx.publisher.close().await {
+            tracing::warn!(error = %e, "closing the publisher at shutdown");
+        }
+        self.status.send_replace(Status::Stopped);
+        tracing::info!("polybus runtime stopped");
+        fatal.map_or(Ok(()), Err)
+    }
+}
+
+/// How long released deliveries get to be handed back after the drain timeout.
+const RELEASE_GRACE: Duration = Duration::from_secs(5);
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). If no signal handler can be installed, it never
+/// resolves (use [`App::run_until`] with your own future then).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).ok();
+        let mut int = signal(SignalKind::interrupt()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let int = async {
+            match int.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = term => {}
+            () = int => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The routes of one subscribed topic.
+struct TopicRoutes {
+    topic: String,
+    by_kind: Vec<(String, RouteService)>,
+    fallback: Option<RouteService>,
+}
+
+impl TopicRoutes {
+    fn route_for(&self, kind: &str) -> Option<RouteService> {
+        self.by_kind
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, s)| s.clone())
+            .or_else(|| self.fallback.clone())
+    }
+}
+
+fn build_tables<S: Clone>(
+    routes: Vec<Route<S>>,
+    layers: &[LayerFn],
+    state: &S,
+) -> Vec<TopicRoutes> {
+    let mut tables: Vec<TopicRoutes> = Vec::new();
+    for route in routes {
+        let mut svc = (route.make)(state.clone());
+        for layer in layers {
+            svc = layer(svc);
+        }
+        let idx = match tables.iter().position(|t| t.topic == route.topic) {
+            Some(i) => i,
+            None => {
+                tables.push(TopicRoutes {
+                    topic: route.topic.clone(),
+                    by_kind: Vec::new(),
+                    fallback: None,
+                });
+                tables.len() - 1
+            }
+        };
+        let table = &mut tables[idx];
+        match route.kind {
+            Some(kind) => table.by_kind.push((kind, svc)),
+            None if table.fallback.is_none() => table.fallback = Some(svc),
+            None => {
+                tracing::warn!(topic = %route.topic, "a second route without a kind is never used")
+            }
+        }
+    }
+    tables
+}
+
+/// What every lane shares.
+struct Ctx<P> {
+    publisher: Arc<P>,
+    dead_letters: DeadLetters,
+    retry: RetryPolicy,
+    redeliver: bool,
+    release_by_nack: bool,
+    observer: Option<Observer>,
+    running: Semaphore,
+    cancel: watch::Receiver<bool>,
+    lanes: Mutex<HashMap<Bytes, VecDeque<Job>>>,
+}
+
+struct Job {
+    delivery: Delivery,
+    service: Option<RouteService>,
+    /// Held until the delivery is settled: bounds what the app holds.
+    _permit: OwnedSemaphorePermit,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections are container operations that do not panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn dispatch<P: Publisher + 'static>(ctx: &Arc<Ctx<P>>, tasks: &mut JoinSet<()>, job: Job) {
+    let key = job.delivery.event().key_bytes().cloned();
+    if let Some(k) = &key {
+        let mut lanes = lock(&ctx.lanes);
+        if let Some(queue) = lanes.get_mut(k) {
+            queue.push_back(job);
+            return;
+        }
+        lanes.insert(k.clone(), VecDeque::new());
+    }
+    tasks.spawn(run_lane(ctx.clone(), key, job));
+}
+
+/// Handles `job`, then what queued behind it for the same key, in order.
+async fn run_lane<P: Publisher>(ctx: Arc<Ctx<P>>, key: Option<Bytes>, mut job: Job) {
+    loop {
+        process(&ctx, job).await;
+        let Some(k) = &key else { return };
+        let mut lanes = lock(&ctx.lanes);
+        match lanes.get_mut(k).and_then(VecDeque::pop_front) {
+            Some(next) => job = next,
+            None => {
+                lanes.remove(k);
+                return;
+            }
+        }
+    }
+}
+
+impl<P: Publisher> Ctx<P> {
+    fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    async fn wait_cancelled(&self) {
+        let mut rx = self.cancel.clone();
+        // An error means the app is gone: as good as cancelled.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    fn report(&self, d: &Delivery, attempt: u32, settlement: Settlement) {
+        if let Some(observer) = &self.observer {
+            observer(&Origin::of(d).report(attempt, settlement));
+        }
+    }
+}
+
+/// Runs the handler on one delivery and settles it: ack, retry (redelivery or in process),
+/// dead letter, or release at a cancelled drain.
+async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
+    let Job {
+        mut delivery,
+        service,
+        _permit,
+    } = job;
+    let mut attempt = delivery.delivery_count();
+    let span = delivery.span().clone();
+    loop {
+        if ctx.cancelled() {
+            return release(ctx, delivery, attempt).await;
+        }
+        let outcome = {
+            let Ok(_running) = ctx.running.acquire().await else {
+                return release(ctx, delivery, attempt).await;
+            };
+            let msg = Message::from_delivery(&delivery, attempt);
+            let call = async {
+                match service.clone() {
+                    Some(svc) => match svc.oneshot(msg).await {
+                        Ok(outcome) => outcome,
+                        Err(never) => match never {},
+                    },
+                    None => Outcome::Terminate(
+                        HandlerError::permanent(format!(
+                            "no route for type {} on {}",
+                            delivery.event().kind(),
+                            delivery.topic()
+                        ))
+                        .with_kind("unrouted"),
+                    ),
+                }
+            };
+            let call = AssertUnwindSafe(call)
+                .catch_unwind()
+                .instrument(span.clone());
+            tokio::select! {
+                r = call => r.unwrap_or_else(|panic| Outcome::Fail(HandlerError::panic(panic_message(&*panic)))),
+                () = ctx.wait_cancelled() => return release(ctx, delivery, attempt).await,
+            }
+        };
+        let (after, error) = match outcome {
+            Outcome::Ack => return ack(ctx, delivery, attempt).await,
+            Outcome::Publish(out) => match publish_all(&*ctx.publisher, out).await {
+                Ok(()) => return ack(ctx, delivery, attempt).await,
+                Err(e) => (None, HandlerError::transient(e).with_kind("publish")),
+            },
+            Outcome::Retry(after) => (
+                after,
+                HandlerError::transient("the handler asked for a retry").with_kind("retry"),
+            ),
+            Outcome::Fail(e) if !e.is_permanent() => (None, e),
+            Outcome::Fail(e) | Outcome::Terminate(e) => {
+                return dead_letter(ctx, delivery, attempt, &e).await;
+            }
+        };
+        if attempt >= ctx.retry.attempts() {
+            return dead_letter(ctx, delivery, attempt, &error).await;
+        }
+        let delay = after.unwrap_or_else(|| ctx.retry.delay(attempt));
+        tracing::debug!(parent: &span, attempt, ?delay, error = %error, "handler failed, retrying");
+        if ctx.redeliver {
+            ctx.report(
+                &delivery,
+                attempt,
+                Settlement::Retrying {
+                    after: delay,
+                    in_process: false,
+                },
+            );
+            match delivery.nack(delay).await {
+                Ok(()) => return,
+                Err(e) if e.error().kind() == ErrorKind::Unsupported => {
+                    // The declaration said nack works; it did not: retry in process.
+                    delivery = e.into_delivery();
+                }
+                Err(e) => {
+                    let (error, delivery) = e.into_parts();
+                    tracing::warn!(error = %error, "nack failed; the backend redelivers or drops it");
+                    ctx.report(
+                        &delivery,
+                        attempt,
+                        Settlement::SettleFailed {
+                            error: error.to_string(),
+                        },
+                    );
+                    return;
+                }
+            }
+        } else {
+            ctx.report(
+                &delivery,
+                attempt,
+                Settlement::Retrying {
+                    after: delay,
+                    in_process: true,
+                },
+            );
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = ctx.wait_cancelled() => return release(ctx, delivery, attempt).await,
+        }
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Publishes in order, a batch per run of events to the same topic.
+async fn publish_all<P: Publisher>(publisher: &P, out: Vec<Outbound>) -> Result<()> {
+    let mut batch: Vec<Event> = Vec::new();
+    let mut topic = String::new();
+    for o in out {
+        let (t, ev) = o.into_parts();
+        if t != topic && !batch.is_empty() {
+            publisher
+                .publish_batch(&topic, std::mem::take(&mut batch))
+                .await?;
+        }
+        topic = t;
+        batch.push(ev);
+    }
+    if !batch.is_empty() {
+        publisher.publish_batch(&topic, batch).await?;
+    }
+    Ok(())
+}
+
+async fn ack<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
+    // The delivery is consumed by the ack: take what the report needs first.
+    let origin = ctx.observer.as_ref().map(|_| Origin::of(&delivery));
+    match delivery.ack().await {
+        Ok(()) => {
+            if let (Some(observer), Some(o)) = (&ctx.observer, origin) {
+                observer(&o.report(attempt, Settlement::Acked));
+            }
+        }
+        Err(e) => {
+            let (error, delivery) = e.into_parts();
+            tracing::warn!(error = %error, "ack failed; the backend may redeliver");
+            ctx.report(
+                &delivery,
+                attempt,
+                Settlement::SettleFailed {
+                    error: error.to_string(),
+                },
+            );
+        }
+    }
+}
+
+/// What a report says about the delivery.
+struct Origin {
+    topic: String,
+    id: String,
+    key: Option<Bytes>,
+}
+
+impl Origin {
+    fn of(d: &Delivery) -> Self {
+        Origin {
+            topic: d.topic().to_owned(),
+            id: d.event().id().to_owned(),
+            key: d.event().key_bytes().cloned(),
+        }
+    }
+    fn report(self, attempt: u32, settlement: Settlement) -> Report {
+        Report {
+            topic: self.topic,
+            id: self.id,
+            key: self.key,
+            attempt,
+            settlement,
+        }
+    }
+}
+
+async fn dead_letter<P: Publisher>(
+    ctx: &Ctx<P>,
+    delivery: Delivery,
+    attempt: u32,
+    error: &HandlerError,
+) {
+    let naming = match &ctx.dead_letters {
+        DeadLetters::Off => None,
+        DeadLetters::SameBackend(n) | DeadLetters::To(n, _) => Some(n),
+    };
+    let Some(naming) = naming else {
+        ctx.report(
+            &delivery,
+            attempt,
+            Settlement::Terminated {
+                kind: error.kind().to_owned(),
+            },
+        );
+        return term(ctx, delivery, attempt).await;
+    };
+    let topic = naming.topic_for(delivery.topic());
+    let message = error.to_string();
+    let dead = DeadLetter::new(delivery.topic(), error.kind(), &message, attempt)
+        .partition(delivery.partition())
+        .offset(delivery.sequence())
+        .apply(delivery.event().clone());
+    let written = match &ctx.dead_letters {
+        DeadLetters::To(_, p) => p.publish(&topic, dead).await,
+        _ => ctx.publisher.publish(&topic, dead).await,
+    };
+    match written {
+        Ok(_) => {
+            tracing::warn!(
+                topic = %delivery.topic(),
+                id = %delivery.event().id(),
+                dead_letter_topic = %topic,
+                attempt,
+                error = %message,
+                "event dead-lettered"
+            );
+            ctx.report(
+                &delivery,
+                attempt,
+                Settlement::DeadLettered {
+                    topic,
+                    kind: error.kind().to_owned(),
+                },
+            );
+            term(ctx, delivery, attempt).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, dead_letter_topic = %topic, "writing a dead letter failed");
+            ctx.report(
+                &delivery,
+                attempt,
+                Settlement::SettleFailed {
+                    error: e.to_string(),
+                },
+            );
+            // Leave it to the backend: nack after the longest backoff where it can.
+            if ctx.release_by_nack {
+                let _ = delivery.nack(ctx.retry.nominal_delay(u32::MAX)).await;
+            }
+        }
+    }
+}
+
+/// `term`, or `ack` where the backend has no `term`.
+async fn term<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
+    let result = match delivery.term().await {
+        Err(e) if e.error().kind() == ErrorKind::Unsupported => e.into_delivery().ack().await,
+        other => other,
+    };
+    if let Err(e) = result {
+        let (error, delivery) = e.into_parts();
+        tracing::warn!(error = %error, "settling a dead letter's delivery failed");
+        ctx.report(
+            &delivery,
+            attempt,
+            Settlement::SettleFailed {
+                error: error.to_string(),
+            },
+        );
+    }
+}
+
+/// Hands an unfinished delivery back at a cancelled drain.
+async fn release<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
+    ctx.report(&delivery, attempt, Settlement::Released);
+    if ctx.release_by_nack {
+        let _ = delivery.nack(Duration::ZERO).await;
+    }
+    // Otherwise dropped unsettled: the backend's `Capabilities::unsettled` says what follows.
+}
