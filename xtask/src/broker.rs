@@ -27,6 +27,7 @@ use anyhow::{Context, Result, bail};
 use xshell::Shell;
 
 use crate::{
+    cluster,
     config::{Broker, HOST, Paths},
     install,
     probe::{self, Probe},
@@ -54,15 +55,19 @@ const TANSU_ENV: [&str; 9] = [
 
 /// Entry point for `cargo xtask broker ...`.
 pub(crate) fn run(sh: &Shell, args: &[String]) -> Result<()> {
-    let usage = "usage: cargo xtask broker install|up|down|status [nats|mqtt|kafka|all]";
+    let usage =
+        "usage: cargo xtask broker install|up|down|status [nats|mqtt|kafka|all|nats-cluster]";
     let Some(action) = args.first() else {
         bail!("{usage}")
     };
     if args.len() > 2 {
         bail!("{usage} (got extra argument `{}`)", args[2]);
     }
-    let brokers = Broker::parse_selection(args.get(1).map(String::as_str))?;
     let paths = Paths::from_env()?;
+    if args.get(1).map(String::as_str) == Some(cluster::NAME) {
+        return cluster::run(sh, &paths, action);
+    }
+    let brokers = Broker::parse_selection(args.get(1).map(String::as_str))?;
     match action.as_str() {
         "install" => {
             for broker in brokers {
@@ -79,7 +84,14 @@ pub(crate) fn run(sh: &Shell, args: &[String]) -> Result<()> {
             Ok(())
         }
         "down" => down(&paths, &brokers),
-        "status" => status(&paths, &brokers),
+        "status" => {
+            status(&paths, &brokers)?;
+            // `status` (all) also shows a cluster that `up nats-cluster` started.
+            if brokers == Broker::ALL && cluster::has_state(&paths) {
+                cluster::status(&paths)?;
+            }
+            Ok(())
+        }
         other => bail!("unknown broker action `{other}`; {usage}"),
     }
 }

@@ -8,10 +8,12 @@
 mod bench;
 mod broker;
 mod ci;
+mod cluster;
 mod config;
 mod demo;
 mod install;
 mod mutations;
+mod nats_cluster;
 mod probe;
 mod process;
 mod test;
@@ -34,6 +36,10 @@ Commands:
   broker down [BROKER]      stop the brokers that `broker up` started (by pid)
   broker status [BROKER]    show running / not running / reused external
                             BROKER is nats | mqtt | kafka | all (default: all)
+  broker up|down|status nats-cluster
+                            a 3-node nats-server cluster with JetStream (n0-n2: clients on
+                            14222-14224, routes +100, monitoring +200; POLYBUS_NATS_CLUSTER_PORT
+                            moves the base); up waits for the meta leader, down stops its pids
   test [NEXTEST ARGS...]    broker up all, then `cargo nextest run --workspace --all-features
                             --run-ignored all --no-fail-fast [ARGS]` and the doc tests,
                             with the POLYBUS_* broker variables exported

@@ -421,8 +421,9 @@ impl NatsOptions {
                 async move { stats.record(event) }
             });
         let shown = redact_url(&self.url);
+        // async-nats reads one `&str` as one URL: several are given as a list.
         let client = opts
-            .connect(urls.as_str())
+            .connect(urls.split(',').collect::<Vec<&str>>())
             .await
             .map_err(|e| error::connect(e, backend, &shown))?;
         let auth_required = client.server_info().auth_required;

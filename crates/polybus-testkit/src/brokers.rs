@@ -27,6 +27,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::probe;
 
+pub mod cluster;
+
 /// How long a broker may take to answer its readiness probe.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 

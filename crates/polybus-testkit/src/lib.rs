@@ -24,8 +24,12 @@ mod config {
     pub(crate) use crate::brokers::Kind as Broker;
     pub(crate) const HOST: &str = "127.0.0.1";
 }
+// The NATS cluster's configuration and readiness probe, shared with xtask like `probe`.
 mod memory;
 pub mod mutation;
+#[path = "../../../xtask/src/nats_cluster.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod nats_cluster;
 #[cfg(feature = "proptest")]
 pub mod strategies;
 pub mod suite;

@@ -2,6 +2,7 @@
 //! `cargo test -p polybus-jetstream -- --include-ignored` with a server on
 //! `POLYBUS_NATS_URL`).
 
+mod cluster;
 mod conformance;
 mod errors;
 mod features;
