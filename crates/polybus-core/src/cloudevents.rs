@@ -39,6 +39,44 @@ pub enum Mode {
     Structured,
 }
 
+/// What a publisher writes around the payload: the CloudEvents binding (the default) or the
+/// lean format for hot paths.
+///
+/// * [`CloudEvents`](WireFormat::CloudEvents): every attribute (`specversion`, `id`, `source`,
+///   `type`, `time`, ...) in the binding's headers or, with [`Mode::Structured`], in a JSON
+///   document. Any CloudEvents reader understands the message, and the id travels, so
+///   consumers can deduplicate by `source` + `id`.
+/// * [`Lean`](WireFormat::Lean): the payload plus only what the caller set on the event (its
+///   key, its headers, its content type) and the trace context when there is a trace to
+///   continue. No `specversion`, `id`, `source`, `type` or `time`: a consumer reads the message
+///   as one from a plain client and fills id and time from what the broker knows (see
+///   docs/WIRE-FORMAT.md, "Messages without a CloudEvents id"). The content mode is ignored.
+///
+/// Bindings that do not offer the lean format yet write the CloudEvents binding.
+///
+/// ```
+/// use polybus_core::cloudevents::WireFormat;
+///
+/// assert_eq!(WireFormat::default(), WireFormat::CloudEvents);
+/// assert!(WireFormat::Lean.is_lean());
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireFormat {
+    /// The full CloudEvents binding (the default).
+    #[default]
+    CloudEvents,
+    /// The payload and what the caller set, nothing more.
+    Lean,
+}
+
+impl WireFormat {
+    /// Whether this is [`WireFormat::Lean`].
+    pub fn is_lean(self) -> bool {
+        matches!(self, WireFormat::Lean)
+    }
+}
+
 /// Whether `name` is a legal CloudEvents extension attribute name that polybus maps
 /// (lowercase ASCII letters and digits, 1 to 20 characters, not a trace header).
 pub fn is_extension_name(name: &str) -> bool {
@@ -160,6 +198,50 @@ pub fn write_binary_owned(
         }
     }
     parts.data
+}
+
+/// What the lean wire format ([`WireFormat::Lean`]) writes of an event, besides its headers:
+/// see [`write_lean_owned`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct LeanParts {
+    /// The payload.
+    pub data: Bytes,
+    /// The partition key, if the caller set one.
+    pub key: Option<Bytes>,
+    /// The content type, if the caller set one.
+    pub content_type: Option<Cow<'static, str>>,
+}
+
+/// Takes `ev` apart for the lean wire format: `header(name, value)` for each header in order
+/// (names and values moved, no extension mapping: every header is a plain header), and the
+/// payload, key and content type returned. Nothing is formatted or allocated here: the id,
+/// source, type and time of the event are not written.
+///
+/// ```
+/// use polybus_core::{Event, cloudevents::write_lean_owned};
+///
+/// let ev = Event::builder().key("k").header("tenant", "eu").data("d").build()?;
+/// let mut headers = Vec::new();
+/// let parts = write_lean_owned(ev, |name, value| headers.push((name.into_owned(), value)));
+/// assert_eq!(headers, [("tenant".to_owned(), "eu".to_owned())]);
+/// assert_eq!(parts.data, "d");
+/// assert_eq!(parts.key.as_deref(), Some(&b"k"[..]));
+/// assert_eq!(parts.content_type, None);
+/// # Ok::<(), polybus_core::Error>(())
+/// ```
+pub fn write_lean_owned(ev: Event, mut header: impl FnMut(Cow<'static, str>, String)) -> LeanParts {
+    let parts = ev.into_parts();
+    if !parts.headers.is_empty() {
+        for (name, value) in parts.headers.into_entries() {
+            header(name, value);
+        }
+    }
+    LeanParts {
+        data: parts.data,
+        key: parts.key,
+        content_type: parts.content_type,
+    }
 }
 
 /// Whether header `i` (named `name`) becomes a CloudEvents extension attribute: its name is an

@@ -24,8 +24,18 @@
 //!    names the publish span.
 //! 2. Otherwise, with the `opentelemetry` feature and an OpenTelemetry layer installed, the
 //!    publish span's own context (a child of the caller's active span) is injected.
-//! 3. Otherwise polybus starts a trace itself: a random trace id and span id, sampled, so the
-//!    header is carried end to end even where nobody configured OpenTelemetry.
+//! 3. Otherwise it depends on the [`TracePolicy`] of the adapter: with
+//!    [`TracePolicy::Continue`] (the NATS and JetStream publishers' default) nothing is
+//!    written: there is no trace to continue, and a random trace per message would only cost
+//!    bytes and time. With [`TracePolicy::StartRoot`] (what [`Telemetry::new`] and [`inject`]
+//!    do, for compatibility) polybus starts a trace itself: a random trace id and span id,
+//!    sampled, so the header is carried end to end even where nobody configured
+//!    OpenTelemetry.
+//!
+//! With the `opentelemetry` feature and an OpenTelemetry layer, step 2 follows the
+//! OpenTelemetry SDK: the publish span's context is what the configured sampler made of it
+//! (a child of the caller's span, or a new trace when the caller has none), written with its
+//! sampled flag as the W3C propagator writes it (a valid context is propagated, sampled or not).
 //!
 //! A different policy can be plugged in with [`set_trace_hook`].
 //!
@@ -394,16 +404,7 @@ pub fn inject(span: &Span, event: &mut Event) -> TraceContext {
     });
     let tc = match (chosen, existing) {
         (Some((tc, state)), _) => {
-            if existing != Some(tc) {
-                event
-                    .headers_mut()
-                    .insert_static(TRACEPARENT, tc.to_header_value());
-            }
-            if let Some(state) = state.filter(|s| crate::headers::validate(TRACESTATE, s).is_ok())
-                && event.headers().get(TRACESTATE) != Some(state.as_str())
-            {
-                event.headers_mut().insert_static(TRACESTATE, state);
-            }
+            write_context(event, existing, tc, state);
             tc
         }
         (None, Some(tc)) => tc,
@@ -423,6 +424,96 @@ pub fn inject(span: &Span, event: &mut Event) -> TraceContext {
     tc
 }
 
+/// What a publish writes when the event carries no trace context and no tracing system
+/// gives one (see the module docs).
+///
+/// ```
+/// use polybus_core::telemetry::{Telemetry, TracePolicy};
+///
+/// let t = Telemetry::new("nats").with_trace_policy(TracePolicy::Continue);
+/// assert_eq!(t.trace_policy(), TracePolicy::Continue);
+/// let mut ev = polybus_core::Event::new(b"x");
+/// let scope = t.publish("orders", &mut ev);
+/// assert!(ev.headers().get("traceparent").is_none(), "no trace to continue");
+/// # drop(scope);
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TracePolicy {
+    /// Start a new sampled trace (random ids) for a message that has none.
+    #[default]
+    StartRoot,
+    /// Write trace context only when there is a trace to continue: one carried by the event,
+    /// or the publish span's context from the tracing system (OpenTelemetry).
+    Continue,
+}
+
+/// [`inject`] under `policy`: returns the context carried, `None` when the message carries
+/// none ([`TracePolicy::Continue`] with no trace to continue). An invalid `traceparent` on the
+/// event, and a `tracestate` without a valid `traceparent`, are removed in that case.
+///
+/// ```
+/// use polybus_core::telemetry::{TracePolicy, inject_with};
+///
+/// let mut ev = polybus_core::Event::new(b"x");
+/// assert!(inject_with(&tracing::Span::none(), &mut ev, TracePolicy::Continue).is_none());
+/// assert!(ev.headers().is_empty());
+/// let tc = inject_with(&tracing::Span::none(), &mut ev, TracePolicy::StartRoot).unwrap();
+/// assert_eq!(ev.headers().get("traceparent"), Some(tc.to_string().as_str()));
+/// ```
+pub fn inject_with(span: &Span, event: &mut Event, policy: TracePolicy) -> Option<TraceContext> {
+    if policy == TracePolicy::StartRoot {
+        return Some(inject(span, event));
+    }
+    // The common case of a hot path: no headers at all, no tracing system.
+    if event.headers().is_empty() && hook().is_none() {
+        return None;
+    }
+    let existing = TraceContext::from_headers(event.headers());
+    let chosen = hook().and_then(|h| {
+        h.publish_context(
+            span,
+            existing.map(|tc| (tc, event.headers().get(TRACESTATE))),
+        )
+    });
+    let tc = match (chosen, existing) {
+        (Some((tc, state)), _) => {
+            write_context(event, existing, tc, state);
+            tc
+        }
+        (None, Some(tc)) => tc,
+        (None, None) => {
+            if !event.headers().is_empty() {
+                event.headers_mut().remove(TRACEPARENT);
+                event.headers_mut().remove(TRACESTATE);
+            }
+            return None;
+        }
+    };
+    if !span.is_disabled() {
+        span.record("trace_id", tracing::field::display(tc.trace_id_hex()));
+    }
+    Some(tc)
+}
+
+fn write_context(
+    event: &mut Event,
+    existing: Option<TraceContext>,
+    tc: TraceContext,
+    state: Option<String>,
+) {
+    if existing != Some(tc) {
+        event
+            .headers_mut()
+            .insert_static(TRACEPARENT, tc.to_header_value());
+    }
+    if let Some(state) = state.filter(|s| crate::headers::validate(TRACESTATE, s).is_ok())
+        && event.headers().get(TRACESTATE) != Some(state.as_str())
+    {
+        event.headers_mut().insert_static(TRACESTATE, state);
+    }
+}
+
 /// The telemetry of one adapter instance: spans, trace propagation and metrics for one
 /// messaging system. Cheap to clone (the metric handles are shared).
 ///
@@ -432,6 +523,7 @@ pub fn inject(span: &Span, event: &mut Event) -> TraceContext {
 pub struct Telemetry {
     system: &'static str,
     instruments: Arc<Instruments>,
+    policy: TracePolicy,
 }
 
 impl Telemetry {
@@ -440,7 +532,20 @@ impl Telemetry {
         Telemetry {
             system,
             instruments: Arc::new(Instruments::new(system)),
+            policy: TracePolicy::StartRoot,
         }
+    }
+
+    /// The same telemetry with another [`TracePolicy`] (default [`TracePolicy::StartRoot`]).
+    #[must_use]
+    pub fn with_trace_policy(mut self, policy: TracePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The trace policy of the publishes.
+    pub fn trace_policy(&self) -> TracePolicy {
+        self.policy
     }
 
     /// The messaging system.
@@ -457,7 +562,7 @@ impl Telemetry {
     /// and starts the latency timer. Run the broker call through [`PublishScope::run`].
     pub fn publish(&self, topic: &str, event: &mut Event) -> PublishScope<'_> {
         let span = publish_span(self.system, topic, event);
-        inject(&span, event);
+        inject_with(&span, event, self.policy);
         PublishScope {
             span,
             start: Instant::now(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::stream::{RetentionPolicy, StorageType};
 use polybus_core::Result;
-use polybus_core::cloudevents::Mode;
+use polybus_core::cloudevents::{Mode, WireFormat};
 use polybus_nats::NatsOptions;
 
 use crate::{JetStream, JsConsumer, JsProducer};
@@ -242,6 +242,8 @@ pub struct JsOptions {
     pub(crate) consumer: ConsumerSettings,
     pub(crate) group: Option<String>,
     pub(crate) publish_timeout: Duration,
+    /// Whether publishes carry `Nats-Msg-Id`; `None`: with the CloudEvents format only.
+    pub(crate) msg_id: Option<bool>,
 }
 
 impl JsOptions {
@@ -260,6 +262,7 @@ impl JsOptions {
             consumer: ConsumerSettings::default(),
             group: None,
             publish_timeout: Duration::from_secs(10),
+            msg_id: None,
         }
     }
 
@@ -333,6 +336,52 @@ impl JsOptions {
     /// ```
     pub fn mode(self, mode: Mode) -> Self {
         self.nats(|n| n.mode(mode))
+    }
+
+    /// What publishers write around the payload (default: the CloudEvents binding); see
+    /// `NatsOptions::wire_format`. With [`WireFormat::Lean`] a publish carries no
+    /// `Nats-Msg-Id` unless [`msg_id`](Self::msg_id) asks for it, and consumers name each
+    /// message `jetstream:<stream>:<sequence>` (source `jetstream:<stream>`, time when the
+    /// stream stored it).
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// use polybus_core::cloudevents::WireFormat;
+    /// let _p = polybus_jetstream::JsOptions::new("nats://127.0.0.1:4222")
+    ///     .wire_format(WireFormat::Lean)
+    ///     .producer()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn wire_format(self, format: WireFormat) -> Self {
+        self.nats(|n| n.wire_format(format))
+    }
+
+    /// Whether each publish carries the event id as `Nats-Msg-Id`, so that the stream stores
+    /// an event published twice within its duplicate window once (default: yes with the
+    /// CloudEvents format, no with the lean one). The server keeps every id of the window
+    /// (2 minutes by default) in memory and checks each publish against them; the header adds
+    /// ~50 bytes per message. A lean message with `Nats-Msg-Id` is read back with that id.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// use polybus_core::cloudevents::WireFormat;
+    /// let _p = polybus_jetstream::JsOptions::new("nats://127.0.0.1:4222")
+    ///     .wire_format(WireFormat::Lean)
+    ///     .msg_id(true) // lean, but deduplicated by the server
+    ///     .producer()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn msg_id(mut self, on: bool) -> Self {
+        self.msg_id = Some(on);
+        self
+    }
+
+    /// Whether publishes carry `Nats-Msg-Id` (see [`msg_id`](Self::msg_id)).
+    pub fn msg_id_value(&self) -> bool {
+        self.msg_id
+            .unwrap_or(!self.nats.wire_format_value().is_lean())
     }
 
     /// Where streams for topics come from (default [`StreamPolicy::Existing`]).

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{HeaderName, HeaderValue};
+use polybus_core::telemetry::Telemetry;
 use polybus_core::{Error, Event, IntoPayload, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
@@ -57,6 +58,10 @@ struct Inner {
     /// Reuses the constant CloudEvents headers from one event to the next.
     encoder: polybus_nats::Encoder,
     subjects: polybus_nats::SubjectCache,
+    /// The connection's telemetry with the trace policy of these options.
+    telemetry: Telemetry,
+    /// Whether publishes carry `Nats-Msg-Id`.
+    msg_id: bool,
 }
 
 impl JsProducer {
@@ -95,10 +100,21 @@ impl JsProducer {
     }
 
     pub(crate) fn new(js: JetStream, subject: Option<String>, owns_connection: bool) -> Self {
-        let encoder = polybus_nats::Encoder::new(js.options().nats.content_mode());
+        let opts = js.options();
+        let encoder = polybus_nats::Encoder::with_format(
+            opts.nats.content_mode(),
+            opts.nats.wire_format_value(),
+        );
+        let telemetry = js
+            .telemetry()
+            .clone()
+            .with_trace_policy(opts.nats.trace_policy_value());
+        let msg_id = opts.msg_id_value();
         JsProducer {
             inner: Arc::new(Inner {
                 encoder,
+                telemetry,
+                msg_id,
                 subjects: polybus_nats::SubjectCache::default(),
                 js,
                 subject,
@@ -149,24 +165,35 @@ impl JsProducer {
         topic: &str,
         mut event: Event,
     ) -> impl Future<Output = Result<Receipt>> + Send {
-        let scope = self.inner.js.telemetry().publish(topic, &mut event);
+        let scope = self.inner.telemetry.publish(topic, &mut event);
         scope.run(self.publish_traced(topic, event))
     }
 
     async fn publish_traced(&self, topic: &str, mut event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
         let (shared_topic, subject) = self.inner.subjects.get(topic, BACKEND)?;
-        event.validate()?;
-        let opts = self.inner.js.options();
-        if let Some(src) = &opts.nats.default_source() {
-            event.set_source_if_unset(src);
+        let lean = self.inner.encoder.wire_format().is_lean();
+        if !lean || self.inner.msg_id || event.content_type().is_some() {
+            event.validate()?;
         }
-        let id: HeaderValue = event.id().parse().map_err(|_| {
-            Error::new(polybus_core::ErrorKind::InvalidHeader, BACKEND)
-                .with_message("the event id cannot travel as Nats-Msg-Id")
-        })?;
+        if !lean {
+            let opts = self.inner.js.options();
+            if let Some(src) = &opts.nats.default_source() {
+                event.set_source_if_unset(src);
+            }
+        }
+        let id: Option<HeaderValue> = if self.inner.msg_id {
+            Some(event.id().parse().map_err(|_| {
+                Error::new(polybus_core::ErrorKind::InvalidHeader, BACKEND)
+                    .with_message("the event id cannot travel as Nats-Msg-Id")
+            })?)
+        } else {
+            None
+        };
         let (mut headers, payload) = self.inner.encoder.encode_owned(event, BACKEND)?;
-        headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
+        if let Some(id) = id {
+            headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
+        }
         polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
         self.ensure_stream(topic).await?;
         let conn = self.inner.js.connection();
@@ -182,7 +209,11 @@ impl JsProducer {
             .context()
             .send_publish(
                 subject,
-                PublishMessage::build().payload(payload).headers(headers),
+                if headers.is_empty() {
+                    PublishMessage::build().payload(payload)
+                } else {
+                    PublishMessage::build().payload(payload).headers(headers)
+                },
             )
             .await
             .map_err(|e| error::publish(e, topic))?;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use polybus_core::telemetry::TracePolicy;
 use polybus_core::{Consumer, Delivery, Event, MessageConsumer, Publisher};
 use polybus_jetstream::{JsOptions, StreamPolicy, StreamSettings};
 use polybus_nats::{NatsConsumer, NatsProducer};
@@ -26,9 +27,12 @@ fn otel_trace_id(span: &tracing::Span) -> [u8; 16] {
     span.context().span().span_context().trace_id().to_bytes()
 }
 
-/// Publishes on core NATS under `root`, relays the delivery to JetStream, returns both
-/// deliveries (NATS, JetStream).
-async fn nats_relay_jetstream(root: tracing::Span) -> anyhow::Result<(Delivery, Delivery)> {
+/// Publishes on core NATS under `root` with the trace `policy`, relays the delivery to
+/// JetStream, returns both deliveries (NATS, JetStream).
+async fn nats_relay_jetstream(
+    root: tracing::Span,
+    policy: TracePolicy,
+) -> anyhow::Result<(Delivery, Delivery)> {
     let url =
         std::env::var("POLYBUS_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -48,7 +52,10 @@ async fn nats_relay_jetstream(root: tracing::Span) -> anyhow::Result<(Delivery, 
     let js_consumer = js.consumer(Some("trace-reader"));
     let mut backbone_sub = std::pin::pin!(js_consumer.subscribe(&backbone));
 
-    let producer = NatsProducer::connect(&url).await?;
+    let producer = NatsProducer::builder(url.as_str())
+        .trace_policy(policy)
+        .producer()
+        .await?;
     async {
         producer
             .publish(&edge, Event::builder().kind("order.created").build()?)
@@ -82,7 +89,7 @@ async fn otel_trace_runs_from_nats_publisher_through_jetstream_to_the_consumer()
     let root = tracing::info_span!("checkout");
     let trace = otel_trace_id(&root);
     assert_ne!(trace, [0; 16]);
-    let (at_edge, at_backbone) = nats_relay_jetstream(root).await?;
+    let (at_edge, at_backbone) = nats_relay_jetstream(root, TracePolicy::Continue).await?;
 
     assert_eq!(otel_trace_id(at_edge.span()), trace, "NATS consumer span");
     assert_eq!(
@@ -113,7 +120,15 @@ async fn otel_trace_runs_from_nats_publisher_through_jetstream_to_the_consumer()
 async fn without_opentelemetry_the_polybus_traceparent_is_carried_end_to_end() -> anyhow::Result<()>
 {
     let _serial = serial();
-    let (at_edge, at_backbone) = nats_relay_jetstream(tracing::Span::none()).await?;
+    // Without a trace to continue, the default policy writes none.
+    let (at_edge, at_backbone) =
+        nats_relay_jetstream(tracing::Span::none(), TracePolicy::Continue).await?;
+    assert_eq!(at_edge.trace_context(), None, "no trace, no traceparent");
+    assert_eq!(at_backbone.trace_context(), None);
+    at_backbone.ack().await?;
+    // `StartRoot` starts one, carried unchanged through the relay.
+    let (at_edge, at_backbone) =
+        nats_relay_jetstream(tracing::Span::none(), TracePolicy::StartRoot).await?;
     let edge_tc = at_edge
         .trace_context()
         .expect("polybus wrote a traceparent");

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event as NatsEvent};
-use polybus_core::cloudevents::Mode;
+use polybus_core::cloudevents::{Mode, WireFormat};
+use polybus_core::telemetry::TracePolicy;
 use polybus_core::{Error, ErrorKind, Result};
 use tokio::sync::watch;
 
@@ -47,6 +48,8 @@ pub struct NatsOptions {
     name: Option<String>,
     pub(crate) source: Option<Cow<'static, str>>,
     pub(crate) mode: Mode,
+    pub(crate) wire_format: WireFormat,
+    pub(crate) trace_policy: TracePolicy,
     pub(crate) request_timeout: Option<Duration>,
     connect_timeout: Duration,
     pub(crate) close_timeout: Duration,
@@ -80,6 +83,8 @@ impl NatsOptions {
             name: None,
             source: None,
             mode: Mode::Binary,
+            wire_format: WireFormat::CloudEvents,
+            trace_policy: TracePolicy::Continue,
             request_timeout: Some(Duration::from_secs(10)),
             connect_timeout: Duration::from_secs(5),
             close_timeout: Duration::from_secs(10),
@@ -219,6 +224,42 @@ impl NatsOptions {
         self
     }
 
+    /// What publishers write around the payload: the CloudEvents binding (default) or the
+    /// lean format (the payload, the event's headers, key and content type, nothing else; see
+    /// [`WireFormat`] and docs/WIRE-FORMAT.md). Consumers read either.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// use polybus_core::cloudevents::WireFormat;
+    /// let _p = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222")
+    ///     .wire_format(WireFormat::Lean)
+    ///     .producer()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn wire_format(mut self, format: WireFormat) -> Self {
+        self.wire_format = format;
+        self
+    }
+
+    /// What a publish writes when the event carries no trace context and no tracing system
+    /// gives one (default [`TracePolicy::Continue`]: nothing; [`TracePolicy::StartRoot`]: a
+    /// new random trace per message). See `polybus_core::telemetry`.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// use polybus_core::telemetry::TracePolicy;
+    /// let _p = polybus_nats::NatsOptions::new("nats://127.0.0.1:4222")
+    ///     .trace_policy(TracePolicy::StartRoot)
+    ///     .producer()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn trace_policy(mut self, policy: TracePolicy) -> Self {
+        self.trace_policy = policy;
+        self
+    }
+
     /// How long a request waits for its reply (`None`: forever). Default 10 s.
     ///
     /// ```no_run
@@ -339,6 +380,16 @@ impl NatsOptions {
         self.mode
     }
 
+    /// The wire format set with [`wire_format`](Self::wire_format).
+    pub fn wire_format_value(&self) -> WireFormat {
+        self.wire_format
+    }
+
+    /// The trace policy set with [`trace_policy`](Self::trace_policy).
+    pub fn trace_policy_value(&self) -> TracePolicy {
+        self.trace_policy
+    }
+
     /// The close timeout set with [`close_timeout`](Self::close_timeout).
     pub fn close_timeout_value(&self) -> Duration {
         self.close_timeout
@@ -453,6 +504,8 @@ impl fmt::Debug for NatsOptions {
             .field("name", &self.name)
             .field("source", &self.source)
             .field("mode", &self.mode)
+            .field("wire_format", &self.wire_format)
+            .field("trace_policy", &self.trace_policy)
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("close_timeout", &self.close_timeout)

@@ -21,7 +21,7 @@ use std::fmt::Write as _;
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
-use polybus_core::cloudevents::{self, BinaryDecoder, Mode};
+use polybus_core::cloudevents::{self, BinaryDecoder, Mode, WireFormat};
 use polybus_core::{Error, ErrorKind, Event, Result};
 
 /// The prefix of CloudEvents attribute headers in the NATS binding.
@@ -133,6 +133,56 @@ fn encode_binary(
     Ok((headers, data))
 }
 
+/// The lean wire format ([`WireFormat::Lean`]): the payload, the event's headers as plain NATS
+/// headers (values moved), the key as `ce-partitionkey` (percent-encoded, when UTF-8) and the
+/// content type as `Content-Type`; nothing else. An event with none of these gives an empty
+/// map, which the publishers send as a message without headers.
+///
+/// # Errors
+/// [`ErrorKind::InvalidHeader`] for a header named `ce-...` or `Content-Type` (reserved, as in
+/// the CloudEvents binding) or one NATS cannot carry.
+///
+/// ```
+/// use polybus_core::Event;
+///
+/// let (headers, payload) = polybus_nats::encode_lean(Event::new(b"hot"), "nats")?;
+/// assert!(headers.is_empty());
+/// assert_eq!(payload, "hot");
+/// let ev = Event::builder().key("k 1").header("tenant", "eu").data("x").build()?;
+/// let (headers, _) = polybus_nats::encode_lean(ev, "nats")?;
+/// assert_eq!(headers.get("tenant").map(|v| v.as_str()), Some("eu"));
+/// assert_eq!(headers.get("ce-partitionkey").map(|v| v.as_str()), Some("k%201"));
+/// assert!(headers.get("ce-id").is_none());
+/// # Ok::<(), polybus_core::Error>(())
+/// ```
+pub fn encode_lean(event: Event, backend: &'static str) -> Result<(HeaderMap, Bytes)> {
+    let mut headers = HeaderMap::new();
+    let mut failure = None;
+    let parts = cloudevents::write_lean_owned(event, |name, value| {
+        put_plain_checked(&mut headers, name, value, backend, &mut failure);
+    });
+    if let Some(key) = parts
+        .key
+        .as_deref()
+        .and_then(|k| std::str::from_utf8(k).ok())
+    {
+        put_attribute(
+            &mut headers,
+            HeaderName::from_static("ce-partitionkey"),
+            &percent_encode(key),
+            backend,
+            &mut failure,
+        );
+    }
+    if let Some(ct) = parts.content_type {
+        put(&mut headers, CONTENT_TYPE, &ct, backend, &mut failure);
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok((headers, parts.data))
+}
+
 /// An attribute value percent-encoded as the binding says, moved when it needs no encoding.
 /// Encoded values hold only printable ASCII, so NATS can carry every one.
 fn encoded_value(value: Cow<'_, str>) -> HeaderValue {
@@ -168,6 +218,7 @@ fn encoded_value(value: Cow<'_, str>) -> HeaderValue {
 #[derive(Debug)]
 pub struct Encoder {
     mode: Mode,
+    format: WireFormat,
     template: std::sync::Mutex<Option<Template>>,
 }
 
@@ -244,10 +295,31 @@ impl Template {
 impl Encoder {
     /// An encoder for `mode`.
     pub fn new(mode: Mode) -> Self {
+        Self::with_format(mode, WireFormat::CloudEvents)
+    }
+
+    /// An encoder writing `format`: the CloudEvents binding in `mode`, or the lean format (see
+    /// [`encode_lean`]; `mode` is then ignored).
+    ///
+    /// ```
+    /// use polybus_core::{Event, cloudevents::{Mode, WireFormat}};
+    ///
+    /// let lean = polybus_nats::Encoder::with_format(Mode::Binary, WireFormat::Lean);
+    /// let (headers, _) = lean.encode(&Event::new(b"x"), "nats")?;
+    /// assert!(headers.is_empty());
+    /// # Ok::<(), polybus_core::Error>(())
+    /// ```
+    pub fn with_format(mode: Mode, format: WireFormat) -> Self {
         Encoder {
             mode,
+            format,
             template: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The wire format this encoder writes.
+    pub fn wire_format(&self) -> WireFormat {
+        self.format
     }
 
     /// The mode this encoder writes.
@@ -269,6 +341,9 @@ impl Encoder {
     /// # Errors
     /// As for [`encode_event`].
     pub fn encode_owned(&self, event: Event, backend: &'static str) -> Result<(HeaderMap, Bytes)> {
+        if self.format.is_lean() {
+            return encode_lean(event, backend);
+        }
         if matches!(self.mode, Mode::Structured) {
             return encode_structured(&event, backend);
         }

@@ -74,7 +74,7 @@ mod subject;
 pub use config::{NatsConnection, NatsOptions};
 pub use consumer::{CAPABILITIES, NatsConsumer, NatsRequest, NatsRequests, NatsSubscription};
 pub use convert::{
-    CE_PREFIX, CONTENT_TYPE, Encoder, decode_event, decode_event_with, encode_event,
+    CE_PREFIX, CONTENT_TYPE, Encoder, decode_event, decode_event_with, encode_event, encode_lean,
     percent_decode, percent_encode,
 };
 pub use publisher::{NatsProducer, check_size};

@@ -112,12 +112,12 @@ impl NatsProducer {
             inner: Arc::new(Inner {
                 conn,
                 source: opts.source.clone(),
-                encoder: Encoder::new(opts.mode),
+                encoder: Encoder::with_format(opts.mode, opts.wire_format),
                 request_timeout: opts.request_timeout,
                 close_timeout: opts.close_timeout,
                 gate: Gate::default(),
                 owns_connection,
-                telemetry: Telemetry::new(BACKEND),
+                telemetry: Telemetry::new(BACKEND).with_trace_policy(opts.trace_policy),
                 check_permissions: opts.check_publish_permissions,
                 subjects: SubjectCache::default(),
             }),
@@ -197,9 +197,14 @@ impl NatsProducer {
     ) -> Result<(Arc<str>, Subject, HeaderMap, Bytes)> {
         let (topic, subj) = self.inner.subjects.get(subject, BACKEND)?;
         self.inner.conn.earlier_publish_refused(subject, BACKEND)?;
-        event.validate()?;
-        if let Some(src) = &self.inner.source {
-            event.set_source_if_unset(src);
+        if !self.inner.encoder.wire_format().is_lean() {
+            // The lean format writes no id, source or type: nothing to check or default.
+            event.validate()?;
+            if let Some(src) = &self.inner.source {
+                event.set_source_if_unset(src);
+            }
+        } else if event.content_type().is_some() {
+            event.validate()?;
         }
         let (headers, payload) = self.inner.encoder.encode_owned(event, BACKEND)?;
         check_size(&self.inner.conn, &headers, payload.len(), BACKEND)?;
@@ -220,12 +225,15 @@ impl NatsProducer {
     async fn publish_traced(&self, subject: &str, event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
         let (topic, subj, headers, payload) = self.prepare(subject, event)?;
-        self.inner
-            .conn
-            .client
-            .publish_with_headers(subj, headers, payload)
-            .await
-            .map_err(|e| error::publish(e, BACKEND))?;
+        let client = &self.inner.conn.client;
+        // The lean format of an event without headers, key or content type has no headers:
+        // a plain `PUB`, as a payload-only client sends.
+        let sent = if headers.is_empty() {
+            client.publish(subj, payload).await
+        } else {
+            client.publish_with_headers(subj, headers, payload).await
+        };
+        sent.map_err(|e| error::publish(e, BACKEND))?;
         Ok(Receipt::new(topic))
     }
 }

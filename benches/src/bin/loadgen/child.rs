@@ -121,6 +121,7 @@ async fn run(args: &ChildArgs, meter: Meter) -> Result<Outcome> {
     match args.kind {
         Kind::NatsPublish => work::nats::publish(&env, args, &meter).await,
         Kind::NatsSubscribe => work::nats::subscribe(&env, args, &meter).await,
+        Kind::NatsHandler => work::nats::handler(&env, args, &meter).await,
         Kind::NatsRequestReply => work::nats::request_reply(&env, args, &meter).await,
         Kind::JsPublish => work::jetstream::publish(&env, args, &meter).await,
         Kind::JsConsume => work::jetstream::consume(&env, args, &meter).await,

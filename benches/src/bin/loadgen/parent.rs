@@ -128,7 +128,14 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
 
     let total_runs: u64 = groups
         .iter()
-        .map(|g| (g.sides.len() * g.steps.len() * rounds) as u64)
+        .map(|g| {
+            let runs: usize = g
+                .steps
+                .iter()
+                .map(|s| g.sides.iter().filter(|&&side| s.runs(side)).count())
+                .sum();
+            (runs * rounds) as u64
+        })
         .sum();
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
     let overall = multi.add(ProgressBar::new(total_runs));
@@ -162,6 +169,9 @@ pub(crate) fn main(args: &[String]) -> Result<()> {
                     side.name()
                 );
                 for (i, step) in g.steps.iter().enumerate() {
+                    if !step.runs(side) {
+                        continue;
+                    }
                     overall.set_message(format!("{} round {}/{rounds}", g.id, round + 1));
                     current.reset();
                     current.set_length(step.messages);

@@ -14,6 +14,8 @@ use crate::spec::Side;
 const POLYBUS: RGBColor = RGBColor(31, 119, 180);
 const RAW: RGBColor = RGBColor(255, 127, 14);
 const BARE: RGBColor = RGBColor(150, 150, 150);
+const LEAN: RGBColor = RGBColor(44, 160, 44);
+const PEER: RGBColor = RGBColor(214, 39, 40);
 const FONT: &str = "sans-serif";
 
 fn color(side: Side) -> RGBColor {
@@ -21,6 +23,8 @@ fn color(side: Side) -> RGBColor {
         Side::Polybus => POLYBUS,
         Side::Raw => RAW,
         Side::Bare => BARE,
+        Side::Lean => LEAN,
+        Side::RustStream => PEER,
     }
 }
 
@@ -88,7 +92,7 @@ fn label_at(labels: &[String], y: f64) -> String {
 
 /// Median throughput per side and step, log scale (rates differ by orders of magnitude).
 fn throughput(results: &Results, path: &Path) -> Result<()> {
-    let sides = [Side::Polybus, Side::Raw, Side::Bare];
+    let sides = Side::ALL;
     let mut labels = Vec::new();
     let mut bars: Vec<Vec<(Side, f64)>> = Vec::new();
     for s in &results.steps {
@@ -160,6 +164,8 @@ fn throughput(results: &Results, path: &Path) -> Result<()> {
                 Side::Polybus => "polybus",
                 Side::Raw => "raw client (same headers)",
                 Side::Bare => "raw client, payload only",
+                Side::Lean => "polybus, lean wire format",
+                Side::RustStream => "RustStream",
             })
             .legend(move |(x, y)| {
                 Rectangle::new([(x, y - 5), (x + 12, y + 5)], color(side).filled())
@@ -299,7 +305,7 @@ fn ratio_panel(
 
 /// Percentile curves of one step (the run with the median p99 of each side).
 fn latency(s: &StepRecord, path: &Path) -> Result<()> {
-    let curves: Vec<(Side, Vec<(f64, f64)>)> = [Side::Polybus, Side::Raw]
+    let curves: Vec<(Side, Vec<(f64, f64)>)> = Side::ALL
         .into_iter()
         .filter_map(|side| {
             let run = s.median_run(side, |r| r.latency.as_ref().map_or(0.0, |l| l.p99_us))?;
@@ -393,7 +399,7 @@ fn memory(results: &Results, path: &Path) -> Result<()> {
         .map_err(err)?;
     let panels = body.split_evenly((rows, cols));
     for (s, panel) in steps.iter().zip(panels.iter()) {
-        let series: Vec<(Side, Vec<(f64, f64)>)> = [Side::Polybus, Side::Raw]
+        let series: Vec<(Side, Vec<(f64, f64)>)> = Side::ALL
             .into_iter()
             .filter_map(|side| {
                 let run = s.median_run(side, |r| r.throughput)?;

@@ -329,25 +329,36 @@ pub(crate) fn table(rows: &[Row]) -> String {
     t
 }
 
-fn headers_table(results: &Results) -> Option<String> {
+fn sides_table(results: &Results) -> Option<String> {
     let thr: Pick = |r| Some(r.throughput);
     let mut t = String::from(
-        "| figure | raw + CloudEvents headers | raw, payload only | ratio |\n|---|---:|---:|---:|\n",
+        "| figure | polybus (CloudEvents) | raw, same headers | polybus lean | raw, payload only | RustStream \
+         | polybus / raw same headers | lean / raw payload only | lean / RustStream | polybus / RustStream |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut any = false;
+    let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3}"));
     for s in &results.steps {
-        if s.of(Side::Bare).is_empty() {
+        if [Side::Bare, Side::Lean, Side::RustStream]
+            .iter()
+            .all(|&side| s.of(side).is_empty())
+        {
             continue;
         }
         any = true;
         let _ = writeln!(
             t,
-            "| {} (msg/s) | {} | {} | {} |",
+            "| {} (msg/s) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             s.title,
+            show(s.median_of(Side::Polybus, thr), "msg/s"),
             show(s.median_of(Side::Raw, thr), "msg/s"),
+            show(s.median_of(Side::Lean, thr), "msg/s"),
             show(s.median_of(Side::Bare, thr), "msg/s"),
-            s.paired_ratio(Side::Raw, Side::Bare, thr)
-                .map_or("-".into(), |x| format!("{x:.3}")),
+            show(s.median_of(Side::RustStream, thr), "msg/s"),
+            ratio(s.paired_ratio(Side::Polybus, Side::Raw, thr)),
+            ratio(s.paired_ratio(Side::Lean, Side::Bare, thr)),
+            ratio(s.paired_ratio(Side::Lean, Side::RustStream, thr)),
+            ratio(s.paired_ratio(Side::Polybus, Side::RustStream, thr)),
         );
     }
     any.then_some(t)
@@ -360,7 +371,7 @@ fn memory_table(results: &Results) -> String {
          |---|---|---:|---:|---:|---:|\n",
     );
     for s in &results.steps {
-        for side in [Side::Polybus, Side::Raw] {
+        for side in Side::ALL {
             let runs = s.of(side);
             if runs.is_empty() {
                 continue;
@@ -426,10 +437,10 @@ pub(crate) fn markdown(results: &Results, rows: &[Row]) -> String {
         m.mqtt,
     );
     md.push_str(&table(rows));
-    if let Some(h) = headers_table(results) {
+    if let Some(h) = sides_table(results) {
         let _ = writeln!(
             md,
-            "\n## What the CloudEvents headers cost\n\nThe raw client with the same headers as polybus against the raw client sending the payload alone (not a target).\n"
+            "\n## Every side: the envelope, the lean wire format and the peer\n\npolybus with the CloudEvents binding (default) against the raw client writing the same headers, polybus' lean wire format against the raw client sending the payload alone, and both against RustStream (ruststream-nats, payload only), each ratio the median of the per-round ratios.\n"
         );
         md.push_str(&h);
     }

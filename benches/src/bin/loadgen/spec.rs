@@ -11,8 +11,14 @@ pub(crate) enum Side {
     /// The raw client underneath, sending the same CloudEvents headers.
     Raw,
     /// The raw client sending the payload without any header (shows what the CloudEvents
-    /// headers cost; not part of the ratio).
+    /// headers cost; the bar for polybus' lean wire format).
     Bare,
+    /// polybus with the lean wire format (`WireFormat::Lean`: the payload and what the caller
+    /// set, no CloudEvents envelope).
+    Lean,
+    /// The peer: RustStream (`ruststream` + `ruststream-nats`), which writes the payload only.
+    #[serde(rename = "ruststream")]
+    RustStream,
 }
 
 impl Side {
@@ -21,8 +27,19 @@ impl Side {
             Side::Polybus => "polybus",
             Side::Raw => "raw",
             Side::Bare => "bare",
+            Side::Lean => "lean",
+            Side::RustStream => "ruststream",
         }
     }
+
+    /// Every side, in the order of the tables and plots.
+    pub(crate) const ALL: [Side; 5] = [
+        Side::Polybus,
+        Side::Raw,
+        Side::Lean,
+        Side::Bare,
+        Side::RustStream,
+    ];
 }
 
 /// The kind of work a step does; `child` dispatches on it.
@@ -34,6 +51,9 @@ pub(crate) enum Kind {
     /// Core NATS publish-to-receive: a raw publisher (same for both sides) and the subscriber
     /// under test; the publisher stays at most a window ahead of the subscriber.
     NatsSubscribe,
+    /// Core NATS publish-to-handler: the side's publisher and subscriber, the handler decoding
+    /// the JSON payload; the publisher stays at most a window ahead of the handler.
+    NatsHandler,
     /// Core NATS request-reply round trips, one at a time.
     NatsRequestReply,
     /// JetStream publish, each publish awaiting the stream's ack, `window` in flight.
@@ -89,6 +109,15 @@ pub(crate) struct Step {
     pub(crate) window: usize,
     /// Throughput target: polybus >= this x raw.
     pub(crate) throughput_target: f64,
+    /// Sides of the group that skip this step (a peer without the operation).
+    pub(crate) skip: &'static [Side],
+}
+
+impl Step {
+    /// Whether `side` runs this step.
+    pub(crate) fn runs(&self, side: Side) -> bool {
+        !self.skip.contains(&side)
+    }
 }
 
 /// Steps that run back to back for one side (a consume reads what the publish before it
@@ -101,7 +130,11 @@ pub(crate) struct Group {
 }
 
 const AB: &[Side] = &[Side::Polybus, Side::Raw];
-const ABC: &[Side] = &[Side::Polybus, Side::Raw, Side::Bare];
+/// polybus in both wire formats, the raw client with the same headers and payload only, and
+/// the peer.
+const ALL: &[Side] = &Side::ALL;
+/// The sides a JetStream consume step skips: RustStream's pull consumer is not measured yet.
+const NO_PEER: &[Side] = &[Side::RustStream];
 
 /// Rounds per workload: full and quick.
 pub(crate) const ROUNDS: (usize, usize) = (3, 2);
@@ -117,11 +150,12 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
         size,
         window,
         throughput_target: crate::report::THROUGHPUT_TARGET,
+        skip: &[],
     };
     vec![
         Group {
             id: "nats.pub.64",
-            sides: ABC,
+            sides: ALL,
             steps: vec![step(
                 "nats.pub.64",
                 "NATS publish 64 B",
@@ -133,7 +167,7 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
         },
         Group {
             id: "nats.pub.1k",
-            sides: ABC,
+            sides: ALL,
             steps: vec![step(
                 "nats.pub.1k",
                 "NATS publish 1 KiB",
@@ -168,6 +202,18 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
             )],
         },
         Group {
+            id: "nats.handler",
+            sides: ALL,
+            steps: vec![step(
+                "nats.handler",
+                "NATS publish -> handler (JSON) 64 B",
+                Kind::NatsHandler,
+                n(1_000_000, 100_000),
+                64,
+                32_768,
+            )],
+        },
+        Group {
             id: "nats.reqrep",
             sides: AB,
             steps: vec![step(
@@ -181,7 +227,7 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
         },
         Group {
             id: "jetstream",
-            sides: AB,
+            sides: ALL,
             steps: vec![
                 step(
                     "js.publish",
@@ -191,14 +237,17 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
                     64,
                     256,
                 ),
-                step(
-                    "js.consume",
-                    "JetStream pull-consume-with-ack 64 B",
-                    Kind::JsConsume,
-                    n(200_000, 40_000),
-                    64,
-                    1,
-                ),
+                Step {
+                    skip: NO_PEER,
+                    ..step(
+                        "js.consume",
+                        "JetStream pull-consume-with-ack 64 B",
+                        Kind::JsConsume,
+                        n(200_000, 40_000),
+                        64,
+                        1,
+                    )
+                },
             ],
         },
         Group {
@@ -277,6 +326,10 @@ pub(crate) fn list() {
             let sides: Vec<_> = g.sides.iter().map(|s| s.name()).collect();
             println!("  {} [{}]", g.id, sides.join(", "));
             for s in &g.steps {
+                let skip: Vec<_> = s.skip.iter().map(|s| s.name()).collect();
+                if !skip.is_empty() {
+                    println!("    (not for {})", skip.join(", "));
+                }
                 println!(
                     "    {:<14} {:>9} x {:>5} B, window {:>6}  {}",
                     s.id, s.messages, s.size, s.window, s.title

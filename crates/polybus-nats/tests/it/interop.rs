@@ -123,7 +123,12 @@ async fn python_reads(mode: Mode) -> anyhow::Result<serde_json::Value> {
     let ready = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await?;
     assert_eq!(ready.as_deref(), Some("ready"));
 
-    let p = NatsProducer::builder(&url).mode(mode).producer().await?;
+    // A trace of polybus' own, so the Python side sees a `traceparent` it can parse.
+    let p = NatsProducer::builder(&url)
+        .mode(mode)
+        .trace_policy(polybus_core::telemetry::TracePolicy::StartRoot)
+        .producer()
+        .await?;
     p.publish(&subject, polybus_event()?).await?;
     p.flush().await?;
     let line = tokio::time::timeout(Duration::from_secs(20), rx.recv())

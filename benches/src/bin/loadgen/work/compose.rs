@@ -79,7 +79,7 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             let _ = std::fs::remove_dir_all(&spool);
             elapsed
         }
-        Side::Raw | Side::Bare => {
+        _ => {
             let topic = format!("bench.compose.raw.{}", a.tag);
             let _ = admin.delete_topic(&topic).await;
             admin

@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use async_nats::Subject;
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull, stream::StorageType};
 use futures_util::StreamExt as _;
+use polybus_core::cloudevents::WireFormat;
 use polybus_core::{Event, Publisher as _};
 use polybus_jetstream::JsOptions;
 
@@ -55,8 +56,15 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
     let mut latency = Latency::new();
     let t0;
     match a.side {
-        Side::Polybus => {
-            let js = JsOptions::new(env.nats_url.as_str()).connect().await?;
+        Side::Polybus | Side::Lean => {
+            let opts = JsOptions::new(env.nats_url.as_str());
+            // Lean: the payload only, no `Nats-Msg-Id` (its default), like the peer.
+            let opts = if a.side == Side::Lean {
+                opts.wire_format(WireFormat::Lean)
+            } else {
+                opts
+            };
+            let js = opts.connect().await?;
             let p = js.producer();
             t0 = Instant::now();
             windowed(a.messages, a.window, meter, &mut latency, |_| {
@@ -71,7 +79,7 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             .await?;
             p.close().await?;
         }
-        Side::Raw | Side::Bare => {
+        Side::Raw => {
             let ctx = raw_context(env).await?;
             let subj = Subject::from(subject.as_str());
             let template = super::nats::raw_template();
@@ -81,7 +89,6 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
                 let mut h = template.clone();
                 h.insert("ce-id", id.as_str());
                 h.insert("ce-time", RawCloudEvent::time());
-                h.insert("traceparent", RawCloudEvent::traceparent());
                 h.insert("Nats-Msg-Id", id);
                 let (ctx, subj, data) = (&ctx, subj.clone(), data.clone());
                 async move {
@@ -94,6 +101,42 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
                 }
             })
             .await?;
+        }
+        Side::Bare => {
+            let ctx = raw_context(env).await?;
+            let subj = Subject::from(subject.as_str());
+            t0 = Instant::now();
+            windowed(a.messages, a.window, meter, &mut latency, |_| {
+                let (ctx, subj, data) = (&ctx, subj.clone(), data.clone());
+                async move {
+                    ctx.publish(subj, data)
+                        .await
+                        .map_err(|e| anyhow!("publish: {e}"))?
+                        .await
+                        .map_err(|e| anyhow!("publish ack: {e}"))?;
+                    Ok(())
+                }
+            })
+            .await?;
+        }
+        Side::RustStream => {
+            let broker = super::nats::rs_connect(env).await?;
+            let p = broker.publisher(ruststream_nats::JetStreamPublish::default());
+            t0 = Instant::now();
+            windowed(a.messages, a.window, meter, &mut latency, |_| {
+                let (p, subject, data) = (&p, subject.as_str(), &data);
+                async move {
+                    let msg = ruststream::OutgoingMessage::with_payload(
+                        subject,
+                        ruststream::BytesMut::from(&data[..]),
+                    );
+                    p.publish_ack(msg, None).await?;
+                    Ok(())
+                }
+            })
+            .await?;
+            // No consume step for this side: the stream goes now.
+            let _ = admin.delete_stream(&stream).await;
         }
     }
     Ok(Outcome::timed(latency, t0.elapsed()))
@@ -122,7 +165,7 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
 
     let stall = Duration::from_secs(30);
     let consumed = match a.side {
-        Side::Polybus => {
+        Side::Polybus | Side::Lean | Side::RustStream => {
             let js = JsOptions::new(env.nats_url.as_str()).connect().await?;
             let consumer = js.consumer(Some(DURABLE));
             consume_deliveries(&consumer, &subject, n, stall, meter).await?

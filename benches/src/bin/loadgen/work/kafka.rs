@@ -103,7 +103,7 @@ pub(crate) async fn produce(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             .await?;
             p.close().await?;
         }
-        Side::Raw | Side::Bare => {
+        _ => {
             let producer: FutureProducer = cfg.producer_client_config().create()?;
             let ce = RawCloudEvent::new();
             send_raw(&producer, &topic, data.clone(), raw_headers(&ce)).await?;
@@ -131,7 +131,7 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
                 let consumer = KafkaConsumer::new(&cfg)?;
                 consume_deliveries(&consumer, &topic, n, stall, meter).await?
             }
-            Side::Raw | Side::Bare => {
+            _ => {
                 let consumer: StreamConsumer = cfg.consumer_client_config(&group).create()?;
                 consumer.subscribe(&[topic.as_str()])?;
                 let consumer = &consumer;

@@ -59,6 +59,34 @@ pub(crate) fn payload(size: usize) -> Bytes {
     )
 }
 
+/// A JSON document of exactly `size` bytes (at least 20) that [`decode_order`] reads: the
+/// payload of the publish -> handler workload.
+pub(crate) fn json_payload(size: usize) -> Bytes {
+    let head = "{\"id\":1234567,\"name\":\"";
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut v = Vec::with_capacity(size);
+    v.extend_from_slice(head.as_bytes());
+    v.extend((0..pad).map(|i| b'a' + (i % 26) as u8));
+    v.extend_from_slice(b"\"}");
+    Bytes::from(v)
+}
+
+/// What the handler of the publish -> handler workload decodes (borrowing the name, as a
+/// handler that only reads it would).
+#[derive(serde::Deserialize)]
+struct Order<'a> {
+    id: u64,
+    #[serde(borrow)]
+    name: &'a str,
+}
+
+/// The handler's work, the same on every side: decode the JSON payload.
+pub(crate) fn decode_order(payload: &[u8]) -> Result<()> {
+    let order: Order<'_> = serde_json::from_slice(payload)?;
+    black_box((order.id, order.name.len()));
+    Ok(())
+}
+
 /// The CloudEvents attributes a raw producer writes by hand for the same wire message as
 /// polybus: specversion, source and type (constant, set up once), and per message a fresh id
 /// (a UUIDv7), the current time (RFC 3339, formatted with polybus-core's helper, which is as

@@ -96,7 +96,7 @@ pub(crate) async fn pub_sub(env: &Env, a: &ChildArgs, meter: &Meter, qos: u8) ->
                 anyhow::Ok(())
             })
         }
-        Side::Raw | Side::Bare => {
+        _ => {
             // The event loop must keep running while the application acks (an ack is a request
             // to that same loop), so messages go to an application task, as in the adapter.
             let (client, mut el) = raw_client(env, &id("sub"));
@@ -175,7 +175,7 @@ pub(crate) async fn pub_sub(env: &Env, a: &ChildArgs, meter: &Meter, qos: u8) ->
             finish(subscriber, &received, n).await?;
             p.close().await?;
         }
-        Side::Raw | Side::Bare => {
+        _ => {
             let (client, mut el) = raw_client(env, &id("pub"));
             let driver = tokio::spawn(async move {
                 loop {

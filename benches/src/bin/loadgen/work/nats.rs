@@ -13,7 +13,9 @@ use futures_util::StreamExt as _;
 use polybus_core::{Consumer as _, ErrorKind, Event, Publisher as _};
 use polybus_nats::{NatsConsumer, NatsProducer};
 
-use super::{Env, RawCloudEvent, payload, wait_until};
+use polybus_core::cloudevents::WireFormat;
+
+use super::{Env, RawCloudEvent, decode_order, json_payload, payload, wait_until};
 use crate::child::{ChildArgs, Outcome};
 use crate::hist::Latency;
 use crate::meter::Meter;
@@ -29,12 +31,12 @@ pub(crate) fn raw_template() -> HeaderMap {
     h
 }
 
-/// The headers of one raw message: the template, a fresh id, the time and a trace context.
+/// The headers of one raw message: the template, a fresh id and the time. No `traceparent`:
+/// polybus writes one only when there is a trace to continue, and none of these runs has one.
 fn raw_headers(template: &HeaderMap) -> HeaderMap {
     let mut h = template.clone();
     h.insert("ce-id", RawCloudEvent::id());
     h.insert("ce-time", RawCloudEvent::time());
-    h.insert("traceparent", RawCloudEvent::traceparent());
     h
 }
 
@@ -44,51 +46,291 @@ async fn raw_connect(env: &Env) -> Result<async_nats::Client> {
         .with_context(|| format!("connecting to {}", env.nats_url))
 }
 
+/// The publisher of one side: polybus (either wire format), the raw client (with the same
+/// CloudEvents headers as polybus, or the payload only) or RustStream.
+pub(crate) enum SidePublisher {
+    Polybus(NatsProducer),
+    Raw {
+        client: async_nats::Client,
+        template: Option<HeaderMap>,
+    },
+    RustStream {
+        broker: ruststream_nats::ConnectedNatsBroker,
+        publisher: ruststream_nats::NatsPublisher,
+    },
+}
+
+impl SidePublisher {
+    pub(crate) async fn connect(env: &Env, side: Side) -> Result<Self> {
+        Ok(match side {
+            Side::Polybus => SidePublisher::Polybus(NatsProducer::connect(&env.nats_url).await?),
+            Side::Lean => SidePublisher::Polybus(
+                NatsProducer::builder(env.nats_url.as_str())
+                    .wire_format(WireFormat::Lean)
+                    .producer()
+                    .await?,
+            ),
+            Side::Raw | Side::Bare => SidePublisher::Raw {
+                client: raw_connect(env).await?,
+                template: (side == Side::Raw).then(raw_template),
+            },
+            Side::RustStream => {
+                let broker = rs_connect(env).await?;
+                let publisher = broker.publisher(ruststream_nats::NatsPublish);
+                SidePublisher::RustStream { broker, publisher }
+            }
+        })
+    }
+
+    /// Publishes `data` as a new message on `subject` (`subj`: the same, prepared once).
+    pub(crate) async fn publish(&self, subject: &str, subj: &Subject, data: &Bytes) -> Result<()> {
+        match self {
+            SidePublisher::Polybus(p) => {
+                p.publish(subject, Event::new(data.clone())).await?;
+            }
+            SidePublisher::Raw {
+                client,
+                template: Some(t),
+            } => {
+                client
+                    .publish_with_headers(subj.clone(), raw_headers(t), data.clone())
+                    .await?;
+            }
+            SidePublisher::Raw {
+                client,
+                template: None,
+            } => client.publish(subj.clone(), data.clone()).await?,
+            SidePublisher::RustStream { publisher, .. } => {
+                // RustStream's publishers take the payload as the `BytesMut` its codecs write
+                // into (a typed message is serialized into one): one copy of the 64 bytes.
+                let msg = ruststream::OutgoingMessage::with_payload(
+                    subject,
+                    ruststream::BytesMut::from(&data[..]),
+                );
+                ruststream::Publisher::publish(publisher, msg, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn flush(&self) -> Result<()> {
+        match self {
+            SidePublisher::Polybus(p) => p.flush().await?,
+            SidePublisher::Raw { client, .. } => client.flush().await?,
+            SidePublisher::RustStream { broker, .. } => broker
+                .client()
+                .flush()
+                .await
+                .map_err(|e| anyhow!("flush: {e}"))?,
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn close(self) -> Result<()> {
+        match self {
+            SidePublisher::Polybus(p) => p.close().await?,
+            SidePublisher::Raw { client, .. } => client.drain().await?,
+            SidePublisher::RustStream { broker, .. } => {
+                broker
+                    .client()
+                    .drain()
+                    .await
+                    .map_err(|e| anyhow!("drain: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Connects RustStream's NATS broker outside an app (its documented one-off use).
+pub(crate) async fn rs_connect(env: &Env) -> Result<ruststream_nats::ConnectedNatsBroker> {
+    use ruststream::Broker as _;
+    ruststream_nats::NatsBroker::new(env.nats_url.as_str())
+        .connect()
+        .await
+        .with_context(|| format!("RustStream connecting to {}", env.nats_url))
+}
+
 /// Publishes N messages (no subscriber), then flushes; the time includes the flush.
 pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<Outcome> {
     let subject = format!("bench.nats.pub.{}", a.tag);
+    let subj = Subject::from(subject.as_str());
     let data = payload(a.size);
     let n = a.messages;
-    let elapsed = match a.side {
-        Side::Polybus => {
-            let p = NatsProducer::connect(&env.nats_url).await?;
-            let t0 = Instant::now();
-            for _ in 0..n {
-                p.publish(&subject, Event::new(data.clone())).await?;
-                meter.add(1);
-            }
-            p.flush().await?;
-            let elapsed = t0.elapsed();
-            p.close().await?;
-            elapsed
-        }
-        Side::Raw | Side::Bare => {
-            let c = raw_connect(env).await?;
-            let subject = Subject::from(subject.as_str());
-            let template = raw_template();
-            let bare = a.side == Side::Bare;
-            let t0 = Instant::now();
-            for _ in 0..n {
-                if bare {
-                    c.publish(subject.clone(), data.clone()).await?;
-                } else {
-                    c.publish_with_headers(subject.clone(), raw_headers(&template), data.clone())
-                        .await?;
-                }
-                meter.add(1);
-            }
-            c.flush().await?;
-            let elapsed = t0.elapsed();
-            c.drain().await?;
-            elapsed
-        }
-    };
+    let p = SidePublisher::connect(env, a.side).await?;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        p.publish(&subject, &subj, &data).await?;
+        meter.add(1);
+    }
+    p.flush().await?;
+    let elapsed = t0.elapsed();
+    p.close().await?;
     Ok(Outcome {
         count: n,
         elapsed,
         latency: None,
         notes: Vec::new(),
     })
+}
+
+/// Publish -> handler: the side's publisher sends N JSON documents, staying at most `window`
+/// messages ahead of the side's subscriber, whose handler decodes each one. Measured from the
+/// first publish to the N-th handled message.
+pub(crate) async fn handler(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<Outcome> {
+    let subject = format!("bench.nats.handler.{}", a.tag);
+    let subj = Subject::from(subject.as_str());
+    let (n, size) = (a.messages, a.size);
+    let state = Arc::new(Received {
+        count: AtomicU64::new(0),
+        last_ns: AtomicU64::new(0),
+    });
+    let ready = Arc::new(tokio::sync::Notify::new());
+    let start = Arc::new(std::sync::OnceLock::<Instant>::new());
+    let on_message = {
+        let (state, meter, ready, start) =
+            (state.clone(), meter.clone(), ready.clone(), start.clone());
+        move |len: usize| -> bool {
+            if len < size {
+                ready.notify_one();
+                return false;
+            }
+            let c = state.count.fetch_add(1, Ordering::Relaxed) + 1;
+            meter.add(1);
+            if let Some(t0) = start.get() {
+                let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                state.last_ns.store(ns, Ordering::Relaxed);
+            }
+            c >= n
+        }
+    };
+    let subscriber = match a.side {
+        Side::Polybus | Side::Lean => {
+            let consumer = NatsConsumer::connect(&env.nats_url).await?;
+            let subject = subject.clone();
+            tokio::spawn(async move {
+                let mut stream = pin!(consumer.subscribe(&subject));
+                while let Some(d) = stream.next().await {
+                    let d = d?;
+                    let len = d.payload().len();
+                    decode_order(d.payload())?;
+                    d.ack().await?;
+                    if on_message(len) {
+                        break;
+                    }
+                }
+                consumer.close().await?;
+                anyhow::Ok(())
+            })
+        }
+        Side::Raw | Side::Bare => {
+            let c = raw_connect(env).await?;
+            let mut sub = c.subscribe(subject.clone()).await?;
+            tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    let len = msg.payload.len();
+                    decode_order(&msg.payload)?;
+                    if on_message(len) {
+                        break;
+                    }
+                }
+                c.drain().await?;
+                anyhow::Ok(())
+            })
+        }
+        Side::RustStream => {
+            use ruststream::{IncomingMessage as _, Subscriber as _};
+            let broker = rs_connect(env).await?;
+            let mut sub = broker
+                .subscribe_with(ruststream_nats::CoreSubject::new(subject.clone()))
+                .await?;
+            tokio::spawn(async move {
+                let mut stream = pin!(sub.stream());
+                while let Some(msg) = stream.next().await {
+                    let msg = msg?;
+                    let len = msg.payload().len();
+                    decode_order(msg.payload())?;
+                    if on_message(len) {
+                        break;
+                    }
+                }
+                drop(broker);
+                anyhow::Ok(())
+            })
+        }
+    };
+
+    let p = SidePublisher::connect(env, a.side).await?;
+    let data = json_payload(size);
+    let warm_up = json_payload(20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        p.publish(&subject, &subj, &warm_up).await?;
+        p.flush().await?;
+        if tokio::time::timeout(Duration::from_millis(10), ready.notified())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the subscriber did not receive a warm-up message within 10 s");
+        }
+    }
+    let window = a.window.max(1) as u64;
+    let t0 = Instant::now();
+    let _ = start.set(t0);
+    for sent in 0..n {
+        if sent - state.count.load(Ordering::Relaxed).min(sent) >= window {
+            let state = state.clone();
+            wait_until(Duration::from_secs(30), move || {
+                sent - state.count.load(Ordering::Relaxed).min(sent) < window / 2
+            })
+            .await;
+        }
+        p.publish(&subject, &subj, &data).await?;
+    }
+    p.flush().await?;
+    let notes = wait_for_subscriber(subscriber, &state, n).await?;
+    p.close().await?;
+    Ok(Outcome {
+        count: state.count.load(Ordering::Relaxed).min(n),
+        elapsed: Duration::from_nanos(state.last_ns.load(Ordering::Relaxed)),
+        latency: None,
+        notes,
+    })
+}
+
+/// Waits for the subscriber task; gives up once nothing arrives for 5 s (messages were lost).
+async fn wait_for_subscriber(
+    subscriber: tokio::task::JoinHandle<Result<()>>,
+    state: &Received,
+    n: u64,
+) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let mut last = (0, Instant::now());
+    while !subscriber.is_finished() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let c = state.count.load(Ordering::Relaxed);
+        if c != last.0 {
+            last = (c, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(5) {
+            subscriber.abort();
+            notes.push(format!(
+                "{} of {n} messages lost (slow consumer)",
+                n - c.min(n)
+            ));
+            break;
+        }
+    }
+    if subscriber.is_finished() {
+        match subscriber.await {
+            Ok(r) => r?,
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => return Err(anyhow!("subscriber task: {e}")),
+        }
+    }
+    Ok(notes)
 }
 
 /// Shared state of a publish-to-receive run.
@@ -149,7 +391,7 @@ pub(crate) async fn subscribe(env: &Env, a: &ChildArgs, meter: &Meter) -> Result
                 anyhow::Ok(())
             })
         }
-        Side::Raw | Side::Bare => {
+        _ => {
             let c = raw_connect(env).await?;
             let mut sub = c.subscribe(subject.clone()).await?;
             tokio::spawn(async move {
@@ -203,30 +445,7 @@ pub(crate) async fn subscribe(env: &Env, a: &ChildArgs, meter: &Meter) -> Result
     }
     c.flush().await?;
 
-    // Wait for the subscriber; give up once nothing arrives for 5 s (messages were lost).
-    let mut notes = Vec::new();
-    let mut last = (0, Instant::now());
-    while !subscriber.is_finished() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let c = state.count.load(Ordering::Relaxed);
-        if c != last.0 {
-            last = (c, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(5) {
-            subscriber.abort();
-            notes.push(format!(
-                "{} of {n} messages lost (slow consumer)",
-                n - c.min(n)
-            ));
-            break;
-        }
-    }
-    if subscriber.is_finished() {
-        match subscriber.await {
-            Ok(r) => r?,
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => return Err(anyhow!("subscriber task: {e}")),
-        }
-    }
+    let notes = wait_for_subscriber(subscriber, &state, n).await?;
     c.drain().await?;
     Ok(Outcome {
         count: state.count.load(Ordering::Relaxed).min(n),
@@ -257,7 +476,7 @@ pub(crate) async fn request_reply(env: &Env, a: &ChildArgs, meter: &Meter) -> Re
                 anyhow::Ok(())
             })
         }
-        Side::Raw | Side::Bare => {
+        _ => {
             let c = raw_connect(env).await?;
             let mut sub = c.subscribe(subject.clone()).await?;
             let template = raw_template();
@@ -302,7 +521,7 @@ pub(crate) async fn request_reply(env: &Env, a: &ChildArgs, meter: &Meter) -> Re
                 meter.add(1);
             }
         }
-        Side::Raw | Side::Bare => {
+        _ => {
             let c = raw_connect(env).await?;
             let subj = Subject::from(subject.as_str());
             let template = raw_template();
