@@ -473,7 +473,16 @@ pub async fn out_of_order_ack_is_safe<F: Fixture>(f: &F) -> Result<()> {
     let group = f.group();
     let p = f.publisher().await?;
     let ids = with_member(f, Some(&group), &topic, async |sub| {
-        let ids = publish_n(&p, &topic, 2, |i| numbered("ooo", i)).await?;
+        // One key: a per-key backend keeps the two in order on one partition, where "the
+        // group's position" is one offset.
+        let ids = publish_n(&p, &topic, 2, |i| {
+            Event::builder()
+                .key("ooo")
+                .data(format!("ooo-{i}"))
+                .build()
+                .expect("valid")
+        })
+        .await?;
         let a = sub.next("event 1").await?;
         let b = sub.next("event 2").await?;
         ensure!(
@@ -1117,10 +1126,13 @@ pub async fn duplicate_publish_stored_once<F: Fixture>(f: &F) -> Result<()> {
     let c = f.consumer(None).await?;
     let mut sub = subscribe(f, &c, &topic).await;
     let p = f.publisher().await?;
-    let ev = Event::new("twice");
+    // One key for all three, so that a per-key backend keeps them in publish order (Kafka
+    // spreads keyless records over partitions) and "after" really comes after the copies.
+    let keyed = |data: &str| Event::builder().key("dup").data(data.to_owned()).build();
+    let ev = keyed("twice")?;
     p.publish(&topic, ev.clone()).await?;
     p.publish(&topic, ev.clone()).await?;
-    let after = Event::new("after");
+    let after = keyed("after")?;
     p.publish(&topic, after.clone()).await?;
     let mut copies = 0;
     loop {
