@@ -45,6 +45,10 @@ pub const X_EXCEPTION_MESSAGE: &str = "x-exception-message";
 pub const X_EXCEPTION_KIND: &str = "x-exception-kind";
 /// Header: how many attempts were made.
 pub const X_ATTEMPTS: &str = "x-attempts";
+/// Header: the id a redriven event had when the target deduplicates by id (JetStream) and so
+/// it had to be published again under a new id (written by the runtime's redrive, not part of
+/// a dead letter).
+pub const X_ORIGINAL_ID: &str = "x-original-id";
 
 /// Every header a dead letter gets (and [`strip`] removes).
 pub const DEAD_LETTER_HEADERS: [&str; 7] = [

@@ -71,7 +71,7 @@ impl std::fmt::Debug for Recorded {
 /// let app = App::new()
 ///     .route("orders", always_fails)
 ///     .retry(RetryPolicy::exponential(Duration::from_secs(1)).max_attempts(3).jitter(0.0));
-/// let t = TestApp::start(app).await?;
+/// let mut t = TestApp::start(app).await?;
 /// let ev = Event::new(b"{}");
 /// let id = ev.id().to_owned();
 /// t.publish("orders", ev).await?;
@@ -88,7 +88,7 @@ pub struct TestApp {
     recorded: Arc<Recorded>,
     dead_letter_topic: Option<String>,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<()>>,
+    task: Option<JoinHandle<Result<()>>>,
     timeout: Duration,
 }
 
@@ -141,15 +141,19 @@ impl TestApp {
             recorded,
             dead_letter_topic,
             stop: Some(stop),
-            task,
+            task: Some(task),
             timeout: Duration::from_secs(60),
         };
         match running {
             Ok(Status::Running) => Ok(t),
-            _ => match t.task.await {
-                Ok(Err(e)) => Err(e),
-                _ => Err(Error::new(ErrorKind::Closed, "runtime").with_message("the app stopped")),
-            },
+            _ => {
+                let mut t = t;
+                match t.stop().await {
+                    Err(e) => Err(e),
+                    Ok(()) => Err(Error::new(ErrorKind::Closed, "runtime")
+                        .with_message("the app stopped before it subscribed")),
+                }
+            }
         }
     }
 
@@ -252,17 +256,21 @@ impl TestApp {
         self.published(&dlq)
     }
 
-    /// Stops the app (drain, flush, close) and returns what `run_until` returned.
+    /// Stops the app (drain, flush, close) and returns what `run_until` returned. The
+    /// reports and publishes stay readable; stopping again returns `Ok`.
     ///
     /// # Errors
     /// The app's error, or [`ErrorKind::Other`] if its task panicked.
-    pub async fn stop(mut self) -> Result<()> {
+    pub async fn stop(&mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        match (&mut self.task).await {
-            Ok(r) => r,
-            Err(e) => Err(Error::new(ErrorKind::Other, "runtime").with_source(e)),
+        match self.task.take() {
+            None => Ok(()),
+            Some(task) => match task.await {
+                Ok(r) => r,
+                Err(e) => Err(Error::new(ErrorKind::Other, "runtime").with_source(e)),
+            },
         }
     }
 }

@@ -63,7 +63,7 @@
 //!     .concurrency(8);
 //!
 //! // In production: app.run(consumer, publisher).await? on any backend.
-//! let t = TestApp::start(app).await?;
+//! let mut t = TestApp::start(app).await?;
 //! let ok = Event::builder().key("c-1").data(br#"{"id":1,"amount":5}"#.as_slice()).build()?;
 //! let too_big = Event::builder().key("c-2").data(br#"{"id":2,"amount":500}"#.as_slice()).build()?;
 //! let (ok_id, big_id) = (ok.id().to_owned(), too_big.id().to_owned());

@@ -56,6 +56,10 @@ pub struct RedriveReport {
     /// Dead letters the filter left (or without an original topic), published again to the
     /// dead-letter topic and acknowledged: they stay dead letters, at the end of the topic.
     pub kept: usize,
+    /// Of the moved ones, those the target reported as duplicates of the original event (a
+    /// backend that deduplicates by id, such as JetStream within its duplicate window, would
+    /// drop them): published again under a new id, the old one in `x-original-id`.
+    pub renamed: usize,
 }
 
 /// Reads `dead_letter_topic` with `consumer` (use a durable consumer group so the position
@@ -123,7 +127,17 @@ where
         match target {
             Some(target) if filter(delivery.event()) => {
                 let (event, _) = dlq::strip(delivery.event().clone());
-                publisher.publish(&target, event).await?;
+                let receipt = publisher.publish(&target, event.clone()).await?;
+                if receipt.is_duplicate() {
+                    let mut renamed = event;
+                    let old = renamed.id().to_owned();
+                    renamed.set_id(polybus_core::new_id());
+                    renamed
+                        .headers_mut()
+                        .append_unchecked(dlq::X_ORIGINAL_ID, dlq::clean(&old));
+                    publisher.publish(&target, renamed).await?;
+                    report.renamed += 1;
+                }
                 delivery.ack().await?;
                 report.moved += 1;
             }

@@ -1,0 +1,8 @@
+//! Integration tests of polybus-runtime: the in-process ones (`app`, on the memory backend
+//! through `TestApp`) run under plain `cargo test`; the runtime conformance suite
+//! (`conformance`) runs on memory there too, and on NATS, JetStream and Kafka with
+//! `cargo xtask test` (those are `#[ignore]`d otherwise).
+
+mod app;
+mod conformance;
+mod support;
