@@ -11,6 +11,7 @@
 //! | `kafka` (alias `mq-kafka`) | [`kafka`], seed path `kafka_client` | `polybus-kafka` |
 //! | `mqtt` (alias `mq-mqtt`) | [`mqtt`], seed path `mqtt_client` | `polybus-mqtt` |
 //! | `compose` | [`compose`] (`Bus`) | `polybus-compose` |
+//! | `runtime` | [`runtime`] (`App`, handlers, layers, `TestApp`) | `polybus-runtime` |
 //! | `full` | all of the above | |
 //!
 //! [`connect`] picks a backend from a URL at run time and hands back erased
@@ -54,6 +55,11 @@ pub mod mqtt_client {
 #[cfg(feature = "compose")]
 #[cfg_attr(docsrs, doc(cfg(feature = "compose")))]
 pub use polybus_compose as compose;
+
+/// The runtime (`polybus-runtime`): `polybus::runtime::App::new().route("orders", handler)`.
+#[cfg(feature = "runtime")]
+#[cfg_attr(docsrs, doc(cfg(feature = "runtime")))]
+pub use polybus_runtime as runtime;
 
 /// The seed's NATS module path: `polybus::nats_client::{NatsProducer, NatsConsumer}`.
 #[cfg(feature = "nats")]
