@@ -1,5 +1,5 @@
 //! The runtime conformance suite: the same scenarios on every backend. Memory runs under
-//! plain `cargo test`; NATS, JetStream and Kafka need the brokers (`cargo xtask test`).
+//! plain `cargo test`; NATS, JetStream, Kafka and MQTT need the brokers (`cargo xtask test`).
 //!
 //! * `retry_dead_letter_redrive`: a failing handler is tried `3` times with the backoff's
 //!   delays (redelivery where the backend has `nack_delay`, in process where not), the dead
@@ -580,3 +580,35 @@ impl Backend for KafkaBackend {
 }
 
 runtime_conformance!(kafka, KafkaBackend, #[ignore = "needs brokers: cargo xtask test"]);
+
+// ---- MQTT (mosquitto, MQTT 5) ----
+
+pub(crate) struct MqttBackend;
+
+fn mqtt_config(what: &str) -> polybus_mqtt::MqttConfig {
+    let host = std::env::var("POLYBUS_MQTT_HOST").unwrap_or_else(|_| "127.0.0.1".to_owned());
+    let port = std::env::var("POLYBUS_MQTT_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1883);
+    let id = format!("polybus-rt-{what}-{}", uuid::Uuid::new_v4().simple());
+    polybus_mqtt::MqttConfig::new(host, port, id)
+        .connect_timeout(Duration::from_secs(5))
+        .protocol(polybus_mqtt::Protocol::V5)
+}
+
+impl Backend for MqttBackend {
+    type P = polybus_mqtt::MqttProducer;
+    type C = polybus_mqtt::MqttSubscriber;
+    fn name(&self) -> &'static str {
+        "mqtt"
+    }
+    async fn publisher(&self) -> Result<Self::P> {
+        Ok(mqtt_config("pub").connect().await?.producer())
+    }
+    async fn consumer(&self, group: &str) -> Result<Self::C> {
+        Ok(mqtt_config("sub").connect().await?.subscriber(Some(group)))
+    }
+}
+
+runtime_conformance!(mqtt, MqttBackend, #[ignore = "needs brokers: cargo xtask test"]);
