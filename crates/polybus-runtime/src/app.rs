@@ -646,7 +646,7 @@ impl<P: Publisher> Ctx<P> {
 
     fn report(&self, d: &Delivery, attempt: u32, settlement: Settlement) {
         if let Some(observer) = &self.observer {
-            observer(&Origin::of(d).report(attempt, settlement));
+            notify(observer, &Origin::of(d).report(attempt, settlement));
         }
     }
 }
@@ -669,6 +669,9 @@ async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
             let Ok(_running) = ctx.running.acquire().await else {
                 return release(ctx, delivery, attempt).await;
             };
+            if ctx.cancelled() {
+                return release(ctx, delivery, attempt).await;
+            }
             let msg = Message::from_delivery(&delivery, attempt);
             let call = async {
                 match service.clone() {
@@ -796,7 +799,7 @@ async fn ack<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
     match delivery.ack().await {
         Ok(()) => {
             if let (Some(observer), Some(o)) = (&ctx.observer, origin) {
-                observer(&o.report(attempt, Settlement::Acked));
+                notify(observer, &o.report(attempt, Settlement::Acked));
             }
         }
         Err(e) => {
@@ -810,6 +813,13 @@ async fn ack<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
                 },
             );
         }
+    }
+}
+
+/// Calls the observer; a panic in it is logged, it must not break a lane.
+fn notify(observer: &Observer, report: &Report) {
+    if std::panic::catch_unwind(AssertUnwindSafe(|| observer(report))).is_err() {
+        tracing::error!("the report observer panicked");
     }
 }
 

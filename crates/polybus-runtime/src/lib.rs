@@ -83,6 +83,28 @@
 //! |---|---|---|
 //! | memory, JetStream, Kafka | `nack(delay)`: redelivered by the broker/adapter, `attempt` = `delivery_count` | `nack(0)` |
 //! | core NATS, MQTT | in process, in the key's lane | dropped (at-most-once: the backend already considers it delivered) |
+//!
+//! # From a hand-written loop
+//!
+//! ```text
+//! let mut deliveries = pin!(consumer.subscribe("orders"));      App::new()
+//! while let Some(d) = deliveries.next().await {                   .route("orders", handle)
+//!     let d = d?;                                                 .retry(RetryPolicy::default())
+//!     let order: Order = serde_json::from_slice(d.payload())?;    .concurrency(8)
+//!     match handle(order).await {                                 .run(consumer, publisher)
+//!         Ok(()) => d.ack().await?,                               .await?;
+//!         Err(_) if d.delivery_count() < 5 =>
+//!             d.nack(backoff(d.delivery_count())).await?,     async fn handle(Json(order): Json<Order>)
+//!         Err(e) => { publish_dead_letter(&d, e).await?;          -> anyhow::Result<()> { ... }
+//!                     d.term().await? }
+//!     }
+//! }
+//! ```
+//!
+//! The body of the loop becomes the handler; decoding becomes an extractor; the `match`
+//! becomes the handler's `Result` and the app's [`RetryPolicy`] and dead-letter topic; the
+//! loop's one-at-a-time becomes [`App::concurrency`] without losing per-key order; and the
+//! app adds what loops usually lack: a caught panic, a drain on SIGTERM, a test harness.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![doc(test(attr(deny(warnings))))]
 
