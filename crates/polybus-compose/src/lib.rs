@@ -81,6 +81,10 @@ mod consume;
 mod dedup;
 mod dlq;
 mod forwarder;
+/// Entry points for the fuzz targets (`fuzz/`); not API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 mod nats_kv;
 mod retry;

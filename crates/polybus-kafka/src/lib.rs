@@ -82,6 +82,10 @@ mod config;
 mod consumer;
 mod convert;
 mod error;
+/// Entry points for the fuzz targets (`fuzz/`); not API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod publisher;
 mod transaction;
 

@@ -86,6 +86,10 @@ mod consumer;
 mod convert;
 mod driver;
 mod error;
+/// Entry points for the fuzz targets (`fuzz/`); not API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod publisher;
 mod topic;
 

@@ -23,6 +23,10 @@ mod url;
 
 pub use polybus_core::*;
 pub use url::connect;
+/// Entry points for the fuzz targets (`fuzz/`); not API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use url::fuzzing;
 
 /// Core NATS (`polybus-nats`).
 #[cfg(feature = "nats")]

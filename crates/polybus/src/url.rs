@@ -230,6 +230,53 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`). Not part of the API: no
+/// semver promise, hidden from the docs.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use polybus_core::Result;
+
+    /// What [`connect`](super::connect) reads from a URL.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct ParsedUrl {
+        /// The scheme (`nats`, `kafka`, ...).
+        pub scheme: String,
+        /// `user[:password]@host`, as given.
+        pub authority: String,
+        /// `host[:port]`.
+        pub host: String,
+        /// The query parameters in order.
+        pub query: Vec<(String, String)>,
+        /// The user and password, percent-decoded, or the error for bad percent-encoding.
+        pub credentials: std::result::Result<Option<(String, Option<String>)>, String>,
+        /// The URL as error messages show it (never the password).
+        pub redacted: String,
+        /// The parsed URL's `Debug` output.
+        pub debug: String,
+    }
+
+    /// Parses `url` as [`connect`](super::connect) does, without connecting.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connect`](polybus_core::ErrorKind::Connect) for what is not a URL.
+    pub fn parse_url(url: &str) -> Result<ParsedUrl> {
+        let u = super::Url::parse(url)?;
+        Ok(ParsedUrl {
+            scheme: u.scheme.to_owned(),
+            authority: u.authority.to_owned(),
+            host: u.host.to_owned(),
+            query: u
+                .query
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            credentials: u.credentials().map_err(|e| e.to_string()),
+            redacted: u.redacted(),
+            debug: format!("{u:?}"),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
