@@ -23,8 +23,9 @@ use tower::{Layer, Service, ServiceExt as _};
 use tracing::Instrument as _;
 
 use crate::handler::ErrorsAsFailures;
+use crate::report::{Counted, HealthCounters};
 use crate::{
-    Handler, HandlerError, HandlerService, Message, Outbound, Outcome, Report, RetryMode,
+    Handler, HandlerError, HandlerService, Health, Message, Outbound, Outcome, Report, RetryMode,
     RetryPolicy, Settlement, Status,
 };
 
@@ -184,6 +185,7 @@ pub struct App<S = ()> {
     drain_timeout: Duration,
     observer: Option<Observer>,
     status: watch::Sender<Status>,
+    counters: Arc<HealthCounters>,
 }
 
 impl<S> fmt::Debug for App<S> {
@@ -229,6 +231,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             drain_timeout: Duration::from_secs(10),
             observer: None,
             status: watch::Sender::new(Status::Starting),
+            counters: Arc::default(),
         }
     }
 
@@ -340,6 +343,14 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         self.status.subscribe()
     }
 
+    /// A live view of the app for health checks ([`Health`]).
+    pub fn health(&self) -> Health {
+        Health {
+            status: self.status.subscribe(),
+            counters: self.counters.clone(),
+        }
+    }
+
     /// Runs until SIGTERM or SIGINT (see [`run_until`](Self::run_until)).
     ///
     /// # Errors
@@ -385,6 +396,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             release_by_nack: caps.redelivery_on_nack,
             observer: self.observer,
             running: Semaphore::new(concurrency),
+            counters: self.counters.clone(),
             cancel: cancel_rx,
             lanes: Mutex::new(HashMap::new()),
         });
@@ -435,6 +447,9 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                         fatal = Some(e);
                         break;
                     }
+                    self.counters
+                        .subscription_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(topic = %tables[i].topic, error = %e, "subscription error");
                 }
                 Some((i, Ok(delivery))) => {
@@ -446,6 +461,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                             delivery,
                             service,
                             _permit: permit,
+                            _held: Counted::new(&ctx.counters, |c| &c.held),
                         },
                     );
                 }
@@ -588,6 +604,7 @@ struct Ctx<P> {
     release_by_nack: bool,
     observer: Option<Observer>,
     running: Semaphore,
+    counters: Arc<HealthCounters>,
     cancel: watch::Receiver<bool>,
     lanes: Mutex<HashMap<Bytes, VecDeque<Job>>>,
 }
@@ -597,6 +614,7 @@ struct Job {
     service: Option<RouteService>,
     /// Held until the delivery is settled: bounds what the app holds.
     _permit: OwnedSemaphorePermit,
+    _held: Counted,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -658,6 +676,7 @@ async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
         mut delivery,
         service,
         _permit,
+        _held,
     } = job;
     let mut attempt = delivery.delivery_count();
     let span = delivery.span().clone();
@@ -672,6 +691,7 @@ async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
             if ctx.cancelled() {
                 return release(ctx, delivery, attempt).await;
             }
+            let _counted = Counted::new(&ctx.counters, |c| &c.running);
             let msg = Message::from_delivery(&delivery, attempt);
             let call = async {
                 match service.clone() {

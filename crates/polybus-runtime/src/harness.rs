@@ -10,7 +10,7 @@ use polybus_core::{
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::{App, Report, Status};
+use crate::{App, Health, Report, Status};
 
 #[derive(Default)]
 struct Recorded {
@@ -90,6 +90,7 @@ pub struct TestApp {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<()>>>,
     timeout: Duration,
+    health: Health,
 }
 
 /// The consumer group the app joins in a [`TestApp`].
@@ -121,6 +122,7 @@ impl TestApp {
             rec.changed.notify_waiters();
         });
         let mut status = app.status();
+        let health = app.health();
         let (stop, stopped) = oneshot::channel::<()>();
         let publisher = RecordingPublisher {
             inner: broker.publisher(),
@@ -143,6 +145,7 @@ impl TestApp {
             stop: Some(stop),
             task: Some(task),
             timeout: Duration::from_secs(60),
+            health,
         };
         match running {
             Ok(Status::Running) => Ok(t),
@@ -162,6 +165,11 @@ impl TestApp {
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// The app's [`Health`].
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// The broker the app runs on.

@@ -26,7 +26,8 @@
 //!   backpressure by not pulling more.
 //! * **Lifecycle**: [`App::run`] until SIGTERM/SIGINT, [`App::run_until`] a future; drain
 //!   with a timeout, unfinished deliveries handed back for redelivery, publishers flushed and
-//!   closed. [`App::status`] tells where the app is.
+//!   closed. [`App::status`] tells where the app is, [`App::health`] what it holds
+//!   (liveness, readiness, handlers running, deliveries held) for health checks.
 //! * **Middleware**: tower [`Layer`](tower::Layer)s around handlers ([`layers`]: tower's
 //!   timeout and concurrency limit, an in-call [`RetryLayer`](layers::RetryLayer), or your
 //!   own).
@@ -126,5 +127,5 @@ pub use harness::{TEST_GROUP, TestApp};
 pub use message::Message;
 pub use outcome::{HandlerError, IntoOutcome, Outbound, Outcome};
 pub use redrive::{RedriveOptions, RedriveReport, redrive};
-pub use report::{Report, Settlement, Status};
+pub use report::{Health, Report, Settlement, Status};
 pub use retry::{RetryMode, RetryPolicy};

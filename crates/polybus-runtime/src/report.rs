@@ -100,3 +100,84 @@ pub enum Status {
     /// Stopped: publishers flushed and closed.
     Stopped,
 }
+
+/// A live view of an app for health checks: where it is, how much it holds. Cheap to clone;
+/// take it with [`App::health`](crate::App::health) before `run`.
+///
+/// ```
+/// use polybus_runtime::{App, Status};
+/// async fn handle() {}
+/// let app = App::new().route("orders", handle);
+/// let health = app.health();
+/// assert_eq!(health.status(), Status::Starting);
+/// assert!(health.is_live() && !health.is_ready());
+/// ```
+#[derive(Debug, Clone)]
+pub struct Health {
+    pub(crate) status: tokio::sync::watch::Receiver<Status>,
+    pub(crate) counters: std::sync::Arc<HealthCounters>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct HealthCounters {
+    pub(crate) held: std::sync::atomic::AtomicUsize,
+    pub(crate) running: std::sync::atomic::AtomicUsize,
+    pub(crate) subscription_errors: std::sync::atomic::AtomicU64,
+}
+
+/// Counts one unit in a counter until dropped.
+#[derive(Debug)]
+pub(crate) struct Counted(
+    std::sync::Arc<HealthCounters>,
+    fn(&HealthCounters) -> &std::sync::atomic::AtomicUsize,
+);
+
+impl Counted {
+    pub(crate) fn new(
+        c: &std::sync::Arc<HealthCounters>,
+        which: fn(&HealthCounters) -> &std::sync::atomic::AtomicUsize,
+    ) -> Self {
+        which(c).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counted(c.clone(), which)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        (self.1)(&self.0).fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Health {
+    /// Where the app is.
+    pub fn status(&self) -> Status {
+        *self.status.borrow()
+    }
+    /// Liveness: the app has not stopped.
+    pub fn is_live(&self) -> bool {
+        self.status() != Status::Stopped
+    }
+    /// Readiness: subscribed to every route's topic and taking deliveries.
+    pub fn is_ready(&self) -> bool {
+        self.status() == Status::Running
+    }
+    /// Handlers running now.
+    pub fn in_flight(&self) -> usize {
+        self.counters
+            .running
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Deliveries taken from the consumer and not yet settled (running, waiting in a lane or
+    /// for a retry in process).
+    pub fn held(&self) -> usize {
+        self.counters
+            .held
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Subscription errors the app logged and went on after.
+    pub fn subscription_errors(&self) -> u64 {
+        self.counters
+            .subscription_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -415,6 +415,9 @@ async fn a_slow_handler_holds_at_most_concurrency_plus_buffer() {
         20 - 5,
         "2 running + 3 buffered pulled"
     );
+    let health = t.health().clone();
+    assert_eq!((health.in_flight(), health.held()), (2, 5));
+    assert!(health.is_ready() && health.is_live());
     gate.add_permits(20);
     t.wait_until(|rs| {
         rs.iter()
@@ -425,6 +428,9 @@ async fn a_slow_handler_holds_at_most_concurrency_plus_buffer() {
     .await
     .unwrap();
     t.stop().await.unwrap();
+    assert_eq!(health.status(), polybus_runtime::Status::Stopped);
+    assert_eq!((health.in_flight(), health.held()), (0, 0));
+    assert!(!health.is_live());
 }
 
 #[tokio::test(start_paused = true)]
