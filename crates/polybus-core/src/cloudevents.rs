@@ -155,7 +155,10 @@ pub fn write_binary_owned(
 ) -> Bytes {
     let parts = ev.into_parts();
     attr(Cow::Borrowed("specversion"), Cow::Borrowed(SPECVERSION));
-    attr(Cow::Borrowed("id"), Cow::Owned(parts.id));
+    attr(
+        Cow::Borrowed("id"),
+        Cow::Owned(parts.id.unwrap_or_else(crate::new_id)),
+    );
     attr(
         Cow::Borrowed("source"),
         parts.source.unwrap_or(Cow::Borrowed(crate::DEFAULT_SOURCE)),

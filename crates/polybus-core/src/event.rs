@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,6 +18,9 @@ pub const DEFAULT_KIND: &str = "polybus.event";
 /// One event: CloudEvents attributes, an optional partition key, headers and a payload.
 ///
 /// * `id` is unique per `source` (a UUIDv7 by default); `source` + `id` is the dedup key.
+///   A default id is made the first time something asks for it ([`Event::id`], a clone, a
+///   CloudEvents encoding): an event published in the lean wire format, or received without
+///   one, never pays for an id nobody reads. Once made it does not change.
 /// * `key` is the ordering/partition key (the Kafka record key; other brokers carry it in the
 ///   `partitionkey` attribute).
 /// * `kind` is the CloudEvents `type`.
@@ -40,9 +44,9 @@ pub const DEFAULT_KIND: &str = "polybus.event";
 /// assert_eq!(ev.id().len(), 36); // a UUIDv7
 /// # Ok::<(), polybus_core::Error>(())
 /// ```
-#[derive(Clone, PartialEq, Eq)]
 pub struct Event {
-    id: String,
+    /// Empty until the id is set or first asked for (see [`Event::id`]).
+    id: OnceLock<String>,
     source: Option<Cow<'static, str>>,
     ts: SystemTime,
     key: Option<Bytes>,
@@ -55,16 +59,19 @@ pub struct Event {
 impl Event {
     /// An event with `data`, a fresh UUIDv7 id, the current time and default kind and source.
     ///
+    /// The id is made when it is first needed (see [`Event::id`]), so an event that never
+    /// needs one (the lean wire format) costs no id.
+    ///
     /// ```
     /// let ev = polybus_core::Event::new(b"hello");
     /// assert_eq!(ev.data(), &b"hello"[..]);
+    /// assert_eq!(ev.id(), ev.clone().id(), "made once, then kept");
     /// ```
     pub fn new(data: impl IntoPayload) -> Self {
-        let ts = SystemTime::now();
         Event {
-            id: id_at(ts),
+            id: OnceLock::new(),
             source: None,
-            ts,
+            ts: SystemTime::now(),
             key: None,
             kind: Cow::Borrowed(DEFAULT_KIND),
             data: data.into_payload(),
@@ -77,7 +84,7 @@ impl Event {
     /// source; no id is generated.
     pub(crate) fn with_id(id: String, data: impl IntoPayload) -> Self {
         Event {
-            id,
+            id: OnceLock::from(id),
             source: None,
             ts: SystemTime::now(),
             key: None,
@@ -96,9 +103,23 @@ impl Event {
         }
     }
 
-    /// The id, unique per source.
+    /// The id, unique per source. An event made without one gets a fresh UUIDv7 (for the
+    /// current time) on the first call, and keeps it.
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.get_or_init(new_id)
+    }
+
+    /// Whether the id was set or already made: `false` for a new event whose id nobody asked
+    /// for yet (it is made by [`id`](Self::id)).
+    ///
+    /// ```
+    /// let ev = polybus_core::Event::new(b"x");
+    /// assert!(!ev.has_id());
+    /// let _ = ev.id();
+    /// assert!(ev.has_id());
+    /// ```
+    pub fn has_id(&self) -> bool {
+        self.id.get().is_some()
     }
     /// The source (CloudEvents `source`), [`DEFAULT_SOURCE`] when none was set.
     pub fn source(&self) -> &str {
@@ -143,7 +164,7 @@ impl Event {
     /// The dedup key: `source` and `id` joined by a space (which neither may contain unescaped
     /// in a well-formed CloudEvent's id, so the join is unambiguous in practice).
     pub fn dedup_key(&self) -> String {
-        format!("{} {}", self.source(), self.id)
+        format!("{} {}", self.source(), self.id())
     }
 
     /// Takes the payload out.
@@ -151,10 +172,11 @@ impl Event {
         self.data
     }
 
-    /// Takes the event apart, for the bindings that move its strings into a message.
+    /// Takes the event apart, for the bindings that move its strings into a message. The id
+    /// is `None` when it was never set nor asked for: a binding that writes it makes one.
     pub(crate) fn into_parts(self) -> EventParts {
         EventParts {
-            id: self.id,
+            id: self.id.into_inner(),
             source: self.source,
             time: self.ts,
             key: self.key,
@@ -168,7 +190,7 @@ impl Event {
     /// Sets the id. Empty ids are replaced by a fresh UUIDv7 on [`EventBuilder::build`] but
     /// are accepted here; adapters reject them on publish.
     pub fn set_id(&mut self, id: impl Into<String>) {
-        self.id = id.into();
+        self.id = OnceLock::from(id.into());
     }
     /// Sets the source.
     pub fn set_source(&mut self, source: impl Into<Cow<'static, str>>) {
@@ -208,8 +230,9 @@ impl Event {
     /// # Errors
     /// [`ErrorKind::Codec`] naming the bad attribute.
     pub fn validate(&self) -> Result<()> {
+        // An id not made yet will be a valid UUIDv7: nothing to check, nothing to make.
         for (name, value) in [
-            ("id", self.id.as_str()),
+            ("id", self.id.get().map_or("-", String::as_str)),
             ("source", self.source()),
             ("type", self.kind()),
         ] {
@@ -244,7 +267,8 @@ fn has_control(s: &str) -> bool {
 
 /// The fields of an [`Event`], as [`Event::into_parts`] hands them over.
 pub(crate) struct EventParts {
-    pub(crate) id: String,
+    /// `None`: no id was set or made (see [`Event::into_parts`]).
+    pub(crate) id: Option<String>,
     pub(crate) source: Option<Cow<'static, str>>,
     pub(crate) time: SystemTime,
     pub(crate) key: Option<Bytes>,
@@ -254,10 +278,42 @@ pub(crate) struct EventParts {
     pub(crate) content_type: Option<Cow<'static, str>>,
 }
 
+/// A clone is the same event: an id not made yet is made first, so both have the same one.
+impl Clone for Event {
+    fn clone(&self) -> Self {
+        Event {
+            id: OnceLock::from(self.id().to_owned()),
+            source: self.source.clone(),
+            ts: self.ts,
+            key: self.key.clone(),
+            kind: self.kind.clone(),
+            data: self.data.clone(),
+            headers: self.headers.clone(),
+            content_type: self.content_type.clone(),
+        }
+    }
+}
+
+/// Every attribute, the id included (an id not made yet is made to compare it).
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.id() == other.id()
+            && self.source == other.source
+            && self.ts == other.ts
+            && self.key == other.key
+            && self.kind == other.kind
+            && self.data == other.data
+            && self.headers == other.headers
+            && self.content_type == other.content_type
+    }
+}
+
+impl Eq for Event {}
+
 impl fmt::Debug for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Event")
-            .field("id", &self.id)
+            .field("id", &self.id())
             .field("source", &self.source())
             .field("kind", &self.kind)
             .field("key", &self.key.as_deref().map(String::from_utf8_lossy))
@@ -322,7 +378,7 @@ pub struct EventBuilder {
 impl EventBuilder {
     /// Sets the id (default: a fresh UUIDv7).
     pub fn id(mut self, id: impl Into<String>) -> Self {
-        self.event.id = id.into();
+        self.event.id = OnceLock::from(id.into());
         self
     }
     /// Sets the source (default: the publisher's, else [`DEFAULT_SOURCE`]).
@@ -374,8 +430,9 @@ impl EventBuilder {
             return Err(e);
         }
         let mut event = self.event;
-        if event.id.is_empty() {
-            event.id = new_id();
+        if event.id.get().is_some_and(String::is_empty) {
+            // Made when first asked for, like the id of `Event::new`.
+            event.id = OnceLock::new();
         }
         event.validate()?;
         Ok(event)

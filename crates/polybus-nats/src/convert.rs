@@ -156,6 +156,10 @@ fn encode_binary(
 /// # Ok::<(), polybus_core::Error>(())
 /// ```
 pub fn encode_lean(event: Event, backend: &'static str) -> Result<(HeaderMap, Bytes)> {
+    if event.headers().is_empty() && event.key().is_none() && event.content_type().is_none() {
+        // The hot path: nothing but the payload.
+        return Ok((HeaderMap::new(), event.into_data()));
+    }
     let mut headers = HeaderMap::new();
     let mut failure = None;
     let parts = cloudevents::write_lean_owned(event, |name, value| {
@@ -654,6 +658,8 @@ fn put(
     }
 }
 
+/// A plain header of a structured-mode message; names reserved by the binding are refused, as
+/// in binary mode (the decoder skips `ce-*` headers there and reads `Content-Type` as the mode).
 fn put_plain(
     headers: &mut HeaderMap,
     name: &str,
@@ -661,7 +667,23 @@ fn put_plain(
     backend: &'static str,
     failure: &mut Option<Error>,
 ) {
+    if failure.is_none() && is_reserved(name) {
+        *failure = Some(reserved(name, backend));
+        return;
+    }
     put(headers, name, value, backend, failure);
+}
+
+/// Whether a plain header name is reserved by the binding: `ce-*` and `Content-Type`.
+fn is_reserved(name: &str) -> bool {
+    has_ce_prefix(name) || name.eq_ignore_ascii_case(CONTENT_TYPE)
+}
+
+fn reserved(name: &str, backend: &'static str) -> Error {
+    Error::new(ErrorKind::InvalidHeader, backend).with_message(format!(
+        "header {name:?} is reserved by the CloudEvents NATS binding; use an extension name \
+         (lowercase letters and digits) or the event's content type"
+    ))
 }
 
 fn cannot_carry(name: &str, backend: &'static str) -> Error {
@@ -681,11 +703,8 @@ fn put_plain_checked(
     if failure.is_some() {
         return;
     }
-    if has_ce_prefix(&name) || name.eq_ignore_ascii_case(CONTENT_TYPE) {
-        *failure = Some(Error::new(ErrorKind::InvalidHeader, backend).with_message(format!(
-            "header {name:?} is reserved by the CloudEvents NATS binding; use an extension name \
-             (lowercase letters and digits) or the event's content type"
-        )));
+    if is_reserved(&name) {
+        *failure = Some(reserved(&name, backend));
         return;
     }
     // The rules `HeaderValue::from` and `HeaderName::try_from` apply, checked first so that
@@ -909,6 +928,22 @@ mod tests {
         let ev = Event::builder().header("ce-id", "x").build().unwrap();
         let e = encode_event(&ev, Mode::Binary, "nats").unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidHeader);
+    }
+
+    /// Found by the `header` fuzz target: structured mode wrote a plain `ce-id` header, which
+    /// the decoder skips (lost without an error), and a plain `Content-Type`, which the decoder
+    /// reads before the structured one (the message came back as a raw binary message).
+    #[test]
+    fn reserved_plain_headers_are_rejected_in_structured_mode_too() {
+        for name in ["ce-id", "CE-Source", "Content-Type", "content-type"] {
+            let ev = Event::builder().header(name, "x").build().unwrap();
+            for mode in [Mode::Binary, Mode::Structured] {
+                let e = encode_event(&ev, mode, "nats").unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::InvalidHeader, "{name} {mode:?}");
+                let e = Encoder::new(mode).encode(&ev, "nats").unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::InvalidHeader, "{name} {mode:?}");
+            }
+        }
     }
 
     #[test]
