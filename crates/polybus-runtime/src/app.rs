@@ -22,11 +22,12 @@ use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt as _};
 use tracing::Instrument as _;
 
+use crate::batch::{self, BatchFn};
 use crate::handler::ErrorsAsFailures;
 use crate::report::{Counted, HealthCounters};
 use crate::{
-    Handler, HandlerError, HandlerService, Health, Message, Outbound, Outcome, Report, RetryMode,
-    RetryPolicy, Settlement, Status,
+    Batch, BatchHandler, Handler, HandlerError, HandlerService, Health, Message, Outbound, Outcome,
+    Report, RetryMode, RetryPolicy, Settlement, Status,
 };
 
 /// A route's handler with its layers: what the dispatcher calls.
@@ -176,6 +177,7 @@ enum DeadLetters {
 pub struct App<S = ()> {
     state: S,
     routes: Vec<Route<S>>,
+    batch_routes: Vec<BatchRoute<S>>,
     layers: Vec<LayerFn>,
     concurrency: usize,
     buffer: Option<usize>,
@@ -192,6 +194,7 @@ impl<S> fmt::Debug for App<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("App")
             .field("routes", &self.routes)
+            .field("batch_routes", &self.batch_routes.len())
             .field("layers", &self.layers.len())
             .field("concurrency", &self.concurrency)
             .field("buffer", &self.buffer)
@@ -222,6 +225,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         App {
             state,
             routes: Vec::new(),
+            batch_routes: Vec::new(),
             layers: Vec::new(),
             concurrency: 1,
             buffer: None,
@@ -247,6 +251,28 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     /// Adds a [`Route`].
     pub fn add_route(mut self, route: Route<S>) -> Self {
         self.routes.push(route);
+        self
+    }
+
+    /// Routes every event on `topic` to a batch handler: it gets up to `batch.max()` events,
+    /// or what arrived within `batch.max_wait()` of the first, and returns an outcome per
+    /// event, settled one by one like a single handler's (ack, publish, retry, dead letter).
+    ///
+    /// Batches of one route run one at a time, in arrival order, so the topic's order is kept;
+    /// failed events of a batch that are retried in process ([`RetryMode::InProcess`]) come
+    /// back together as a smaller batch after the longest of their delays. A batch route takes
+    /// every event of its topic (other routes on that topic are not used), and layers do not
+    /// apply to it. The app holds up to `max` more deliveries per batch route, on top of
+    /// `concurrency + buffer`.
+    pub fn batch_route<H>(mut self, topic: impl Into<String>, batch: Batch, handler: H) -> Self
+    where
+        H: BatchHandler<S>,
+    {
+        self.batch_routes.push(BatchRoute {
+            topic: topic.into(),
+            batch,
+            make: Box::new(move |state| batch::bind(handler, state)),
+        });
         self
     }
 
@@ -382,11 +408,13 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             RetryMode::InProcess => false,
             _ => caps.nack_delay,
         };
-        let tables = build_tables(self.routes, &self.layers, &self.state);
+        let batch_capacity: usize = self.batch_routes.iter().map(|b| b.batch.max()).sum();
+        let tables = build_tables(self.routes, self.batch_routes, &self.layers, &self.state);
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let concurrency = self.concurrency;
         let pending = Arc::new(Semaphore::new(
-            concurrency + self.buffer.unwrap_or(concurrency),
+            (concurrency + self.buffer.unwrap_or(concurrency) + batch_capacity)
+                .min(Semaphore::MAX_PERMITS),
         ));
         let ctx = Arc::new(Ctx {
             publisher: Arc::new(publisher),
@@ -418,10 +446,17 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut tasks = JoinSet::new();
         let mut fatal = None;
+        let mut batches: HashMap<usize, Buffered> = HashMap::new();
         loop {
+            let next_flush = batches.values().map(|b| b.deadline).min();
+            let flush_at = next_flush.unwrap_or_else(far_future);
             let permit = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                () = tokio::time::sleep_until(flush_at), if next_flush.is_some() => {
+                    flush_due(&ctx, &tables, &mut batches, &mut tasks, false);
+                    continue;
+                }
                 p = pending.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => break,
@@ -430,6 +465,10 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             let item = tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                () = tokio::time::sleep_until(flush_at), if next_flush.is_some() => {
+                    flush_due(&ctx, &tables, &mut batches, &mut tasks, false);
+                    continue;
+                }
                 item = deliveries.next() => item,
             };
             while tasks.try_join_next().is_some() {}
@@ -453,20 +492,37 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                     tracing::warn!(topic = %tables[i].topic, error = %e, "subscription error");
                 }
                 Some((i, Ok(delivery))) => {
-                    let service = tables[i].route_for(delivery.event().kind());
-                    dispatch(
-                        &ctx,
-                        &mut tasks,
-                        Job {
-                            delivery,
-                            service,
-                            _permit: permit,
-                            _held: Counted::new(&ctx.counters, |c| &c.held),
-                        },
-                    );
+                    let job = Job {
+                        service: None,
+                        delivery,
+                        _permit: permit,
+                        _held: Counted::new(&ctx.counters, |c| &c.held),
+                    };
+                    if let Some(route) = &tables[i].batch {
+                        let buffered = batches.entry(i).or_insert_with(|| Buffered {
+                            jobs: Vec::with_capacity(route.batch.max()),
+                            deadline: tokio::time::Instant::now() + route.batch.max_wait(),
+                        });
+                        buffered.jobs.push(job);
+                        if buffered.jobs.len() >= route.batch.max()
+                            && let Some(full) = batches.remove(&i)
+                        {
+                            tasks.spawn(run_batch(
+                                ctx.clone(),
+                                route.handler.clone(),
+                                route.order.clone(),
+                                full.jobs,
+                            ));
+                        }
+                    } else {
+                        let service = tables[i].route_for(job.delivery.event().kind());
+                        dispatch(&ctx, &mut tasks, Job { service, ..job });
+                    }
                 }
             }
         }
+        // What batches collected is handled within the drain.
+        flush_due(&ctx, &tables, &mut batches, &mut tasks, true);
 
         // Drain: no more pulls; in-flight and queued deliveries get until the deadline.
         self.status.send_replace(Status::Draining);
@@ -549,6 +605,57 @@ struct TopicRoutes {
     topic: String,
     by_kind: Vec<(String, RouteService)>,
     fallback: Option<RouteService>,
+    batch: Option<BoundBatch>,
+}
+
+/// A batch route as the app registered it.
+struct BatchRoute<S> {
+    topic: String,
+    batch: Batch,
+    make: Box<dyn FnOnce(S) -> BatchFn + Send>,
+}
+
+/// A batch route bound to the state, with the lock that runs its batches one at a time.
+struct BoundBatch {
+    batch: Batch,
+    handler: BatchFn,
+    order: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What a batch route collected so far.
+struct Buffered {
+    jobs: Vec<Job>,
+    deadline: tokio::time::Instant,
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Starts the batches whose wait is over (all of them with `all`).
+fn flush_due<P: Publisher + 'static>(
+    ctx: &Arc<Ctx<P>>,
+    tables: &[TopicRoutes],
+    batches: &mut HashMap<usize, Buffered>,
+    tasks: &mut JoinSet<()>,
+    all: bool,
+) {
+    let now = tokio::time::Instant::now();
+    let due: Vec<usize> = batches
+        .iter()
+        .filter(|(_, b)| all || b.deadline <= now)
+        .map(|(i, _)| *i)
+        .collect();
+    for i in due {
+        if let (Some(buffered), Some(route)) = (batches.remove(&i), &tables[i].batch) {
+            tasks.spawn(run_batch(
+                ctx.clone(),
+                route.handler.clone(),
+                route.order.clone(),
+                buffered.jobs,
+            ));
+        }
+    }
 }
 
 impl TopicRoutes {
@@ -563,6 +670,7 @@ impl TopicRoutes {
 
 fn build_tables<S: Clone>(
     routes: Vec<Route<S>>,
+    batch_routes: Vec<BatchRoute<S>>,
     layers: &[LayerFn],
     state: &S,
 ) -> Vec<TopicRoutes> {
@@ -579,6 +687,7 @@ fn build_tables<S: Clone>(
                     topic: route.topic.clone(),
                     by_kind: Vec::new(),
                     fallback: None,
+                    batch: None,
                 });
                 tables.len() - 1
             }
@@ -592,11 +701,30 @@ fn build_tables<S: Clone>(
             }
         }
     }
+    for route in batch_routes {
+        let bound = BoundBatch {
+            batch: route.batch,
+            handler: (route.make)(state.clone()),
+            order: Arc::new(tokio::sync::Mutex::new(())),
+        };
+        match tables.iter_mut().find(|t| t.topic == route.topic) {
+            Some(t) => {
+                tracing::warn!(topic = %route.topic, "a batch route takes every event of its topic; the other routes are not used");
+                t.batch = Some(bound);
+            }
+            None => tables.push(TopicRoutes {
+                topic: route.topic,
+                by_kind: Vec::new(),
+                fallback: None,
+                batch: Some(bound),
+            }),
+        }
+    }
     tables
 }
 
 /// What every lane shares.
-struct Ctx<P> {
+pub(crate) struct Ctx<P> {
     publisher: Arc<P>,
     dead_letters: DeadLetters,
     retry: RetryPolicy,
@@ -717,73 +845,188 @@ async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
                 () = ctx.wait_cancelled() => return release(ctx, delivery, attempt).await,
             }
         };
-        let (after, error) = match outcome {
-            Outcome::Ack => return ack(ctx, delivery, attempt).await,
-            Outcome::Publish(out) => match publish_all(&*ctx.publisher, out).await {
-                Ok(()) => return ack(ctx, delivery, attempt).await,
-                Err(e) => (None, HandlerError::transient(e).with_kind("publish")),
-            },
-            Outcome::Retry(after) => (
-                after,
-                HandlerError::transient("the handler asked for a retry").with_kind("retry"),
-            ),
-            Outcome::Fail(e) if !e.is_permanent() => (None, e),
-            Outcome::Fail(e) | Outcome::Terminate(e) => {
-                return dead_letter(ctx, delivery, attempt, &e).await;
-            }
-        };
-        if attempt >= ctx.retry.attempts() {
-            return dead_letter(ctx, delivery, attempt, &error).await;
-        }
-        let delay = after.unwrap_or_else(|| ctx.retry.delay(attempt));
-        tracing::debug!(parent: &span, attempt, ?delay, error = %error, "handler failed, retrying");
-        if ctx.redeliver {
-            ctx.report(
-                &delivery,
-                attempt,
-                Settlement::Retrying {
-                    after: delay,
-                    in_process: false,
-                },
-            );
-            match delivery.nack(delay).await {
-                Ok(()) => return,
-                Err(e) if e.error().kind() == ErrorKind::Unsupported => {
-                    // The declaration said nack works; it did not: retry in process.
-                    delivery = e.into_delivery();
+        match settle(ctx, delivery, attempt, outcome, &span).await {
+            None => return,
+            Some((d, delay)) => {
+                delivery = d;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = ctx.wait_cancelled() => return release(ctx, delivery, attempt).await,
                 }
-                Err(e) => {
-                    let (error, delivery) = e.into_parts();
-                    tracing::warn!(error = %error, "nack failed; the backend redelivers or drops it");
-                    ctx.report(
-                        &delivery,
-                        attempt,
-                        Settlement::SettleFailed {
-                            error: error.to_string(),
-                        },
-                    );
-                    return;
-                }
+                attempt = attempt.saturating_add(1);
             }
-        } else {
-            ctx.report(
-                &delivery,
-                attempt,
-                Settlement::Retrying {
-                    after: delay,
-                    in_process: true,
-                },
-            );
         }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = ctx.wait_cancelled() => return release(ctx, delivery, attempt).await,
-        }
-        attempt = attempt.saturating_add(1);
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// Settles `delivery` by `outcome`: ack (after publishing), dead letter, or a retry by
+/// `nack(delay)`. Returns the delivery and the delay when it is to be retried in process.
+pub(crate) async fn settle<P: Publisher>(
+    ctx: &Ctx<P>,
+    delivery: Delivery,
+    attempt: u32,
+    outcome: Outcome,
+    span: &tracing::Span,
+) -> Option<(Delivery, Duration)> {
+    let mut delivery = delivery;
+    let (after, error) = match outcome {
+        Outcome::Ack => {
+            ack(ctx, delivery, attempt).await;
+            return None;
+        }
+        Outcome::Publish(out) => match publish_all(&*ctx.publisher, out).await {
+            Ok(()) => {
+                ack(ctx, delivery, attempt).await;
+                return None;
+            }
+            Err(e) => (None, HandlerError::transient(e).with_kind("publish")),
+        },
+        Outcome::Retry(after) => (
+            after,
+            HandlerError::transient("the handler asked for a retry").with_kind("retry"),
+        ),
+        Outcome::Fail(e) if !e.is_permanent() => (None, e),
+        Outcome::Fail(e) | Outcome::Terminate(e) => {
+            dead_letter(ctx, delivery, attempt, &e).await;
+            return None;
+        }
+    };
+    if attempt >= ctx.retry.attempts() {
+        dead_letter(ctx, delivery, attempt, &error).await;
+        return None;
+    }
+    let delay = after.unwrap_or_else(|| ctx.retry.delay(attempt));
+    tracing::debug!(parent: span, attempt, ?delay, error = %error, "handler failed, retrying");
+    if ctx.redeliver {
+        ctx.report(
+            &delivery,
+            attempt,
+            Settlement::Retrying {
+                after: delay,
+                in_process: false,
+            },
+        );
+        match delivery.nack(delay).await {
+            Ok(()) => return None,
+            Err(e) if e.error().kind() == ErrorKind::Unsupported => {
+                // The declaration said nack works; it did not: retry in process.
+                delivery = e.into_delivery();
+            }
+            Err(e) => {
+                let (error, delivery) = e.into_parts();
+                tracing::warn!(error = %error, "nack failed; the backend redelivers or drops it");
+                ctx.report(
+                    &delivery,
+                    attempt,
+                    Settlement::SettleFailed {
+                        error: error.to_string(),
+                    },
+                );
+                return None;
+            }
+        }
+    } else {
+        ctx.report(
+            &delivery,
+            attempt,
+            Settlement::Retrying {
+                after: delay,
+                in_process: true,
+            },
+        );
+    }
+    Some((delivery, delay))
+}
+
+/// Runs one batch: the handler once for all, then each event settled by its outcome; events
+/// to retry in process come back as a smaller batch after the longest of their delays.
+async fn run_batch<P: Publisher>(
+    ctx: Arc<Ctx<P>>,
+    handler: BatchFn,
+    order: Arc<tokio::sync::Mutex<()>>,
+    jobs: Vec<Job>,
+) {
+    // Batches of one route run one at a time, in the order they were started.
+    let _order = order.lock_owned().await;
+    let mut items: Vec<(Job, u32)> = jobs
+        .into_iter()
+        .map(|j| {
+            let attempt = j.delivery.delivery_count();
+            (j, attempt)
+        })
+        .collect();
+    loop {
+        if ctx.cancelled() {
+            return release_all(&ctx, items).await;
+        }
+        let outcomes = {
+            let Ok(_running) = ctx.running.acquire().await else {
+                return release_all(&ctx, items).await;
+            };
+            if ctx.cancelled() {
+                return release_all(&ctx, items).await;
+            }
+            let _counted = Counted::new(&ctx.counters, |c| &c.running);
+            let batch: Vec<Message> = items
+                .iter()
+                .map(|(j, attempt)| Message::from_delivery(&j.delivery, *attempt))
+                .collect();
+            let len = batch.len();
+            let call = AssertUnwindSafe(handler(batch)).catch_unwind();
+            tokio::select! {
+                r = call => r.unwrap_or_else(|panic| {
+                    let message = panic_message(&*panic);
+                    (0..len).map(|_| Outcome::Fail(HandlerError::panic(message.clone()))).collect()
+                }),
+                () = ctx.wait_cancelled() => return release_all(&ctx, items).await,
+            }
+        };
+        let mut outcomes = outcomes.into_iter();
+        let mut again = Vec::new();
+        let mut delay = Duration::ZERO;
+        for (job, attempt) in items {
+            let outcome = outcomes.next().unwrap_or_else(|| {
+                Outcome::Fail(
+                    HandlerError::transient("the batch handler returned no outcome for this event")
+                        .with_kind("no outcome"),
+                )
+            });
+            let Job {
+                delivery,
+                service,
+                _permit,
+                _held,
+            } = job;
+            let span = delivery.span().clone();
+            if let Some((delivery, after)) = settle(&ctx, delivery, attempt, outcome, &span).await {
+                delay = delay.max(after);
+                let job = Job {
+                    delivery,
+                    service,
+                    _permit,
+                    _held,
+                };
+                again.push((job, attempt.saturating_add(1)));
+            }
+        }
+        if again.is_empty() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = ctx.wait_cancelled() => return release_all(&ctx, again).await,
+        }
+        items = again;
+    }
+}
+
+async fn release_all<P: Publisher>(ctx: &Ctx<P>, items: Vec<(Job, u32)>) {
+    for (job, attempt) in items {
+        release(ctx, job.delivery, attempt).await;
+    }
+}
+
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
@@ -956,7 +1199,7 @@ async fn term<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
 }
 
 /// Hands an unfinished delivery back at a cancelled drain.
-async fn release<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
+pub(crate) async fn release<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
     ctx.report(&delivery, attempt, Settlement::Released);
     if ctx.release_by_nack {
         let _ = delivery.nack(Duration::ZERO).await;

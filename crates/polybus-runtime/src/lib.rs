@@ -15,6 +15,8 @@
 //!   are permanent. A panic in a handler is caught (`catch_unwind`) and is a transient
 //!   failure with kind `panic`: it never takes the app down.
 //! * **Routing**: by topic, and optionally by CloudEvents `type` ([`Route::kind`]).
+//! * **Batches**: [`App::batch_route`] hands a handler up to `max` events, or what arrived
+//!   within `max_wait`, and takes an outcome per event ([`Batch`], [`BatchHandler`]).
 //! * **Retry and dead letters**: exponential backoff with jitter ([`RetryPolicy`]), by the
 //!   broker's delayed redelivery where the consumer's `Capabilities::nack_delay` says it has
 //!   one, in process where not ([`RetryMode`] says why). After the last attempt the event goes
@@ -110,6 +112,7 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod app;
+mod batch;
 mod extract;
 mod handler;
 mod harness;
@@ -121,6 +124,7 @@ mod report;
 mod retry;
 
 pub use app::{App, Route, RouteService, shutdown_signal};
+pub use batch::{Batch, BatchHandler, IntoBatchOutcomes};
 pub use extract::{Attempt, Data, FromMessage, Json, Key, State, Topic};
 pub use handler::{Handler, HandlerService};
 pub use harness::{TEST_GROUP, TestApp};

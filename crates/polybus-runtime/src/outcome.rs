@@ -162,6 +162,15 @@ impl HandlerError {
         }
     }
 
+    /// A copy (the error as text), for a failure that applies to several events.
+    pub(crate) fn duplicate(&self) -> Self {
+        HandlerError {
+            error: self.error.to_string().into(),
+            kind: self.kind.clone(),
+            permanent: self.permanent,
+        }
+    }
+
     /// Whether the event is dead-lettered without further attempts.
     pub fn is_permanent(&self) -> bool {
         self.permanent

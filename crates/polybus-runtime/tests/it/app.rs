@@ -708,3 +708,115 @@ async fn publish_json_round_trip_through_a_handler() {
     assert_eq!(t.published("out")[0].data().as_ref(), b"42");
     t.stop().await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn batch_route_takes_up_to_max_or_what_came_within_max_wait_and_settles_each() {
+    type Seen = Arc<Mutex<Vec<Vec<(String, u32)>>>>;
+    async fn store(batch: Vec<polybus_runtime::Message>, State(seen): State<Seen>) -> Vec<Outcome> {
+        let items: Vec<(String, u32)> = batch
+            .iter()
+            .map(|m| {
+                (
+                    String::from_utf8_lossy(m.event().data()).into_owned(),
+                    m.attempt(),
+                )
+            })
+            .collect();
+        seen.lock().unwrap().push(items.clone());
+        items
+            .iter()
+            .map(|(data, attempt)| match (data.as_str(), attempt) {
+                ("7", _) => Outcome::Terminate(HandlerError::permanent("poison")),
+                ("3", 1) => Outcome::Retry(None),
+                _ => Outcome::Ack,
+            })
+            .collect()
+    }
+    let seen: Seen = Arc::default();
+    let app = App::with_state(seen.clone())
+        .batch_route(
+            "metrics",
+            polybus_runtime::Batch::new(10, Duration::from_millis(100)),
+            store,
+        )
+        .retry(fast_retry(3));
+    let mut t = TestApp::start(app).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let ev = Event::new(i.to_string());
+        ids.push(ev.id().to_owned());
+        t.publish("metrics", ev).await.unwrap();
+    }
+    let start = Instant::now();
+    for id in &ids {
+        t.settled(id).await.unwrap();
+    }
+    let seen = seen.lock().unwrap().clone();
+    let sizes: Vec<usize> = seen.iter().map(Vec::len).collect();
+    // Two full batches, the rest after max_wait, then the retried event alone.
+    assert_eq!(sizes, [10, 10, 5, 1]);
+    let first_pass: Vec<String> = seen[..3].iter().flatten().map(|(d, _)| d.clone()).collect();
+    assert_eq!(
+        first_pass,
+        (0..25).map(|i| i.to_string()).collect::<Vec<_>>(),
+        "in order"
+    );
+    assert_eq!(seen[3], [("3".to_owned(), 2)]);
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "the retry waited its backoff"
+    );
+    let r = t.settled(&ids[7]).await.unwrap();
+    assert!(matches!(r.settlement(), Settlement::DeadLettered { .. }));
+    assert_eq!(t.dead_letters("metrics").len(), 1);
+    t.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_or_panicking_batch_fails_every_event() {
+    async fn down(
+        batch: Vec<polybus_runtime::Message>,
+        _: State<()>,
+    ) -> Result<Vec<Outcome>, HandlerError> {
+        if batch.iter().any(|m| m.event().data().as_ref() == b"panic") {
+            panic!("batch handler bug");
+        }
+        Err(HandlerError::permanent("warehouse unreachable"))
+    }
+    let app = App::new()
+        .batch_route(
+            "a",
+            polybus_runtime::Batch::new(3, Duration::from_millis(10)),
+            down,
+        )
+        .batch_route(
+            "b",
+            polybus_runtime::Batch::new(3, Duration::from_millis(10)),
+            down,
+        )
+        .retry(fast_retry(2));
+    let mut t = TestApp::start(app).await.unwrap();
+    let mut ids = Vec::new();
+    for topic in ["a", "a", "b"] {
+        let ev = Event::new(if topic == "b" { "panic" } else { "x" });
+        ids.push(ev.id().to_owned());
+        t.publish(topic, ev).await.unwrap();
+    }
+    for id in &ids[..2] {
+        let r = t.settled(id).await.unwrap();
+        assert_eq!(r.attempt(), 1, "permanent");
+        assert!(matches!(r.settlement(), Settlement::DeadLettered { .. }));
+    }
+    let r = t.settled(&ids[2]).await.unwrap();
+    assert_eq!(
+        r.attempt(),
+        2,
+        "a panic is transient: retried, then dead-lettered"
+    );
+    assert!(matches!(r.settlement(), Settlement::DeadLettered { kind, .. } if kind == "panic"));
+    assert_eq!(
+        t.dead_letters("a")[0].headers().get(X_EXCEPTION_MESSAGE),
+        Some("warehouse unreachable")
+    );
+    t.stop().await.unwrap();
+}

@@ -6,7 +6,9 @@
 //!   letter has the event's key, payload and headers plus the shared `x-` headers, and a
 //!   redrive (backends with durable groups) brings it back to a healed handler;
 //! * `per_key_order`: concurrency 8 with random handler latency keeps each key's order;
-//! * `panic_survived`: a handler that panics once is retried, the app goes on.
+//! * `panic_survived`: a handler that panics once is retried, the app goes on;
+//! * `batch_outcomes`: a batch route gets at most `max` events at once and settles each by its
+//!   own outcome (ack, retry, dead letter).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -424,6 +426,80 @@ pub(crate) async fn panic_survived<B: Backend>(b: &B) {
     running.stop().await;
 }
 
+type Batches = Arc<Mutex<Vec<usize>>>;
+
+async fn batch_handler(
+    batch: Vec<polybus_runtime::Message>,
+    State(sizes): State<Batches>,
+) -> Vec<polybus_runtime::Outcome> {
+    use polybus_runtime::Outcome;
+    let real = batch.iter().filter(|m| m.event().kind() != PROBE).count();
+    if real > 0 {
+        sizes.lock().unwrap().push(batch.len());
+    }
+    batch
+        .iter()
+        .map(|m| match (m.event().data().as_ref(), m.attempt()) {
+            (b"2", _) => Outcome::Terminate(HandlerError::permanent("poison")),
+            (b"4", 1) => Outcome::Retry(Some(Duration::from_millis(200))),
+            _ => Outcome::Ack,
+        })
+        .collect()
+}
+
+pub(crate) async fn batch_outcomes<B: Backend>(b: &B) {
+    let topic = b.topic();
+    let rec = Recorder::default();
+    let sizes: Batches = Arc::default();
+    let app = App::with_state(sizes.clone())
+        .batch_route(
+            topic.clone(),
+            polybus_runtime::Batch::new(5, Duration::from_millis(200)),
+            batch_handler,
+        )
+        .retry(RetryPolicy::exponential(Duration::from_millis(100)).max_attempts(3));
+    let running = start(b, app, &topic, &rec).await;
+    let publisher = b.publisher().await.expect("publisher");
+    let events: Vec<Event> = (0..10).map(|i| Event::new(i.to_string())).collect();
+    let ids: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
+    publisher
+        .publish_batch(&topic, events)
+        .await
+        .expect("publish");
+    let rs = rec
+        .wait_until(b.timeout(), "every event settled", |rs| {
+            ids.iter().all(|id| terminal_for(rs, id).is_some())
+        })
+        .await;
+    for (i, id) in ids.iter().enumerate() {
+        let r = terminal_for(&rs, id).unwrap();
+        match i {
+            2 => assert!(
+                matches!(r.settlement(), Settlement::DeadLettered { .. }),
+                "{}: {:?}",
+                b.name(),
+                r.settlement()
+            ),
+            4 => assert_eq!(
+                (r.attempt(), r.settlement()),
+                (2, &Settlement::Acked),
+                "{}",
+                b.name()
+            ),
+            _ => assert_eq!(
+                (r.attempt(), r.settlement()),
+                (1, &Settlement::Acked),
+                "{}",
+                b.name()
+            ),
+        }
+    }
+    let sizes = sizes.lock().unwrap().clone();
+    assert!(sizes.iter().all(|n| *n <= 5), "{}: {sizes:?}", b.name());
+    publisher.close().await.expect("close");
+    running.stop().await;
+}
+
 /// One test per scenario for a backend.
 macro_rules! runtime_conformance {
     ($name:ident, $backend:expr $(, #[$attr:meta])?) => {
@@ -448,6 +524,12 @@ macro_rules! runtime_conformance {
             $(#[$attr])?
             async fn panic_survived() {
                 super::panic_survived(&$backend).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$attr])?
+            async fn batch_outcomes() {
+                super::batch_outcomes(&$backend).await;
             }
         }
     };
