@@ -791,6 +791,7 @@ impl<P: Publisher> Ctx<P> {
     }
 
     fn report(&self, d: &Delivery, attempt: u32, settlement: Settlement) {
+        crate::metrics::settled(&settlement);
         if let Some(observer) = &self.observer {
             notify(observer, &Origin::of(d).report(attempt, settlement));
         }
@@ -840,8 +841,12 @@ async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
             let call = AssertUnwindSafe(call)
                 .catch_unwind()
                 .instrument(span.clone());
+            let started = std::time::Instant::now();
             tokio::select! {
-                r = call => r.unwrap_or_else(|panic| Outcome::Fail(HandlerError::panic(panic_message(&*panic)))),
+                r = call => {
+                    crate::metrics::handler_call(started, r.is_err());
+                    r.unwrap_or_else(|panic| Outcome::Fail(HandlerError::panic(panic_message(&*panic))))
+                }
                 () = ctx.wait_cancelled() => return release(ctx, delivery, attempt).await,
             }
         };
@@ -973,11 +978,15 @@ async fn run_batch<P: Publisher>(
                 .collect();
             let len = batch.len();
             let call = AssertUnwindSafe(handler(batch)).catch_unwind();
+            let started = std::time::Instant::now();
             tokio::select! {
-                r = call => r.unwrap_or_else(|panic| {
-                    let message = panic_message(&*panic);
-                    (0..len).map(|_| Outcome::Fail(HandlerError::panic(message.clone()))).collect()
-                }),
+                r = call => {
+                    crate::metrics::handler_call(started, r.is_err());
+                    r.unwrap_or_else(|panic| {
+                        let message = panic_message(&*panic);
+                        (0..len).map(|_| Outcome::Fail(HandlerError::panic(message.clone()))).collect()
+                    })
+                }
                 () = ctx.wait_cancelled() => return release_all(&ctx, items).await,
             }
         };
@@ -1061,6 +1070,7 @@ async fn ack<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
     let origin = ctx.observer.as_ref().map(|_| Origin::of(&delivery));
     match delivery.ack().await {
         Ok(()) => {
+            crate::metrics::settled(&Settlement::Acked);
             if let (Some(observer), Some(o)) = (&ctx.observer, origin) {
                 notify(observer, &o.report(attempt, Settlement::Acked));
             }

@@ -33,6 +33,10 @@
 //! * **Middleware**: tower [`Layer`](tower::Layer)s around handlers ([`layers`]: tower's
 //!   timeout and concurrency limit, an in-call [`RetryLayer`](layers::RetryLayer), or your
 //!   own).
+//! * **Metrics**: settlements by outcome, handler durations and panics through the `metrics`
+//!   facade ([`metrics`]).
+//! * **Health over HTTP** (feature `http`): `http::HealthServer` serves `/healthz`, `/readyz`
+//!   and `/metrics`.
 //! * **Testing**: [`TestApp`] runs an app on the in-memory broker and records what it did.
 //!
 //! ```
@@ -116,8 +120,12 @@ mod batch;
 mod extract;
 mod handler;
 mod harness;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 pub mod layers;
 mod message;
+pub mod metrics;
 mod outcome;
 mod redrive;
 mod report;

@@ -6,5 +6,7 @@
 
 mod app;
 mod conformance;
+#[cfg(feature = "http")]
+mod http;
 mod lifecycle;
 mod support;

@@ -1,0 +1,105 @@
+//! The health server (feature `http`): liveness and readiness follow the app's life, and
+//! `/metrics` serves the runtime's metrics through a Prometheus recorder.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use polybus_core::Event;
+use polybus_runtime::http::HealthServer;
+use polybus_runtime::{App, Settlement, TestApp};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+fn recorder() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Another test of this binary may have installed one already: then ours renders
+            // nothing, and the test says so.
+            metrics::set_global_recorder(recorder).expect("the first recorder of this process");
+            handle
+        })
+        .clone()
+}
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (code, body)
+}
+
+#[tokio::test]
+async fn healthz_readyz_and_metrics_follow_the_app() {
+    let handle = recorder();
+    async fn handle_event() {}
+    let app = App::new().route("orders", handle_event);
+    let health = app.health();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        HealthServer::new(health.clone())
+            .metrics(move || handle.render())
+            .serve(listener, async move {
+                let _ = server_stopped.await;
+            }),
+    );
+
+    // Not started: alive, not ready.
+    assert_eq!(get(addr, "/healthz").await.0, 200);
+    assert_eq!(get(addr, "/readyz").await.0, 503);
+
+    let mut t = TestApp::start(app).await.unwrap();
+    assert_eq!(get(addr, "/readyz").await, (200, "ready\n".to_owned()));
+    let ev = Event::new(b"x");
+    let id = ev.id().to_owned();
+    t.publish("orders", ev).await.unwrap();
+    assert_eq!(
+        t.settled(&id).await.unwrap().settlement(),
+        &Settlement::Acked
+    );
+
+    let (code, body) = get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    let acked = body
+        .lines()
+        .find(|l| l.starts_with("polybus_runtime_settled_total{outcome=\"acked\"}"))
+        .unwrap_or_else(|| panic!("no acked counter in:\n{body}"));
+    let n: f64 = acked.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 1.0);
+    assert!(
+        body.contains("polybus_runtime_handler_duration_seconds"),
+        "{body}"
+    );
+    // Every sample line is `name{labels} value` (the text format's shape).
+    for line in body
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
+    }
+
+    assert_eq!(get(addr, "/nope").await.0, 404);
+    t.stop().await.unwrap();
+    assert_eq!(get(addr, "/healthz").await.0, 503);
+    assert_eq!(get(addr, "/readyz").await.0, 503);
+    let _ = stop_server.send(());
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
