@@ -248,11 +248,16 @@ pub fn write_lean_owned(ev: Event, mut header: impl FnMut(Cow<'static, str>, Str
 }
 
 /// Whether header `i` (named `name`) becomes a CloudEvents extension attribute: its name is an
-/// extension name and no earlier header has the same name. CloudEvents attributes are
+/// extension name and no earlier header has the same name (header names match
+/// case-insensitively, so `Tenant` before `tenant` counts). CloudEvents attributes are
 /// single-valued, so a second value of the same name travels as a plain header and comes back
-/// as a header of that name: nothing is lost in either mode.
+/// as a header of that name: nothing is lost in either mode, and the first value stays first.
 fn is_attribute_entry(headers: &Headers, i: usize, name: &str) -> bool {
-    is_extension_name(name) && !headers.iter().take(i).any(|(n, _)| n == name)
+    is_extension_name(name)
+        && !headers
+            .iter()
+            .take(i)
+            .any(|(n, _)| n.eq_ignore_ascii_case(name))
 }
 
 /// Collects attributes and headers received in binary mode and builds the [`Event`].
@@ -493,6 +498,63 @@ pub fn is_structured_content_type(ct: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Found by the `mqtt_v5` fuzz target: structured mode read the JSON number
+    /// `6.6666666666666665e+41` as `6.666666666666667e+41` (serde_json's default float parser is
+    /// not correctly rounded), so a JSON payload changed on every trip. `float_roundtrip` fixes it.
+    #[test]
+    fn structured_mode_keeps_json_numbers_exactly() {
+        for n in [
+            "6.6666666666666665e+41",
+            "0.1",
+            "1e-300",
+            "2.2250738585072014e-308",
+            "-0.0",
+        ] {
+            let doc = format!("{{\"n\":{n}}}");
+            let ev = Event::builder()
+                .content_type("application/json")
+                .data(doc.clone())
+                .build()
+                .unwrap();
+            let (json, _) = to_structured(&ev, "test").unwrap();
+            let back = from_structured(&json, "test").unwrap();
+            let sent: f64 = n.parse().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(back.data()).unwrap();
+            assert_eq!(
+                v["n"].as_f64().map(f64::to_bits),
+                Some(sent.to_bits()),
+                "{n}: {v}"
+            );
+        }
+    }
+
+    /// Found by the `nats_structured` fuzz target: `tenAnt: a` then `tenant: b` (one header
+    /// name, two values) wrote `b` as the extension and `a` as a plain header, so after a trip
+    /// through Kafka or MQTT `headers().get("tenant")` was `b`. A value after an earlier one of
+    /// the same name in another case is a plain header now, and the order is kept.
+    #[test]
+    fn a_name_repeated_in_another_case_is_not_an_extension() {
+        let mut ev = Event::new(Bytes::new());
+        ev.headers_mut().append("tenAnt", "a").unwrap();
+        ev.headers_mut().append("tenant", "b").unwrap();
+        let (mut attrs, mut plain) = (Vec::new(), Vec::new());
+        write_binary(
+            &ev,
+            |n, _| attrs.push(n.to_owned()),
+            |n, v| plain.push((n.to_owned(), v.to_owned())),
+        );
+        assert!(!attrs.iter().any(|n| n == "tenant"), "{attrs:?}");
+        assert_eq!(
+            plain,
+            [
+                ("tenAnt".to_owned(), "a".to_owned()),
+                ("tenant".to_owned(), "b".to_owned())
+            ]
+        );
+        let (_, plain) = to_structured(&ev, "test").unwrap();
+        assert_eq!(plain, [("tenAnt", "a"), ("tenant", "b")]);
+    }
 
     fn sample() -> Event {
         Event::builder()

@@ -3,7 +3,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Formats `t` as RFC 3339 in UTC with microsecond precision, e.g. `2026-11-21T23:25:10.123456Z`.
-/// Times before 1970 are clamped to the epoch.
+/// Times before 1970 are clamped to the epoch, times after 9999 to `9999-12-31T23:59:59.999999Z`
+/// (RFC 3339 has four-digit years: anything later would not parse back).
 ///
 /// ```
 /// use std::time::{Duration, UNIX_EPOCH};
@@ -16,12 +17,10 @@ pub fn format_rfc3339(t: SystemTime) -> String {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);
     let (hh, mm, ss, us) = (rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_micros());
-    let Ok(year) = u32::try_from(y) else {
-        return format!("{y:04}-{m:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}.{us:06}Z");
+    let year = match u32::try_from(y) {
+        Ok(year) if year <= 9999 => year,
+        _ => return LATEST.to_owned(),
     };
-    if year > 9999 {
-        return format!("{y:04}-{m:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}.{us:06}Z");
-    }
     // Every event carries its time, so this runs once per publish: digits by hand rather than
     // through `format!` (about twenty times fewer instructions).
     let mut buf = *b"0000-00-00T00:00:00.000000Z";
@@ -43,6 +42,9 @@ pub fn format_rfc3339(t: SystemTime) -> String {
         .map(str::to_owned)
         .unwrap_or_default()
 }
+
+/// The latest time [`format_rfc3339`] writes.
+const LATEST: &str = "9999-12-31T23:59:59.999999Z";
 
 /// Parses an RFC 3339 timestamp (`T` or `t` or space separator, optional fraction of up to 9
 /// digits, `Z` or a `±HH:MM` offset). Returns `None` for anything else, never panics.
@@ -172,6 +174,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Found by the `kafka` fuzz target: a record timestamp in the year 2285384 became the
+    /// event time, written as `2285384-04-02T23:52:07.941000Z`, which no consumer parses (a
+    /// `Codec` error on every binding). So is an instant past 9999 given with an offset.
+    #[test]
+    fn times_after_9999_are_clamped_to_the_last_representable_one() {
+        let far = UNIX_EPOCH + Duration::from_millis(72_057_594_037_927_941);
+        assert_eq!(format_rfc3339(far), LATEST);
+        let t = parse_rfc3339("9999-12-31T23:30:00-01:00").expect("valid RFC 3339");
+        assert_eq!(format_rfc3339(t), LATEST);
+        let latest = parse_rfc3339(LATEST).expect("parses");
+        assert_eq!(format_rfc3339(latest), LATEST);
+        assert_eq!(
+            format_rfc3339(SystemTime::UNIX_EPOCH + Duration::MAX / 2),
+            LATEST
+        );
+    }
+
     #[test]
     fn formats_like_format_macro() {
         for secs in [
@@ -196,9 +215,9 @@ mod tests {
             );
             assert_eq!(format_rfc3339(t), expected);
         }
-        // Past year 9999 the slow path keeps the year's digits.
+        // Past year 9999: the last time RFC 3339 can write (see the clamping test).
         let far = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
-        assert!(format_rfc3339(far).starts_with("10000-01-01T00:00:00"));
+        assert_eq!(format_rfc3339(far), LATEST);
     }
 
     #[test]
