@@ -56,7 +56,29 @@ fn attribute_header(attribute: &str) -> Option<&'static str> {
     })
 }
 
+/// Refuses a plain header the binding cannot carry as it is: `content-type` (the decoder reads
+/// the first one as the content type and mode), in binary mode a `ce_*` name (the decoder
+/// reads it as an attribute), and a name with a NUL byte (librdkafka cuts header names there).
+fn check_plain(name: &str, mode: Mode) -> Result<()> {
+    let why = if name.eq_ignore_ascii_case(CONTENT_TYPE)
+        || (mode != Mode::Structured && name.starts_with(CE_PREFIX))
+    {
+        "is reserved by the CloudEvents Kafka binding; use an extension name (lowercase letters \
+         and digits) or the event's content type"
+    } else if name.contains('\0') {
+        "contains a NUL byte, which Kafka header names cannot carry"
+    } else {
+        return Ok(());
+    };
+    Err(Error::new(ErrorKind::InvalidHeader, BACKEND)
+        .with_message(format!("header {name:?} {why}")))
+}
+
 /// Encodes `ev` for the wire in `mode`, the record key chosen by `keys`.
+///
+/// # Errors
+/// [`ErrorKind::InvalidHeader`] for a plain header the binding cannot carry ([`check_plain`]);
+/// [`ErrorKind::Codec`] when structured mode cannot embed the payload.
 pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded> {
     let key = keys.key(ev);
     let mut size = key.as_ref().map_or(0, Bytes::len);
@@ -71,6 +93,7 @@ pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded
                 cloudevents::STRUCTURED_CONTENT_TYPE,
             );
             for (n, v) in plain {
+                check_plain(n, Mode::Structured)?;
                 headers = push(headers, &mut size, n, v);
             }
             Bytes::from(doc)
@@ -100,6 +123,9 @@ pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded
                 },
                 |n, v| plain.push((n.to_owned(), v.to_owned())),
             );
+            for (n, _) in &plain {
+                check_plain(n, Mode::Binary)?;
+            }
             let (written, written_size, _) = state.into_inner();
             headers = written.unwrap_or_default();
             size = written_size;
@@ -327,6 +353,38 @@ mod tests {
         assert_eq!(back.content_type(), Some("application/json"));
         assert_eq!(back.headers().get("tenant"), Some("eu"));
         assert_eq!(back.headers().get("x-req"), Some("r"));
+    }
+
+    /// Found by the `header` fuzz target: a plain header `ce_-` came back as the header `-`
+    /// (read as an attribute), a plain `content-type` as the content type, and a name with a
+    /// NUL byte cut short by librdkafka. They are refused instead.
+    #[test]
+    fn plain_headers_the_binding_cannot_carry_are_refused() {
+        let with = |name: &str| {
+            let mut ev = sample();
+            ev.headers_mut().append_unchecked(name, "x");
+            ev
+        };
+        for (name, modes) in [
+            ("ce_-", &[Mode::Binary][..]),
+            ("ce_id", &[Mode::Binary]),
+            ("content-type", &[Mode::Binary, Mode::Structured]),
+            ("Content-Type", &[Mode::Binary, Mode::Structured]),
+            ("a\0b", &[Mode::Binary, Mode::Structured]),
+        ] {
+            for mode in modes {
+                let e = encode(&with(name), *mode, &KeyMapper::EventKey)
+                    .err()
+                    .unwrap_or_else(|| panic!("{name:?} {mode:?} encoded"));
+                assert_eq!(e.kind(), ErrorKind::InvalidHeader, "{name:?} {mode:?}");
+            }
+        }
+        // A structured record keeps `ce_*` plain headers as they are.
+        let ev = with("ce_note");
+        let enc = encode(&ev, Mode::Structured, &KeyMapper::EventKey).unwrap();
+        let h = names(&enc.headers);
+        let back = decode_parts(enc.value, enc.key, &raw(&h), None, &AT).unwrap();
+        assert_eq!(back.headers().get("ce_note"), Some("x"));
     }
 
     #[test]

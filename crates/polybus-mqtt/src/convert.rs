@@ -92,6 +92,15 @@ pub(crate) fn encode_owned(ev: Event, protocol: Protocol, mode: Mode) -> Result<
             let mut obj: serde_json::Map<String, Value> = serde_json::from_slice(&json)
                 .map_err(|e| Error::new(ErrorKind::Codec, BACKEND).with_source(e))?;
             for (name, value) in plain {
+                // One member per name: a second `traceparent` would replace the first.
+                if obj.contains_key(name) {
+                    return Err(Error::new(ErrorKind::InvalidHeader, BACKEND).with_message(
+                        format!(
+                            "MQTT 3.1.1 has no headers: a second {name:?} cannot travel as an \
+                             extension attribute; use MQTT 5"
+                        ),
+                    ));
+                }
                 obj.insert(name.to_owned(), Value::String(value.to_owned()));
             }
             let json = serde_json::to_vec(&Value::Object(obj))
@@ -292,6 +301,27 @@ mod tests {
             back.headers().get_all("tenant").collect::<Vec<_>>(),
             ["eu", "us"]
         );
+    }
+
+    /// Found by the `nats_binary` fuzz target: an event with two `traceparent` headers went
+    /// out on 3.1.1 with only the second (the JSON member was overwritten). It is refused.
+    #[test]
+    fn v311_refuses_a_repeated_trace_header() {
+        let ev = Event::builder()
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .build()
+            .unwrap();
+        let e = encode(&ev, Protocol::V311, Mode::Structured).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidHeader);
+        let back = decoded(&encode(&ev, Protocol::V5, Mode::Structured).unwrap()).unwrap();
+        assert_eq!(back.headers().get_all("traceparent").count(), 2);
     }
 
     #[test]
