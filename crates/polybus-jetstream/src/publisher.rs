@@ -5,11 +5,14 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::{HeaderName, HeaderValue};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::{HeaderMap, HeaderName, HeaderValue, Subject};
+use bytes::Bytes;
 use polybus_core::telemetry::Telemetry;
-use polybus_core::{Error, Event, IntoPayload, Publisher, Receipt, Result};
+use polybus_core::{Error, ErrorKind, Event, IntoPayload, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
 use crate::client::{JetStream, subject_matches};
@@ -62,6 +65,9 @@ struct Inner {
     telemetry: Telemetry,
     /// Whether publishes carry `Nats-Msg-Id`.
     msg_id: bool,
+    /// Whether the server is part of a cluster (its INFO names one): there "no responders"
+    /// may mean a stream between leaders, and the publish is sent again.
+    clustered: bool,
 }
 
 impl JsProducer {
@@ -85,7 +91,7 @@ impl JsProducer {
             .any(|p| subject_matches(p, subject))
         {
             return Err(
-                Error::new(polybus_core::ErrorKind::Rejected, BACKEND).with_message(format!(
+                Error::new(ErrorKind::Rejected, BACKEND).with_message(format!(
                     "stream {stream:?} exists with subjects {:?}, which do not cover {subject:?}",
                     info.config.subjects
                 )),
@@ -110,11 +116,13 @@ impl JsProducer {
             .clone()
             .with_trace_policy(opts.nats.trace_policy_value());
         let msg_id = opts.msg_id_value();
+        let clustered = js.connection().client().server_info().cluster.is_some();
         JsProducer {
             inner: Arc::new(Inner {
                 encoder,
                 telemetry,
                 msg_id,
+                clustered,
                 subjects: polybus_nats::SubjectCache::default(),
                 js,
                 subject,
@@ -184,7 +192,7 @@ impl JsProducer {
         }
         let id: Option<HeaderValue> = if self.inner.msg_id {
             Some(event.id().parse().map_err(|_| {
-                Error::new(polybus_core::ErrorKind::InvalidHeader, BACKEND)
+                Error::new(ErrorKind::InvalidHeader, BACKEND)
                     .with_message("the event id cannot travel as Nats-Msg-Id")
             })?)
         } else {
@@ -196,6 +204,41 @@ impl JsProducer {
         }
         polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
         self.ensure_stream(topic).await?;
+        // In a cluster "no responders" also means that the stream has no leader for a moment
+        // (an election after a node died): nothing was stored, and the publish is sent again
+        // until the publish timeout. A single server says it only when no stream covers the
+        // subject, so there no copy is kept for a resend.
+        let resend = self
+            .inner
+            .clustered
+            .then(|| (headers.clone(), payload.clone()));
+        let ack = match self
+            .send_once(topic, subject.clone(), headers, payload)
+            .await
+        {
+            Err(e) if e.kind() == ErrorKind::NotFound => match resend {
+                // Boxed: the rare path does not grow every publish future.
+                Some((headers, payload)) => {
+                    Box::pin(self.resend_without_leader(topic, subject, headers, payload, e))
+                        .await?
+                }
+                None => return Err(e),
+            },
+            ack => ack?,
+        };
+        Ok(Receipt::new(shared_topic)
+            .with_sequence(ack.sequence)
+            .with_duplicate(ack.duplicate))
+    }
+
+    /// Sends one publish and waits for its acknowledgement (or the server's refusal).
+    async fn send_once(
+        &self,
+        topic: &str,
+        subject: Subject,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<PublishAck> {
         let conn = self.inner.js.connection();
         let watch_refusals = conn.auth_required();
         let since = if watch_refusals {
@@ -232,9 +275,48 @@ impl JsProducer {
         } else {
             ack.await.map_err(|e| error::publish(e, topic))?
         };
-        Ok(Receipt::new(shared_topic)
-            .with_sequence(ack.sequence)
-            .with_duplicate(ack.duplicate))
+        Ok(ack)
+    }
+
+    /// After "no responders" in a cluster: sends the publish again, 100 ms apart, while the
+    /// stream covering `topic` has no leader, until the publish timeout (counted from now). A
+    /// subject no stream covers keeps its `NotFound` (`first`); a stream that stays without a
+    /// leader is `Timeout`.
+    async fn resend_without_leader(
+        &self,
+        topic: &str,
+        subject: Subject,
+        headers: HeaderMap,
+        payload: Bytes,
+        first: Error,
+    ) -> Result<PublishAck> {
+        let timeout = self.inner.js.options().publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let covered = tokio::time::timeout_at(deadline, self.inner.js.stream_for(topic)).await;
+        if let Ok(Err(e)) = &covered
+            && e.kind() == ErrorKind::NotFound
+        {
+            return Err(first);
+        }
+        let mut last = first;
+        loop {
+            let pause = tokio::time::Instant::now() + Duration::from_millis(100);
+            if pause >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(pause).await;
+            let send = self.send_once(topic, subject.clone(), headers.clone(), payload.clone());
+            match tokio::time::timeout_at(deadline, send).await {
+                Ok(Err(e)) if e.kind() == ErrorKind::NotFound => last = e,
+                Ok(result) => return result,
+                Err(_) => break,
+            }
+        }
+        Err(Error::new(ErrorKind::Timeout, BACKEND)
+            .with_message(format!(
+                "publishing to {topic:?}: the stream had no leader (no responders) for {timeout:?}"
+            ))
+            .with_source(last))
     }
 
     async fn ensure_stream(&self, topic: &str) -> Result<()> {

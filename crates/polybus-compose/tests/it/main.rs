@@ -3,6 +3,7 @@
 //! runs (ignored unless brokers are up: `cargo xtask test`).
 
 mod brokers;
+mod cluster;
 mod crash;
 mod engine;
 mod nats_outage;

@@ -267,21 +267,92 @@ impl NatsCluster {
         .with_context(|| format!("the leader of consumer {consumer} on stream {stream}"))
     }
 
+    /// Moves the leadership of stream `stream` off node `away_from` (asking the leader to step
+    /// down, `$JS.API.STREAM.LEADER.STEPDOWN.<stream>`, until another node leads); returns the
+    /// leader. For tests that kill a node and want no election on the way.
+    ///
+    /// # Errors
+    /// The leader cannot be found, or still is `away_from` after 10 step-downs.
+    pub async fn move_stream_leader(&self, stream: &str, away_from: usize) -> Result<usize> {
+        let subject = format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}");
+        self.move_leader(&subject, away_from, || self.stream_leader(stream))
+            .await
+    }
+
+    /// Moves the leadership of consumer `consumer` of stream `stream` off node `away_from`
+    /// (`$JS.API.CONSUMER.LEADER.STEPDOWN.<stream>.<consumer>`), as for
+    /// [`move_stream_leader`](Self::move_stream_leader).
+    ///
+    /// # Errors
+    /// As for [`move_stream_leader`](Self::move_stream_leader).
+    pub async fn move_consumer_leader(
+        &self,
+        stream: &str,
+        consumer: &str,
+        away_from: usize,
+    ) -> Result<usize> {
+        let subject = format!("$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}");
+        self.move_leader(&subject, away_from, || {
+            self.consumer_leader(stream, consumer)
+        })
+        .await
+    }
+
+    async fn move_leader<F, Fut>(
+        &self,
+        stepdown: &str,
+        away_from: usize,
+        leader: F,
+    ) -> Result<usize>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<usize>>,
+    {
+        let client = self.client().await?;
+        let mut current = leader().await?;
+        for _ in 0..10 {
+            if current != away_from {
+                let _ = client.drain().await;
+                return Ok(current);
+            }
+            client
+                .request(stepdown.to_owned(), bytes::Bytes::new())
+                .await
+                .with_context(|| stepdown.to_owned())?;
+            // The step-down answers before the new leader is elected: wait for another one.
+            let deadline = Instant::now() + LEADER_TIMEOUT;
+            loop {
+                current = leader().await?;
+                if current != away_from || Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let _ = client.drain().await;
+        bail!("n{away_from} still leads after 10 step-downs ({stepdown})")
+    }
+
+    /// A client connected to the running nodes.
+    async fn client(&self) -> Result<async_nats::Client> {
+        let urls: Vec<String> = (0..self.len())
+            .filter(|&i| self.is_running(i))
+            .map(|i| self.url(i))
+            .collect();
+        async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            .request_timeout(Some(Duration::from_secs(5)))
+            .connect(urls)
+            .await
+            .context("connecting to the cluster")
+    }
+
     async fn leader<F, Fut>(&self, info: F) -> Result<usize>
     where
         F: Fn(async_nats::jetstream::Context) -> Fut,
         Fut: Future<Output = Result<Option<String>, async_nats::Error>>,
     {
-        let urls: Vec<String> = (0..self.len())
-            .filter(|&i| self.is_running(i))
-            .map(|i| self.url(i))
-            .collect();
-        let client = async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(2))
-            .request_timeout(Some(Duration::from_secs(2)))
-            .connect(urls)
-            .await
-            .context("connecting to the cluster")?;
+        let client = self.client().await?;
         let js = async_nats::jetstream::new(client.clone());
         let deadline = Instant::now() + LEADER_TIMEOUT;
         let result = loop {
