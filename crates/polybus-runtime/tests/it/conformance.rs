@@ -1,5 +1,5 @@
 //! The runtime conformance suite: the same scenarios on every backend. Memory runs under
-//! plain `cargo test`; NATS, JetStream, Kafka and MQTT need the brokers (`cargo xtask test`).
+//! plain `cargo test`; NATS, JetStream, Kafka, MQTT and the composed bus need the brokers (`cargo xtask test`).
 //!
 //! * `retry_dead_letter_redrive`: a failing handler is tried `3` times with the backoff's
 //!   delays (redelivery where the backend has `nack_delay`, in process where not), the dead
@@ -46,6 +46,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// How long a redrive waits for the next dead letter before it stops.
     fn redrive_idle(&self) -> Duration {
         Duration::from_secs(3)
+    }
+    /// Whether the publisher drops a second publish of the same event id (JetStream's
+    /// `Nats-Msg-Id`, the composed bus), so a redrive must rename the copy.
+    fn dedups_by_id(&self) -> bool {
+        false
     }
     /// How long to wait for what must happen.
     fn timeout(&self) -> Duration {
@@ -299,10 +304,10 @@ pub(crate) async fn retry_dead_letter_redrive<B: Backend>(b: &B, caps: Capabilit
         .await
         .expect("redrive");
         assert_eq!(report.moved, 1, "{}: {report:?}", b.name());
-        // JetStream deduplicates by id: the redrive renames the copy and says so.
+        // JetStream and the bus deduplicate by id: the redrive renames the copy and says so.
         assert_eq!(
             report.renamed,
-            usize::from(caps.exactly_once_publish),
+            usize::from(b.dedups_by_id()),
             "{}",
             b.name()
         );
@@ -612,6 +617,9 @@ impl Backend for JsBackend {
     fn name(&self) -> &'static str {
         "jetstream"
     }
+    fn dedups_by_id(&self) -> bool {
+        true
+    }
     async fn publisher(&self) -> Result<Self::P> {
         js_options().producer().await
     }
@@ -694,3 +702,50 @@ impl Backend for MqttBackend {
 }
 
 runtime_conformance!(mqtt, MqttBackend, #[ignore = "needs brokers: cargo xtask test"]);
+
+// ---- The composed bus: publish through Bus (JetStream + spool, forwarded to Kafka), consume
+// from Kafka ----
+
+pub(crate) struct ComposeBackend;
+
+impl Backend for ComposeBackend {
+    type P = polybus_compose::Bus<polybus_jetstream::JsProducer, polybus_kafka::KafkaProducer>;
+    type C = polybus_kafka::KafkaConsumer;
+    fn name(&self) -> &'static str {
+        "compose"
+    }
+    fn dedups_by_id(&self) -> bool {
+        true
+    }
+    async fn publisher(&self) -> Result<Self::P> {
+        // Each bus has its own spool; the directory outlives the test (it is small).
+        let dir = tempfile::Builder::new()
+            .prefix("polybus-rt-spool-")
+            .tempdir()
+            .map_err(|e| {
+                polybus_core::Error::new(polybus_core::ErrorKind::Other, "test").with_source(e)
+            })?
+            .keep();
+        let js = js_options().producer().await?;
+        let kafka = polybus_kafka::KafkaProducer::new_with_config(&kafka_config("unused"))?;
+        polybus_compose::Bus::builder()
+            .spool_dir(dir)
+            .build_with(js, kafka)
+            .await
+    }
+    async fn consumer(&self, group: &str) -> Result<Self::C> {
+        polybus_kafka::KafkaConsumer::new(&kafka_config(group))
+    }
+    fn topic(&self) -> String {
+        // A NATS subject that the default topic map keeps as the Kafka topic name.
+        format!("polybus.rt.{}", uuid::Uuid::new_v4().simple())
+    }
+    fn redrive_idle(&self) -> Duration {
+        Duration::from_secs(12)
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(90)
+    }
+}
+
+runtime_conformance!(compose, ComposeBackend, #[ignore = "needs brokers: cargo xtask test"]);
