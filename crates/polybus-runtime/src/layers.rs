@@ -6,7 +6,10 @@
 //! [`App::layer`](crate::App::layer) for every route or
 //! [`Route::layer`](crate::Route::layer) for one. tower's own
 //! [`TimeoutLayer`] and [`ConcurrencyLimitLayer`] are re-exported here; [`RetryLayer`] retries
-//! inside the handler call.
+//! inside the handler call; [`RateLimitLayer`] spaces handler calls out (tower's own rate
+//! limit is not `Clone`, which a route's service must be). Deduplication by `source` + `id`
+//! wraps the consumer rather than the handler: `polybus_compose::Dedup` is a `Consumer`, so
+//! `app.run(Dedup::new(consumer, store), publisher)` skips what was already handled.
 //!
 //! ```
 //! use std::time::Duration;
@@ -25,7 +28,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt as _};
 
@@ -116,6 +121,98 @@ where
     }
 }
 
+/// At most `n` handler calls per `per`, evenly spaced (a call waits for its slot before the
+/// inner service runs). Clones share the limit, so one layer limits every route it wraps
+/// together.
+///
+/// ```
+/// use std::time::Duration;
+/// use polybus_runtime::App;
+/// use polybus_runtime::layers::RateLimitLayer;
+/// async fn call_partner_api() {}
+/// let app = App::new()
+///     .route("partner.requests", call_partner_api)
+///     .layer(RateLimitLayer::new(50, Duration::from_secs(1)));
+/// # let _ = app;
+/// ```
+#[derive(Debug, Clone)]
+pub struct RateLimitLayer {
+    interval: Duration,
+    next: Arc<Mutex<Option<tokio::time::Instant>>>,
+}
+
+impl RateLimitLayer {
+    /// `n` calls (at least 1) per `per`.
+    pub fn new(n: u32, per: Duration) -> Self {
+        RateLimitLayer {
+            interval: per / n.max(1),
+            next: Arc::default(),
+        }
+    }
+
+    /// Reserves the next slot; returns when it starts.
+    fn reserve(&self) -> tokio::time::Instant {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let at = next.map_or(now, |n| n.max(now));
+        *next = Some(at + self.interval);
+        at
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limit: self.clone(),
+        }
+    }
+}
+
+/// The service of [`RateLimitLayer`].
+#[derive(Debug, Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limit: RateLimitLayer,
+}
+
+impl<S> RateLimit<S> {
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+    /// Unwraps the service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Service<Message> for RateLimit<S>
+where
+    S: Service<Message, Response = Outcome> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+{
+    type Response = Outcome;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Outcome, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // Readiness is checked on a clone once the slot has come.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        let at = self.limit.reserve();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            tokio::time::sleep_until(at).await;
+            inner.oneshot(msg).await
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -153,6 +250,28 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         // 100 ms after the first failure, 200 ms after the second.
         assert_eq!(start.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limit_spaces_calls_out() {
+        let times = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let t = times.clone();
+        let handler = move || {
+            t.lock().unwrap().push(tokio::time::Instant::now());
+            async {}
+        };
+        let svc =
+            RateLimitLayer::new(2, Duration::from_secs(1)).layer(HandlerService::new(handler, ()));
+        let start = tokio::time::Instant::now();
+        let calls: Vec<_> = (0..5)
+            .map(|_| svc.clone().oneshot(Message::new("t", Event::new(b"x"))))
+            .collect();
+        for out in futures_util::future::join_all(calls).await {
+            assert!(matches!(out.unwrap(), Outcome::Ack));
+        }
+        let offsets: Vec<Duration> = times.lock().unwrap().iter().map(|t| *t - start).collect();
+        let expected: Vec<Duration> = (0..5).map(|i| Duration::from_millis(500 * i)).collect();
+        assert_eq!(offsets, expected);
     }
 
     #[tokio::test(start_paused = true)]
