@@ -8,8 +8,10 @@
 //! [`TimeoutLayer`] and [`ConcurrencyLimitLayer`] are re-exported here; [`RetryLayer`] retries
 //! inside the handler call; [`RateLimitLayer`] spaces handler calls out (tower's own rate
 //! limit is not `Clone`, which a route's service must be). Deduplication by `source` + `id`
-//! wraps the consumer rather than the handler: `polybus_compose::Dedup` is a `Consumer`, so
-//! `app.run(Dedup::new(consumer, store), publisher)` skips what was already handled.
+//! wraps the consumer rather than the handler: `polybus_compose::Dedup` is a `Consumer` that
+//! records an event once its delivery is acked (after the handler succeeded) and skips later
+//! copies, so `app.run(Dedup::new(consumer, store, DedupKey::Id, "billing"), publisher)` handles
+//! each event once.
 //!
 //! ```
 //! use std::time::Duration;

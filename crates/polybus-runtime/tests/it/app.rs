@@ -10,7 +10,9 @@ use polybus_core::dlq::{
     DeadLetterTopic, X_ATTEMPTS, X_EXCEPTION_KIND, X_EXCEPTION_MESSAGE, X_ORIGINAL_OFFSET,
     X_ORIGINAL_TOPIC,
 };
-use polybus_core::{Consumer, ErrorKind, Event, Headers, MemoryBroker, PublisherExt as _};
+use polybus_core::{
+    Consumer, ErrorKind, Event, Headers, MemoryBroker, Publisher as _, PublisherExt as _,
+};
 use polybus_runtime::layers::{ConcurrencyLimitLayer, TimeoutLayer};
 use polybus_runtime::{
     App, Attempt, HandlerError, Json, Key, Outbound, Outcome, RedriveOptions, RetryMode,
@@ -819,4 +821,54 @@ async fn a_failing_or_panicking_batch_fails_every_event() {
         Some("warehouse unreachable")
     );
     t.stop().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_compose_dedup_consumer_makes_the_app_handle_each_event_once() {
+    use polybus_compose::{Dedup, DedupKey, MemoryDedupStore};
+    let calls = Arc::new(AtomicU32::new(0));
+    async fn count(State(calls): State<Arc<AtomicU32>>) {
+        calls.fetch_add(1, Ordering::SeqCst);
+    }
+    let broker = MemoryBroker::new();
+    let store = Arc::new(MemoryDedupStore::new(Duration::from_secs(3600)));
+    let consumer = Dedup::new(
+        broker.consumer_group("billing"),
+        store,
+        DedupKey::Id,
+        "billing",
+    );
+    let rec = crate::support::Recorder::default();
+    let app = App::with_state(calls.clone())
+        .route("orders", count)
+        .on_report(rec.observer());
+    let mut status = app.status();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(app.run_until(consumer, broker.publisher(), async move {
+        let _ = stopped.await;
+    }));
+    status
+        .wait_for(|s| *s == polybus_runtime::Status::Running)
+        .await
+        .unwrap();
+    let ev = Event::builder().id("order-1").build().unwrap();
+    let publisher = broker.publisher();
+    publisher.publish("orders", ev.clone()).await.unwrap();
+    rec.wait_until(Duration::from_secs(10), "the first copy acked", |rs| {
+        rs.iter().any(|(_, r)| r.settlement() == &Settlement::Acked)
+    })
+    .await;
+    publisher.publish("orders", ev).await.unwrap();
+    let other = Event::new(b"other");
+    let other_id = other.id().to_owned();
+    publisher.publish("orders", other).await.unwrap();
+    rec.wait_until(Duration::from_secs(10), "the other event acked", |rs| {
+        rs.iter()
+            .any(|(_, r)| r.id() == other_id && r.settlement() == &Settlement::Acked)
+    })
+    .await;
+    // The second copy of order-1 never reached the handler.
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
 }
