@@ -395,7 +395,8 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     ///
     /// # Errors
     /// A subscription failed for good (invalid topic, unauthorized, unsupported, not found):
-    /// the app drains and returns it. Other stream errors are logged and the app goes on.
+    /// the app drains and returns it. Other stream errors are logged and the app goes on; if
+    /// every subscription then ends, the last of them is returned.
     pub async fn run_until<C, P, F>(self, consumer: C, publisher: P, shutdown: F) -> Result<()>
     where
         C: Consumer,
@@ -446,6 +447,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut tasks = JoinSet::new();
         let mut fatal = None;
+        let mut last_error = None;
         let mut batches: HashMap<usize, Buffered> = HashMap::new();
         loop {
             let next_flush = batches.values().map(|b| b.deadline).min();
@@ -473,7 +475,11 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             };
             while tasks.try_join_next().is_some() {}
             match item {
-                None => break,
+                None => {
+                    // Every subscription ended: if one ended on an error, that is the answer.
+                    fatal = last_error.take();
+                    break;
+                }
                 Some((i, Err(e))) => {
                     if matches!(
                         e.kind(),
@@ -490,6 +496,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                         .subscription_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(topic = %tables[i].topic, error = %e, "subscription error");
+                    last_error = Some(e);
                 }
                 Some((i, Ok(delivery))) => {
                     let job = Job {
