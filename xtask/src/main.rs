@@ -11,6 +11,7 @@ mod ci;
 mod cluster;
 mod config;
 mod demo;
+mod fuzz;
 mod install;
 mod mutations;
 mod nats_cluster;
@@ -54,6 +55,12 @@ Commands:
   mutations [MUTATION...]   run every backend's conformance scenarios once per declared
                             capability changed (POLYBUS_CAPS_MUTATION); prints which scenarios
                             failed and fails if a change went unnoticed (~40 min)
+  fuzz [TARGET] [--seconds N]
+                            build the fuzz targets of fuzz/ (cargo-fuzz, RUSTC_BOOTSTRAP=1,
+                            installs cargo-fuzz if missing) and run each (or TARGET) for N s
+                            (default 20); prints execs per target, fails on a crash
+                            (reproducers in fuzz/artifacts/); --write-seeds regenerates
+                            fuzz/corpus/ from events encoded by the library
   help                      this text
 
 Brokers (loopback only, ports overridable):
@@ -94,6 +101,7 @@ fn run() -> Result<()> {
         }
         "demo" => demo::run(&sh, &rest),
         "mutations" => mutations::run(&sh, &rest),
+        "fuzz" => fuzz::run(&sh, &rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             Ok(())
