@@ -109,6 +109,11 @@ pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded
                 |n, v| {
                     let (headers, size, buf) = &mut *state.borrow_mut();
                     let name = match attribute_header(n) {
+                        // A content type the consumer would take for structured mode travels
+                        // as `ce_datacontenttype` (as NATS uses `ce-datacontenttype`).
+                        Some(CONTENT_TYPE) if cloudevents::is_structured_content_type(v) => {
+                            "ce_datacontenttype"
+                        }
                         Some(name) => name,
                         None => {
                             buf.clear();
@@ -353,6 +358,23 @@ mod tests {
         assert_eq!(back.content_type(), Some("application/json"));
         assert_eq!(back.headers().get("tenant"), Some("eu"));
         assert_eq!(back.headers().get("x-req"), Some("r"));
+    }
+
+    /// An event whose data is itself a CloudEvent (`application/cloudevents+json`) in binary
+    /// mode: a `content-type` header with that type would make the consumer read the value as
+    /// a structured event, so the type travels as `ce_datacontenttype`.
+    #[test]
+    fn binary_mode_carries_a_structured_content_type_as_an_attribute() {
+        let mut ev = sample();
+        ev.set_content_type(Some("application/cloudevents+json".into()));
+        ev.set_data(&b"not an event"[..]);
+        let enc = encode(&ev, Mode::Binary, &KeyMapper::EventKey).unwrap();
+        let h = names(&enc.headers);
+        assert!(!h.iter().any(|(n, _)| n == CONTENT_TYPE), "{h:?}");
+        let back = decode_parts(enc.value, enc.key, &raw(&h), None, &AT).unwrap();
+        assert_eq!(back.content_type(), Some("application/cloudevents+json"));
+        assert_eq!(back.data(), "not an event");
+        assert_eq!(back.id(), ev.id());
     }
 
     /// Found by the `header` fuzz target: a plain header `ce_-` came back as the header `-`

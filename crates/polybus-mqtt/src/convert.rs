@@ -123,7 +123,9 @@ fn encode_binary_v5(ev: Event) -> Result<Encoded> {
     let payload = cloudevents::write_binary_owned(
         ev,
         |name, value| {
-            if name == "datacontenttype" {
+            // A content type the consumer would take for structured mode travels as the
+            // `datacontenttype` user property instead (as NATS uses `ce-datacontenttype`).
+            if name == "datacontenttype" && !reads_as_structured(&value) {
                 content_type = Some(value.into_owned());
             } else {
                 props.push((name.into_owned(), value.into_owned()));
@@ -171,11 +173,7 @@ pub(crate) fn decode_owned(
     // A CloudEvents media type other than JSON (for example Avro) is an event format we
     // cannot read: the binding allows treating it as binary mode and passing it on as it is.
     if let Some(ct) = content_type
-        && ct
-            .trim_start()
-            .to_ascii_lowercase()
-            .starts_with("application/cloudevents")
-        && (cloudevents::is_structured_content_type(ct) || ct.contains("+json"))
+        && reads_as_structured(ct)
     {
         let mut ev = cloudevents::from_structured(&payload, BACKEND)?;
         // User properties that repeat an attribute of the JSON body, name and value (a writer
@@ -210,6 +208,14 @@ pub(crate) fn decode_owned(
         dec.content_type(ct);
     }
     dec.finish(payload, BACKEND)
+}
+
+/// Whether a Content Type property announces structured mode: a CloudEvents JSON media type.
+fn reads_as_structured(ct: &str) -> bool {
+    ct.trim_start()
+        .to_ascii_lowercase()
+        .starts_with("application/cloudevents")
+        && (cloudevents::is_structured_content_type(ct) || ct.contains("+json"))
 }
 
 /// A JSON object with a `specversion` member: what an MQTT 3.1.1 CloudEvents publisher sends.
@@ -301,6 +307,29 @@ mod tests {
             back.headers().get_all("tenant").collect::<Vec<_>>(),
             ["eu", "us"]
         );
+    }
+
+    /// Found by the `kafka` fuzz target: an event whose data is itself a CloudEvent
+    /// (`application/cloudevents+json`) went out in binary mode with that Content Type, and the
+    /// consumer read the payload as a structured event (a `Codec` error, or the wrong event).
+    #[test]
+    fn v5_binary_carries_a_structured_looking_content_type_as_a_user_property() {
+        for ct in [
+            "application/cloudevents+json",
+            "Application/CloudEvents+json; charset=x",
+        ] {
+            let ev = Event::builder()
+                .content_type(ct)
+                .data("not an event")
+                .build()
+                .unwrap();
+            let enc = encode(&ev, Protocol::V5, Mode::Binary).unwrap();
+            assert_eq!(enc.content_type, None, "{ct}");
+            let back = decoded(&enc).unwrap();
+            assert_eq!(back.content_type(), Some(ct));
+            assert_eq!(back.data(), "not an event");
+            assert_eq!(back.id(), ev.id());
+        }
     }
 
     /// Found by the `nats_binary` fuzz target: an event with two `traceparent` headers went
