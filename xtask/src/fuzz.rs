@@ -196,12 +196,13 @@ fn run_target(target: &str, seconds: u64) -> Result<Outcome> {
         if let Some(rest) = line.split(" corp: ").nth(1) {
             corpus = rest.split('/').next().and_then(|n| n.trim().parse().ok());
         }
-        if line.contains("panicked at") || line.starts_with("==") && line.contains("ERROR") {
+        // The panic message (up to its backtrace) and libFuzzer's verdict.
+        if line.contains("panicked at") {
             echo = true;
+        } else if line.starts_with("stack backtrace") || line.starts_with("note: run with") {
+            echo = false;
         }
-        if echo
-            && (line.contains("panicked at") || line.starts_with("  ") || line.contains("ERROR"))
-        {
+        if echo || (line.starts_with("==") && line.contains("ERROR: libFuzzer")) {
             println!("    | {line}");
         }
         if let Some(path) = line.split("Test unit written to ").nth(1) {
