@@ -286,9 +286,14 @@ async fn open_consumer(js: JetStream, topic: String, group: Option<String>) -> R
 /// needs (`'static`).
 ///
 /// The first item is an error if the subscription could not be opened (invalid subject, no
-/// stream, refused consumer), and the stream ends. Later errors of a pull (a deleted consumer,
+/// stream, refused consumer), and the stream ends; an opening that fails with `Timeout` or
+/// `Connect` (no answer in time: a server gone, a cluster electing leaders) is yielded as an
+/// item and tried again, with a growing pause. Later errors of a pull (a deleted consumer,
 /// a server error) are yielded as items and the subscription keeps pulling, with a growing
-/// pause; connection losses are waited out (the pull is repeated after the reconnect).
+/// pause; connection losses are waited out (the pull is repeated after the reconnect). A pull
+/// request that neither delivered nor expired 2 s after its expiry (it died with the server the
+/// connection was on) is given up and made again, instead of waiting out the client's own
+/// 5 s safety margin.
 ///
 /// Dropping it nak's the messages already pulled but not handed out (durable consumers), or
 /// deletes the ephemeral consumer.
@@ -303,7 +308,17 @@ pub struct JsSubscription {
     /// The next batch, pulled while the active one is still being handed out, so the
     /// subscription does not sit idle for a round trip between batches.
     next: Next,
+    /// When the active batch is given up as dead (see [`STALE_AFTER`]); set while it waits.
+    stale: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The topic and group to open again after a transient failure to open.
+    reopen: Option<(String, Option<String>)>,
 }
+
+/// How long after its expiry an unanswered pull request is given up. The server ends a pull at
+/// its expiry; one that has not ended this long after died with the server the connection was
+/// on (the server forgets a pull request whose reply subject lost its interest), and async-nats
+/// would wait 5 s past the expiry before ending it.
+const STALE_AFTER: Duration = Duration::from_secs(2);
 
 /// The pull request made ahead of time.
 enum Next {
@@ -317,6 +332,8 @@ enum State {
     Fetching(BoxFuture<'static, Result<Batch, BatchError>>),
     Active(Box<Batch>),
     Waiting(Pin<Box<tokio::time::Sleep>>),
+    /// A pause before opening again after a `Timeout` or `Connect` error.
+    Reopening(Pin<Box<tokio::time::Sleep>>),
     Failed(Option<Error>),
 }
 
@@ -327,6 +344,7 @@ impl fmt::Debug for JsSubscription {
             State::Fetching(_) => "fetching",
             State::Active(_) => "active",
             State::Waiting(_) => "waiting",
+            State::Reopening(_) => "reopening",
             State::Failed(_) => "ended",
         };
         f.debug_struct("JsSubscription")
@@ -342,7 +360,7 @@ impl fmt::Debug for JsSubscription {
 
 impl JsSubscription {
     fn opening(js: JetStream, topic: &str, group: Option<String>) -> Self {
-        let fut = Box::pin(open_consumer(js.clone(), topic.to_owned(), group));
+        let fut = Box::pin(open_consumer(js.clone(), topic.to_owned(), group.clone()));
         JsSubscription {
             js,
             state: State::Opening(fut),
@@ -351,6 +369,8 @@ impl JsSubscription {
             failures: 0,
             handed: 0,
             next: Next::None,
+            stale: None,
+            reopen: Some((topic.to_owned(), group)),
         }
     }
 
@@ -363,6 +383,8 @@ impl JsSubscription {
             failures: 0,
             handed: 0,
             next: Next::None,
+            stale: None,
+            reopen: None,
         };
         sub.state = sub.fetch();
         sub
@@ -402,6 +424,7 @@ impl JsSubscription {
     /// The next batch: the one pulled ahead if there is one, else a new pull request.
     fn fetch(&mut self) -> State {
         self.handed = 0;
+        self.stale = None;
         match std::mem::replace(&mut self.next, Next::None) {
             Next::Ready(batch) => State::Active(batch),
             Next::Fetching(fut) => State::Fetching(fut),
@@ -428,6 +451,30 @@ impl JsSubscription {
                 Ok(batch) => Next::Ready(Box::new(batch)),
                 Err(_) => Next::None,
             };
+        }
+    }
+
+    /// Whether the active batch has waited [`STALE_AFTER`] past its expiry (the timer starts
+    /// when it first waits, after its request was sent).
+    fn batch_is_stale(&mut self, cx: &mut Context<'_>) -> bool {
+        let expiry = crate::config::server_duration(self.js.options().consumer.fetch_expiry);
+        self.stale
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(expiry.saturating_add(STALE_AFTER))))
+            .as_mut()
+            .poll(cx)
+            .is_ready()
+    }
+
+    /// Drops the batch pulled ahead (its request may have died too), nak'ing what it already
+    /// holds.
+    fn discard_next(&mut self) {
+        match std::mem::replace(&mut self.next, Next::None) {
+            Next::Ready(batch) => {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(nak_rest(*batch, self.js.clone()));
+                }
+            }
+            Next::Fetching(_) | Next::None => {}
         }
     }
 
@@ -526,8 +573,31 @@ impl Stream for JsSubscription {
                         this.state = this.fetch();
                     }
                     Poll::Ready(Err(e)) => {
-                        this.state = State::Failed(None);
+                        let transient = matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Connect)
+                            && !this.js.connection().is_closed()
+                            && this.reopen.is_some();
+                        this.state = if transient {
+                            tracing::warn!(error = %e, "jetstream: opening the subscription failed; retrying");
+                            this.failures = this.failures.saturating_add(1);
+                            let ms = 100u64 << this.failures.min(6);
+                            State::Reopening(Box::pin(tokio::time::sleep(Duration::from_millis(
+                                ms,
+                            ))))
+                        } else {
+                            State::Failed(None)
+                        };
                         return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                State::Reopening(sleep) => match sleep.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(()) => {
+                        let Some((topic, group)) = this.reopen.clone() else {
+                            this.state = State::Failed(None);
+                            continue;
+                        };
+                        this.state =
+                            State::Opening(Box::pin(open_consumer(this.js.clone(), topic, group)));
                     }
                 },
                 State::Fetching(fut) => match fut.as_mut().poll(cx) {
@@ -547,6 +617,15 @@ impl Stream for JsSubscription {
                 State::Active(batch) => match batch.poll_next_unpin(cx) {
                     Poll::Pending => {
                         this.pull_ahead(cx);
+                        if this.batch_is_stale(cx) {
+                            tracing::warn!(
+                                "jetstream: a pull request was neither answered nor expired; \
+                                 pulling again"
+                            );
+                            this.discard_next();
+                            this.state = this.fetch();
+                            continue;
+                        }
                         return Poll::Pending;
                     }
                     Poll::Ready(Some(Ok(msg))) => {

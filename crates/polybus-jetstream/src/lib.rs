@@ -23,6 +23,21 @@
 //! stream for it (see [`per_topic_stream_name`]), which is how the conformance suite uses
 //! fresh topics.
 //!
+//! # Clusters
+//!
+//! Give the URLs of all servers, comma-separated (`nats://a:4222,nats://b:4222,nats://c:4222`):
+//! the connection moves to another server when its own dies. A stream created with
+//! [`StreamSettings::replicas`] `3` keeps every acknowledged message through the loss of one
+//! server. While a stream has no leader (nats-server takes some 4-8 s to elect one after the
+//! leader died) the server answers a publish with "no responders", as it does for a subject no
+//! stream covers: the producer sends it again, 100 ms apart, until the publish timeout, and then
+//! fails with `Timeout` (a subject no stream covers is still `NotFound` at once). A publish in
+//! flight when the connection's server dies waits out the publish timeout. A durable consumer
+//! continues on its new leader; acks sent to the dead one are lost, so those deliveries come
+//! again. A subscription whose pull request died with its server pulls again 2 s after the
+//! request's expiry. `tests/it/cluster.rs` measures all of this on a real three-node cluster
+//! (figures in docs/BROKER-NOTES.md).
+//!
 //! # Semantics (see [`CAPABILITIES`])
 //!
 //! At-least-once with explicit settlement: `ack` (optionally confirmed by the server),

@@ -126,6 +126,8 @@ struct Consumed {
     ids: Mutex<HashMap<String, usize>>,
     distinct: AtomicUsize,
     stream_errors: AtomicUsize,
+    /// The first error the subscription yielded.
+    first_error: std::sync::Mutex<Option<String>>,
     ack_errors: AtomicUsize,
     /// The longest time without a delivery, once the first came.
     gaps: std::sync::Mutex<(Duration, Option<Instant>)>,
@@ -134,6 +136,10 @@ struct Consumed {
 impl Consumed {
     fn stall(&self) -> Duration {
         self.gaps.lock().map(|g| g.0).unwrap_or_default()
+    }
+
+    fn first_error(&self) -> Option<String> {
+        self.first_error.lock().ok().and_then(|e| e.clone())
     }
 }
 
@@ -177,10 +183,19 @@ fn consume(
                         consumed.ack_errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Ok(Some(Err(_))) => {
+                Ok(Some(Err(e))) => {
                     consumed.stream_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut first) = consumed.first_error.lock() {
+                        first.get_or_insert_with(|| format!("{e:#}"));
+                    }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    if let Ok(mut first) = consumed.first_error.lock() {
+                        let e = first.take().unwrap_or_default();
+                        *first = Some(format!("{e} (then the subscription ended)"));
+                    }
+                    break;
+                }
                 Err(_) => {}
             }
             if done.load(Ordering::Acquire) {
@@ -305,7 +320,7 @@ async fn stream_leader_killed_under_publish_load_loses_nothing() -> Result<()> {
          / duplicates {duplicates} (deliveries {}, redelivered {}) / longest publish stall {:.2}s; \
          stored {stored}; leader n{leader} killed at {acked_at_kill} acked, the API named \
          n{new_leader} leader {:.2}s later, n{leader} down {:.2}s; publish attempts {} ({} failed: {:?}, {} \
-         duplicate receipts), {TOTAL} events in {:.1}s; consumer stream errors {}, ack errors {}; \
+         duplicate receipts), {TOTAL} events in {:.1}s; consumer stream errors {} (first: {:?}), ack errors {}; \
          test {:.1}s",
         consumed.ids.lock().await.len(),
         lost.len(),
@@ -320,6 +335,7 @@ async fn stream_leader_killed_under_publish_load_loses_nothing() -> Result<()> {
         published.duplicate_receipts.load(Ordering::Relaxed),
         publish_time.as_secs_f64(),
         consumed.stream_errors.load(Ordering::Relaxed),
+        consumed.first_error(),
         consumed.ack_errors.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64(),
     );
@@ -429,7 +445,7 @@ async fn consumer_leader_killed_durable_consumer_keeps_consuming() -> Result<()>
          {distinct} / lost {} / duplicates {duplicates} / redelivered {} (deliveries {}) / \
          longest delivery stall {:.2}s; consumer leader n{leader} (stream leader n{stream_leader}) \
          killed at {consumed_at_kill} consumed, the API named n{new_leader} leader {:.2}s later, {RESTART_AT} \
-         consumed {:.2}s after the kill; consumed in {:.1}s; stream errors {}, ack errors {}; \
+         consumed {:.2}s after the kill; consumed in {:.1}s; stream errors {} (first: {:?}), ack errors {}; \
          test {:.1}s",
         lost.len(),
         consumed.redelivered.load(Ordering::Relaxed),
@@ -439,6 +455,7 @@ async fn consumer_leader_killed_durable_consumer_keeps_consuming() -> Result<()>
         resumed_in.as_secs_f64(),
         consume_time.as_secs_f64(),
         consumed.stream_errors.load(Ordering::Relaxed),
+        consumed.first_error(),
         consumed.ack_errors.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64(),
     );
@@ -458,7 +475,9 @@ async fn consumer_leader_killed_durable_consumer_keeps_consuming() -> Result<()>
 }
 
 /// How long a client given the three URLs may take to be served again after its server died
-/// (the server led neither the stream nor the consumer the client uses, so no election).
+/// (the server led neither the stream nor the consumer the client uses, so no election): a
+/// publish in flight at the kill waits out the publish timeout (2 s), a pull request in flight
+/// is given up 2 s after its expiry (1 s); the rest is reconnecting, which takes milliseconds.
 const RESUME_BOUND: Duration = Duration::from_secs(5);
 
 /// Proves: a core NATS subscriber (polybus-nats, given the three URLs) whose server is

@@ -61,9 +61,28 @@ impl fmt::Debug for NatsCluster {
 impl NatsCluster {
     /// Starts the three nodes and waits until the cluster is ready (see the module docs).
     ///
+    /// The nine ports are free when chosen, but another process may take one before the node
+    /// binds it: a node that exits with "address already in use" makes a new attempt on new
+    /// ports (three attempts at most).
+    ///
     /// # Errors
     /// nats-server is missing, a node exits, or the cluster is not ready within 60 s.
     pub async fn new() -> Result<Self> {
+        let mut attempt = 1;
+        loop {
+            match Self::launch().await {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    eprintln!(
+                        "NatsCluster: a port was taken, new ports (attempt {attempt}): {e:#}"
+                    );
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn launch() -> Result<Self> {
         // All nine ports are held at once, so that they differ from each other.
         let ports: Vec<NodePorts> = {
             let listeners = (0..NODES * 3)
@@ -114,7 +133,7 @@ impl NatsCluster {
             .await?;
             nodes.push(node);
         }
-        let cluster = NatsCluster { nodes, ports };
+        let mut cluster = NatsCluster { nodes, ports };
         cluster.wait_ready().await?;
         Ok(cluster)
     }
@@ -193,27 +212,48 @@ impl NatsCluster {
     /// leader's index.
     ///
     /// # Errors
-    /// Not ready within 60 s.
-    pub async fn wait_ready(&self) -> Result<usize> {
+    /// A node exited, or the cluster is not ready within 60 s (the error has the tail of
+    /// every node's log).
+    pub async fn wait_ready(&mut self) -> Result<usize> {
         let nodes = self.running_http();
-        let logs: Vec<PathBuf> = (0..self.len()).map(|i| self.log_path(i)).collect();
-        tokio::task::spawn_blocking(move || {
-            nats_cluster::wait_ready(&nodes, READY_TIMEOUT, || None).map_err(|e| {
-                let tails: Vec<String> = logs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, log)| {
-                        format!(
-                            "n{i} ({}):\n{}",
-                            log.display(),
-                            crate::probe::log_tail(log, 8)
-                        )
-                    })
-                    .collect();
-                e.context(tails.join("\n"))
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let probed = nodes.clone();
+            let last =
+                match tokio::task::spawn_blocking(move || nats_cluster::probe(&probed)).await? {
+                    Ok(leader) => return Ok(leader),
+                    Err(e) => e,
+                };
+            let exited = self.nodes.iter_mut().enumerate().find_map(|(i, node)| {
+                let status = node.child.as_mut()?.try_wait().ok()??;
+                Some(format!("n{i} exited ({status})"))
+            });
+            if let Some(exited) = exited {
+                bail!("{exited} (last probe: {last})\n{}", self.log_tails());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the NATS cluster was not ready within {READY_TIMEOUT:?} (last probe: \
+                     {last})\n{}",
+                    self.log_tails()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log_tails(&self) -> String {
+        (0..self.len())
+            .map(|i| {
+                let log = self.log_path(i);
+                format!(
+                    "n{i} ({}):\n{}",
+                    log.display(),
+                    crate::probe::log_tail(&log, 8)
+                )
             })
-        })
-        .await?
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Waits until node `i` answers the full `/healthz` with ok: JetStream current with the
@@ -341,7 +381,7 @@ impl NatsCluster {
             .collect();
         async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(2))
-            .request_timeout(Some(Duration::from_secs(5)))
+            .request_timeout(Some(Duration::from_secs(1)))
             .connect(urls)
             .await
             .context("connecting to the cluster")
