@@ -1,0 +1,419 @@
+//! End-to-end tests of the `polybus` binary, driven as a user would: spawned processes,
+//! arguments, stdin, stdout, stderr and exit codes. The broker tests are ignored under plain
+//! `cargo test`; `cargo xtask test` starts the brokers and runs them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn polybus() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_polybus"));
+    cmd.env_remove("POLYBUS_USER")
+        .env_remove("POLYBUS_PASSWORD");
+    cmd
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn nats_host() -> String {
+    let url = env_or("POLYBUS_NATS_URL", "nats://127.0.0.1:4222");
+    url.split_once("://")
+        .map_or(url.clone(), |(_, h)| h.to_owned())
+}
+
+fn mqtt_host() -> String {
+    format!(
+        "{}:{}",
+        env_or("POLYBUS_MQTT_HOST", "127.0.0.1"),
+        env_or("POLYBUS_MQTT_PORT", "1883")
+    )
+}
+
+fn kafka_host() -> String {
+    env_or("POLYBUS_KAFKA_BROKERS", "127.0.0.1:9092")
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A topic no other test (or earlier run) has used.
+fn unique_topic(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}{}x{nanos}", std::process::id())
+}
+
+/// A running `polybus tail ... --ready`: spawned, and subscribed once `start` returns.
+struct Tail {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Tail {
+    fn start(args: &[&str]) -> Tail {
+        let mut child = polybus()
+            .arg("tail")
+            .args(args)
+            .args(["--ready", "--timeout", "60"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn polybus tail");
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        // The signal: tail saw its own probe come back, so it is subscribed.
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line == "polybus: ready" => break,
+                Ok(line) => seen.push(line),
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("tail never became ready ({e}); stderr: {seen:?}");
+                }
+            }
+        }
+        Tail { child, stderr: rx }
+    }
+
+    /// Waits for tail to exit on its own (`--count`), and returns its stdout.
+    fn finish(self) -> String {
+        let Tail { child, stderr } = self;
+        let out = child.wait_with_output().expect("wait for tail");
+        let err: Vec<String> = stderr.try_iter().collect();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            out.status.success(),
+            "tail exited with {:?}; stdout: {stdout}; stderr: {err:?}",
+            out.status
+        );
+        stdout
+    }
+}
+
+fn run(cmd: &mut Command, stdin: Option<&[u8]>) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn publish(args: &[&str], stdin: Option<&[u8]>) {
+    let out = run(polybus().arg("pub").args(args), stdin);
+    assert!(
+        out.status.success(),
+        "pub {args:?} exited with {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// `pub` three ways (literal with --count, --lines from stdin, @file), then
+/// `tail --json --count 4` sees the four events with their attributes.
+fn round_trip(url: &str, prefix: &str) {
+    let topic = unique_topic(prefix);
+    let tail = Tail::start(&[url, &topic, "--json", "--count", "4"]);
+    publish(
+        &[
+            url,
+            &topic,
+            r#"{"n":1}"#,
+            "--count",
+            "2",
+            "--type",
+            "com.example.cli",
+            "--key",
+            "k1",
+            "-H",
+            "region=eu",
+        ],
+        None,
+    );
+    publish(
+        &[url, &topic, "--lines", "--type", "com.example.line"],
+        Some(b"third\n\n"),
+    );
+    let dir = tempfile_dir();
+    let file = dir.join("event.bin");
+    std::fs::write(&file, [0u8, 159, 146, 150]).unwrap();
+    publish(
+        &[
+            url,
+            &topic,
+            &format!("@{}", file.display()),
+            "--content-type",
+            "application/octet-stream",
+        ],
+        None,
+    );
+    let events = json_lines(&tail.finish());
+    assert_eq!(events.len(), 4, "{events:#?}");
+    for e in &events[..2] {
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["type"], "com.example.cli");
+        assert_eq!(e["data"], serde_json::json!({"n": 1}));
+        assert_eq!(e["datacontenttype"], "application/json");
+        assert_eq!(e["region"], "eu");
+        assert_eq!(e["partitionkey"], "k1");
+    }
+    assert_ne!(
+        events[0]["id"], events[1]["id"],
+        "--count makes distinct events"
+    );
+    assert_eq!(events[2]["type"], "com.example.line");
+    assert_eq!(events[2]["data"], "third");
+    assert_eq!(events[3]["data_base64"], "AJ+Slg==");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique_topic("polybus-cli-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn pub_then_tail_round_trip_over_nats() {
+    round_trip(&format!("nats://{}", nats_host()), "cli.nats.");
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn pub_then_tail_round_trip_over_jetstream() {
+    round_trip(&format!("jetstream://{}", nats_host()), "cli_js_");
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn pub_then_tail_round_trip_over_kafka() {
+    round_trip(&format!("kafka://{}", kafka_host()), "cli-kafka-");
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn pub_then_tail_round_trip_over_mqtt() {
+    round_trip(&format!("mqtt://{}", mqtt_host()), "cli/mqtt/");
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn tail_prints_what_mosquitto_pub_wrote_as_readable_blocks() {
+    let topic = unique_topic("cli/foreign/");
+    let url = format!("mqtt://{}", mqtt_host());
+    let tail = Tail::start(&[&url, &topic, "--count", "2"]);
+    let host = env_or("POLYBUS_MQTT_HOST", "127.0.0.1");
+    let port = env_or("POLYBUS_MQTT_PORT", "1883");
+    for message in [r#"{"temp":21.5,"unit":"C"}"#, "plain text"] {
+        let out = run(
+            Command::new("mosquitto_pub").args([
+                "-h", &host, "-p", &port, "-q", "1", "-t", &topic, "-m", message,
+            ]),
+            None,
+        );
+        assert!(out.status.success(), "mosquitto_pub: {out:?}");
+    }
+    let text = tail.finish();
+    assert_eq!(text.matches(&topic).count(), 2, "{text}");
+    assert!(text.contains("  type    "), "{text}");
+    assert!(text.contains("  id      "), "{text}");
+    assert!(
+        text.contains("    {\n      \"temp\": 21.5,\n      \"unit\": \"C\"\n    }"),
+        "{text}"
+    );
+    assert!(text.contains("    plain text\n"), "{text}");
+}
+
+fn python() -> String {
+    env_or("POLYBUS_PYTHON", "/root/.cache/polybus/venv/bin/python")
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn tail_reads_what_nats_py_wrote() {
+    let topic = unique_topic("cli.natspy.");
+    let url = format!("nats://{}", nats_host());
+    let tail = Tail::start(&[&url, &topic, "--json", "--count", "1"]);
+    let script = format!(
+        "import asyncio, nats\n\
+         async def main():\n    \
+             nc = await nats.connect({url:?})\n    \
+             await nc.publish({topic:?}, b'{{\"from\": \"nats-py\"}}', headers={{'x-app': 'py'}})\n    \
+             await nc.drain()\n\
+         asyncio.run(main())\n"
+    );
+    let out = run(Command::new(python()).args(["-c", &script]), None);
+    assert!(
+        out.status.success(),
+        "nats-py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = json_lines(&tail.finish());
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["data"], serde_json::json!({"from": "nats-py"}));
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn tail_reads_what_kafka_python_wrote() {
+    let topic = unique_topic("cli-kafkapy-");
+    let brokers = kafka_host();
+    // kafka-python does not create topics: a polybus pub does (and is read back too).
+    let url = format!("kafka://{brokers}?offset=earliest");
+    publish(&[&url, &topic, "from polybus"], None);
+    // Kafka keeps the messages: write first, tail reads from the earliest offset.
+    let script = format!(
+        "from kafka import KafkaProducer\n\
+         p = KafkaProducer(bootstrap_servers={brokers:?})\n\
+         p.send({topic:?}, key=b'k7', value=b'hello from kafka-python').get(timeout=30)\n\
+         p.flush()\n"
+    );
+    let out = run(Command::new(python()).args(["-c", &script]), None);
+    assert!(
+        out.status.success(),
+        "kafka-python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(
+        polybus().args([
+            "tail",
+            &url,
+            &topic,
+            "--group",
+            &topic,
+            "--json",
+            "--count",
+            "2",
+            "--timeout",
+            "60",
+        ]),
+        None,
+    );
+    assert!(out.status.success(), "tail: {out:?}");
+    let events = json_lines(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(events.len(), 2, "{events:#?}");
+    let e = events
+        .iter()
+        .find(|e| e["partitionkey"] == "k7")
+        .unwrap_or_else(|| panic!("no event with kafka-python's key: {events:#?}"));
+    assert_eq!(e["data"], "hello from kafka-python");
+}
+
+#[test]
+fn an_unreachable_broker_exits_3_and_names_the_url_without_the_password() {
+    for url in ["nats://127.0.0.1:1", "mqtt://svc:hunter2@127.0.0.1:1"] {
+        for sub in ["pub", "tail"] {
+            let args: &[&str] = if sub == "pub" {
+                &[sub, url, "t", "x"]
+            } else {
+                &[sub, url, "t"]
+            };
+            let out = run(polybus().args(args), None);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(3), "{sub} {url}: {err}");
+            assert!(err.contains("cannot reach the broker at"), "{err}");
+            assert!(err.contains("127.0.0.1:1"), "{err}");
+            assert!(err.contains("hint:"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+    let out = run(
+        polybus()
+            .env("POLYBUS_USER", "svc")
+            .env("POLYBUS_PASSWORD", "hunter2")
+            .args(["pub", "mqtt://127.0.0.1:1", "t", "x"]),
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("mqtt://svc:***@127.0.0.1:1") && !err.contains("hunter2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &[
+            "pub",
+            "nats://127.0.0.1:1",
+            "t",
+            "x",
+            "--header",
+            "no-equals",
+        ][..],
+        &["pub", "not-a-url", "t", "x"],
+        &["pub", "carrier-pigeon://coop", "t", "x"],
+        &["pub", "memory://", "t", "@/nonexistent/file"],
+        &["tail", "nats://127.0.0.1:1", "a.*", "--ready"],
+        &["tail"],
+        &["frobnicate"],
+    ] {
+        let out = run(polybus().args(args), None);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn help_shows_examples_and_exit_codes() {
+    let out = run(polybus().arg("--help"), None);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("Exit codes:") && text.contains("tail"),
+        "{text}"
+    );
+    for sub in ["pub", "tail", "sub"] {
+        let out = run(polybus().args(["help", sub]), None);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("Examples:") && text.contains("polybus "),
+            "{sub}: {text}"
+        );
+    }
+}
+
+#[test]
+fn tail_times_out_with_exit_5_on_memory() {
+    // memory:// is a fresh broker per process: nothing ever arrives.
+    let out = run(
+        polybus().args(["tail", "memory://", "t", "--count", "1", "--timeout", "0.2"]),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 of 1 events"));
+}
