@@ -360,6 +360,40 @@ fn an_unreachable_broker_exits_3_and_names_the_url_without_the_password() {
     );
 }
 
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn wrong_credentials_exit_4_and_name_the_backend_that_refused() {
+    let broker = polybus_testkit::brokers::BrokerProcess::nats(
+        "authorization { user: app, password: right }",
+    )
+    .await
+    .expect("nats-server with a password");
+    let host = broker.url().trim_start_matches("nats://").to_owned();
+    for scheme in ["nats", "jetstream"] {
+        let url = format!("{scheme}://app:hunter2@{host}");
+        for sub in [&["pub", &url, "t", "x"][..], &["tail", &url, "t"]] {
+            let out = run(polybus().args(sub), None);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(4), "{sub:?}: {err}");
+            assert!(
+                err.contains(&format!("{scheme} refused the credentials")),
+                "{err}"
+            );
+            assert!(err.contains(&format!("{scheme}://app:***@{host}")), "{err}");
+            assert!(err.contains("hint:") && !err.contains("hunter2"), "{err}");
+        }
+    }
+    // The right password from the environment, not the URL.
+    let out = run(
+        polybus()
+            .env("POLYBUS_USER", "app")
+            .env("POLYBUS_PASSWORD", "right")
+            .args(["pub", &format!("nats://{host}"), "t", "x"]),
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[test]
 fn usage_errors_exit_2() {
     for args in [
