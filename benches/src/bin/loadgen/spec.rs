@@ -71,6 +71,13 @@ pub(crate) enum Kind {
     /// The composed bus: `Bus::publish` (JetStream + spool, forwarded to Kafka) against the
     /// raw Kafka producer, `window` in flight.
     ComposePublish,
+    /// polybus-runtime on JetStream: the `App` at concurrency 1 (polybus side) against a
+    /// hand-written consume loop on the same polybus consumer (raw side), decoding each event.
+    RuntimeLoop,
+    /// polybus-runtime on JetStream, a handler that waits 1 ms: the `App` at concurrency 8
+    /// (polybus side) against the same `App` at concurrency 1 (raw side), per-key order
+    /// checked (a violation fails the run).
+    RuntimeConcurrent,
 }
 
 impl Kind {
@@ -311,8 +318,39 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
                 )
             }],
         },
+        Group {
+            id: "runtime.c1",
+            sides: AB,
+            steps: vec![step(
+                "runtime.c1",
+                "JetStream runtime App c1 (raw: hand-written loop)",
+                Kind::RuntimeLoop,
+                n(200_000, 40_000),
+                32,
+                1,
+            )],
+        },
+        Group {
+            id: "runtime.c8",
+            sides: AB,
+            steps: vec![Step {
+                throughput_target: RUNTIME_CONCURRENCY_TARGET,
+                ..step(
+                    "runtime.c8",
+                    "JetStream runtime 1 ms handler c8 (raw: App c1)",
+                    Kind::RuntimeConcurrent,
+                    n(10_000, 3_000),
+                    32,
+                    8,
+                )
+            }],
+        },
     ]
 }
+
+/// The runtime at concurrency 8 against itself at concurrency 1, 1 ms handler: >= 6 x
+/// (issue 15).
+pub(crate) const RUNTIME_CONCURRENCY_TARGET: f64 = 6.0;
 
 /// The composed bus against the raw Kafka producer: >= 0.8 x (DESIGN.md).
 pub(crate) const COMPOSE_TARGET: f64 = 0.8;

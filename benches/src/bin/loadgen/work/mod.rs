@@ -8,6 +8,7 @@ pub(crate) mod jetstream;
 pub(crate) mod kafka;
 pub(crate) mod mqtt;
 pub(crate) mod nats;
+pub(crate) mod runtime;
 
 use std::future::Future;
 use std::hint::black_box;
