@@ -4,7 +4,8 @@
 //! durable backbone; a crash-safe spool on local disk sits between them. The demo publishes a
 //! stream of order events, shows the NATS ack latency and the forward to Kafka, absorbs a Kafka
 //! outage in the spool and drains it afterwards, produces a dead letter, and flips a live
-//! switch in a NATS KV bucket.
+//! switch in a NATS KV bucket. Last, a polybus-runtime app on JetStream: a retry, a dead
+//! letter, its redrive, and a graceful stop that lets the running handler finish.
 //!
 //! Needs nats-server with JetStream (`cargo xtask broker up nats`; `--nats URL` or
 //! `POLYBUS_NATS_URL` to use another). Kafka is an embedded librdkafka MockCluster by default;
@@ -308,6 +309,9 @@ async fn main() -> Result<()> {
         in_kafka.len().await - before_kafka
     );
 
+    // --- The runtime -------------------------------------------------------------------------------
+    runtime_section(&js).await?;
+
     // --- Summary -----------------------------------------------------------------------------------
     let s = bus.stats();
     println!("Summary");
@@ -461,4 +465,205 @@ impl Args {
         }
         Ok(Args { nats, kafka })
     }
+}
+
+/// What the runtime section's handler shares with the demo.
+#[derive(Clone, Default)]
+struct Payments {
+    /// Off: the payment service is down for order 7 (every attempt fails).
+    healed: Arc<AtomicBool>,
+}
+
+/// The runtime section's handler: order 3 times out once, order 7 fails until the service is
+/// healed, order 9 takes 800 ms (still running when the stop comes).
+async fn charge(
+    polybus::runtime::Json(o): polybus::runtime::Json<serde_json::Value>,
+    polybus::runtime::Attempt(attempt): polybus::runtime::Attempt,
+    polybus::runtime::State(p): polybus::runtime::State<Payments>,
+) -> Result<(), polybus::runtime::HandlerError> {
+    use polybus::runtime::HandlerError;
+    match o["order"].as_u64() {
+        Some(3) if attempt == 1 => Err(HandlerError::transient("payment service timed out")),
+        Some(7) if !p.healed.load(Ordering::SeqCst) => {
+            Err(HandlerError::transient("payment service down"))
+        }
+        Some(9) => {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Section 5, polybus-runtime on JetStream: handlers instead of a consume loop. Checks what
+/// happened and fails the demo when it is not what it should be.
+async fn runtime_section(js: &polybus::jetstream::JetStream) -> Result<()> {
+    use polybus::runtime::{App, RedriveOptions, Report, RetryPolicy, Settlement, Status, redrive};
+    use std::collections::HashMap;
+
+    println!(
+        "5. polybus-runtime: a handler app on JetStream (retry, dead letter, redrive, graceful stop)"
+    );
+    let run = run_id();
+    let stream = format!("POLYBUS_DEMO_RT_{}", run.replace('-', "_"));
+    let topic = format!("demo.rt.{run}.payments");
+    let dlq = format!("{topic}.dlq");
+    // One stream per subject: JetStream deduplicates by event id (Nats-Msg-Id) per stream, and
+    // a dead letter keeps its event's id.
+    let settings = polybus::jetstream::StreamSettings::default();
+    js.ensure_stream(&stream, &[&topic], &settings).await?;
+    js.ensure_stream(&format!("{stream}_DLQ"), &[&dlq], &settings)
+        .await?;
+    let section = async {
+        let payments = Payments::default();
+        let reports: Arc<std::sync::Mutex<Vec<Report>>> = Arc::default();
+        let rec = reports.clone();
+        let app = App::with_state(payments.clone())
+            .route(topic.clone(), charge)
+            .retry(
+                RetryPolicy::exponential(Duration::from_millis(200))
+                    .max_attempts(3)
+                    .jitter(0.0),
+            )
+            .concurrency(4)
+            .drain_timeout(Duration::from_secs(5))
+            .on_report(move |r| rec.lock().expect("reports").push(r.clone()));
+        let mut status = app.status();
+        let health = app.health();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let group = format!("demo-payments-{run}");
+        let running =
+            tokio::spawn(
+                app.run_until(js.consumer(Some(&group)), js.producer(), async move {
+                    let _ = stopped.await;
+                }),
+            );
+        status.wait_for(|s| *s == Status::Running).await?;
+
+        let producer = js.producer();
+        let mut ids = HashMap::new();
+        for i in 1..=8u64 {
+            let ev = Event::builder()
+                .key(format!("customer-{}", i % 3))
+                .content_type("application/json")
+                .data(format!(r#"{{"order":{i}}}"#))
+                .build()?;
+            ids.insert(ev.id().to_owned(), i);
+            producer.publish(&topic, ev).await?;
+        }
+        let order_of = |r: &Report| ids.get(r.id()).copied();
+        let final_of = |n: u64| {
+            reports
+                .lock()
+                .expect("reports")
+                .iter()
+                .filter(|r| order_of(r) == Some(n) && r.settlement().is_terminal())
+                .last()
+                .cloned()
+        };
+        let settled = || (1..=8).filter(|n| final_of(*n).is_some()).count();
+        wait(
+            || settled() == 8,
+            Duration::from_secs(30),
+            "8 payments settled",
+        )
+        .await?;
+        for r in reports.lock().expect("reports").iter() {
+            if let Some(n) = order_of(r)
+                && !matches!(r.settlement(), Settlement::Acked)
+            {
+                println!(
+                    "   order {n}, attempt {}: {:?}",
+                    r.attempt(),
+                    r.settlement()
+                );
+            }
+        }
+        let three = final_of(3).expect("settled");
+        if three.settlement() != &Settlement::Acked || three.attempt() != 2 {
+            bail!("order 3 should be paid on attempt 2, got {three:?}");
+        }
+        let seven = final_of(7).expect("settled");
+        if !matches!(seven.settlement(), Settlement::DeadLettered { topic, .. } if *topic == dlq)
+            || seven.attempt() != 3
+        {
+            bail!("order 7 should be dead-lettered to {dlq} after 3 attempts, got {seven:?}");
+        }
+        let acked = (1..=8)
+            .filter(|n| final_of(*n).is_some_and(|r| r.settlement() == &Settlement::Acked))
+            .count();
+        println!("   7 of 8 paid (order 3 on its retry); order 7 went to {dlq} after 3 attempts");
+        if acked != 7 {
+            bail!("expected 7 paid, got {acked}");
+        }
+
+        // The service is back: move the dead letter home and watch it go through.
+        payments.healed.store(true, Ordering::SeqCst);
+        let before = reports.lock().expect("reports").len();
+        let redriver = js.consumer(Some(&format!("demo-redrive-{run}")));
+        let moved = redrive(
+            &redriver,
+            &dlq,
+            &producer,
+            |_| true,
+            RedriveOptions::default().idle(Duration::from_secs(3)),
+        )
+        .await?;
+        println!(
+            "   redrive moved {} dead letter(s) from {dlq} back to {topic}",
+            moved.moved
+        );
+        if moved.moved != 1 {
+            bail!("redrive should move 1 dead letter, moved {}", moved.moved);
+        }
+        wait(
+            || {
+                reports.lock().expect("reports")[before..]
+                    .iter()
+                    .any(|r| r.settlement() == &Settlement::Acked)
+            },
+            Duration::from_secs(30),
+            "the redriven order 7 to be paid",
+        )
+        .await?;
+        println!("   order 7 paid after the redrive");
+
+        // A graceful stop while order 9 (800 ms) runs: it finishes and is acknowledged.
+        let slow = Event::builder()
+            .key("customer-0")
+            .content_type("application/json")
+            .data(r#"{"order":9}"#)
+            .build()?;
+        let slow_id = slow.id().to_owned();
+        producer.publish(&topic, slow).await?;
+        wait(
+            || health.in_flight() > 0,
+            Duration::from_secs(10),
+            "order 9 to start",
+        )
+        .await?;
+        let t = Instant::now();
+        let _ = stop.send(());
+        running.await??;
+        let paid = reports
+            .lock()
+            .expect("reports")
+            .iter()
+            .any(|r| r.id() == slow_id && r.settlement() == &Settlement::Acked);
+        println!(
+            "   stop asked while order 9 ran: the app drained in {} and stopped ({:?}); order 9 {}",
+            ms(t.elapsed()),
+            *status.borrow(),
+            if paid { "paid" } else { "NOT paid" }
+        );
+        if !paid || *status.borrow() != Status::Stopped {
+            bail!("the graceful stop should finish order 9 and stop the app");
+        }
+        println!();
+        Ok(())
+    };
+    let result = section.await;
+    let _ = js.context().delete_stream(&stream).await;
+    let _ = js.context().delete_stream(format!("{stream}_DLQ")).await;
+    result
 }
