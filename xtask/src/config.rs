@@ -12,10 +12,17 @@ use anyhow::{Context, Result, bail};
 pub(crate) const NATS_VERSION: &str = "2.15.1";
 /// The exact tansu release we install (crates.io `tansu`).
 pub(crate) const TANSU_VERSION: &str = "0.6.0";
-/// Python packages the interop tests import, installed into the same venv as nats-server.
-pub(crate) const PYTHON_PACKAGES: [&str; 3] = ["kafka-python", "nats-py", "cloudevents"];
+/// Python packages the interop tests import, installed into the same venv as nats-server
+/// (`prometheus-client`: the runtime's HTTP test parses `/metrics` with its text-format
+/// parser; Debian's `prometheus` package, which ships promtool, is ~96 MB).
+pub(crate) const PYTHON_PACKAGES: [&str; 4] = [
+    "kafka-python",
+    "nats-py",
+    "cloudevents",
+    "prometheus-client",
+];
 /// The modules those packages provide, used to check that the venv is complete.
-pub(crate) const PYTHON_MODULES: &str = "kafka, nats, cloudevents";
+pub(crate) const PYTHON_MODULES: &str = "kafka, nats, cloudevents, prometheus_client";
 /// Debian's mosquitto binary.
 pub(crate) const MOSQUITTO_BIN: &str = "/usr/sbin/mosquitto";
 /// Every broker binds this address only.

@@ -132,6 +132,38 @@ fn ensure_nats(sh: &Shell, paths: &Paths) -> Result<()> {
     Ok(())
 }
 
+/// Makes sure the venv has the interop tests' Python packages ([`PYTHON_PACKAGES`]), also
+/// when nats-server was already running (then `broker up` installed nothing).
+pub(crate) fn ensure_python_packages(sh: &Shell, paths: &Paths) -> Result<()> {
+    let python = paths.python();
+    if !python.exists() {
+        return ensure_nats(sh, paths);
+    }
+    let import = format!("import {PYTHON_MODULES}");
+    let modules_ok = cmd!(sh, "{python} -c {import}")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_ok();
+    if modules_ok {
+        return Ok(());
+    }
+    let packages = PYTHON_PACKAGES;
+    println!(
+        "installing python packages for the tests ({}) into {} (pip, ~20 s)",
+        packages.join(" "),
+        paths.venv().display()
+    );
+    cmd!(
+        sh,
+        "{python} -m pip install --disable-pip-version-check --no-input {packages...}"
+    )
+    .run()
+    .context("pip install failed (needs access to PyPI)")?;
+    Ok(())
+}
+
 fn ensure_mosquitto(sh: &Shell) -> Result<()> {
     let sub = ["/usr/bin/mosquitto_sub", "/usr/local/bin/mosquitto_sub"]
         .into_iter()

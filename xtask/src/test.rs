@@ -7,6 +7,7 @@ use xshell::{Shell, cmd};
 use crate::{
     broker, cargo,
     config::{Broker, Paths, test_env},
+    install,
 };
 
 /// Bootstrap servers of an Apache Kafka with transactions, for the exactly-once test.
@@ -50,6 +51,7 @@ pub(crate) fn run_tests(sh: &Shell, paths: &Paths, extra: &[String]) -> Result<(
         println!("    {k}={v}");
     }
     ensure_nextest(sh)?;
+    install::ensure_python_packages(sh, paths)?;
     let cargo = cargo();
 
     // The exactly-once Kafka test needs Apache Kafka (tansu has no transactions). Without one

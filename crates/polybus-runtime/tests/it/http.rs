@@ -91,6 +91,7 @@ async fn healthz_readyz_and_metrics_follow_the_app() {
         let value = line.rsplit(' ').next().unwrap();
         assert!(value.parse::<f64>().is_ok(), "bad sample line {line:?}");
     }
+    prometheus_parse(&body);
 
     assert_eq!(get(addr, "/nope").await.0, 404);
     t.stop().await.unwrap();
@@ -102,4 +103,61 @@ async fn healthz_readyz_and_metrics_follow_the_app() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// Parses `body` with a real Prometheus text-format parser: `prometheus_client`'s
+/// `text_string_to_metric_families` in the venv Python `POLYBUS_PYTHON` names (`cargo xtask
+/// test` exports it and installs the package, so there a missing parser fails the test).
+/// Without `POLYBUS_PYTHON` (a plain `cargo test`) it says so and checks nothing more.
+fn prometheus_parse(body: &str) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+
+    let Some(python) = std::env::var_os("POLYBUS_PYTHON") else {
+        eprintln!("POLYBUS_PYTHON not set: /metrics not checked with prometheus_client's parser");
+        return;
+    };
+    const SCRIPT: &str = "import sys
+from prometheus_client.parser import text_string_to_metric_families
+for f in text_string_to_metric_families(sys.stdin.read()):
+    print(f.name, f.type, len(f.samples))
+";
+    let mut child = Command::new(&python)
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {python:?}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "prometheus_client could not parse /metrics (is prometheus-client installed in the \
+         venv? `cargo xtask test` installs it): {}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let families: Vec<(&str, &str)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split(' ');
+            Some((w.next()?, w.next()?))
+        })
+        .collect();
+    assert!(
+        families.contains(&("polybus_runtime_settled", "counter")),
+        "families parsed: {families:?}"
+    );
+    assert!(
+        families
+            .iter()
+            .any(|(name, _)| *name == "polybus_runtime_handler_duration_seconds"),
+        "families parsed: {families:?}"
+    );
 }
