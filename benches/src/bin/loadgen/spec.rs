@@ -331,6 +331,18 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
             )],
         },
         Group {
+            id: "runtime.c1.b256",
+            sides: AB,
+            steps: vec![step(
+                "runtime.c1.b256",
+                "JetStream runtime App c1 buffer 256 (raw: hand-written loop)",
+                Kind::RuntimeLoop,
+                n(200_000, 40_000),
+                32,
+                256,
+            )],
+        },
+        Group {
             id: "runtime.c8",
             sides: AB,
             steps: vec![Step {

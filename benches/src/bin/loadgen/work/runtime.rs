@@ -7,7 +7,9 @@
 //!
 //! * `runtime.c1` ([`Kind::RuntimeLoop`](crate::spec::Kind)): polybus = `App` at concurrency
 //!   1 whose handler decodes the JSON (`Data` extractor); raw = the loop a service writes by
-//!   hand on the same consumer (`subscribe`, decode, `ack`). Target >= 0.97 x.
+//!   hand on the same consumer (`subscribe`, decode, `ack`). Target >= 0.97 x. The step's
+//!   window is the App's `buffer` (deliveries held beyond the running one): 1 (the default at
+//!   concurrency 1) in `runtime.c1`, 256 in `runtime.c1.b256`.
 //! * `runtime.c8` ([`Kind::RuntimeConcurrent`](crate::spec::Kind)): a handler that decodes
 //!   the `Json` payload, checks per-key order and waits 1 ms; polybus = the `App` at
 //!   concurrency 8, raw = the same `App` at concurrency 1. Target >= 6 x. The events are
@@ -254,9 +256,12 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             Ok(consumed.outcome())
         }
         (Kind::RuntimeLoop, _) => {
-            let app = App::with_state(s.clone()).route(subject.as_str(), decode);
+            // The step's window is the App's buffer: deliveries held beyond the one running.
+            let app = App::with_state(s.clone())
+                .route(subject.as_str(), decode)
+                .buffer(a.window);
             run_app(env, app, &s).await?;
-            s.outcome(vec!["App, concurrency 1".into()])
+            s.outcome(vec![format!("App, concurrency 1, buffer {}", a.window)])
         }
         (_, side) => {
             let c = if side == Side::Raw { 1 } else { 8 };
