@@ -1155,9 +1155,12 @@ async fn dead_letter<P: Publisher>(
         .partition(delivery.partition())
         .offset(delivery.sequence())
         .apply(delivery.event().clone());
+    // A dead letter keeps its event's id; where the dead-letter topic shares a stream with
+    // the original (JetStream), that id is a duplicate and would be dropped: it is written
+    // again under a fresh id (the old one in `x-original-id`).
     let written = match &ctx.dead_letters {
-        DeadLetters::To(_, p) => p.publish(&topic, dead).await,
-        _ => ctx.publisher.publish(&topic, dead).await,
+        DeadLetters::To(_, p) => crate::redrive::publish_renaming_duplicates(p, &topic, dead).await,
+        _ => crate::redrive::publish_renaming_duplicates(&ctx.publisher, &topic, dead).await,
     };
     match written {
         Ok(_) => {

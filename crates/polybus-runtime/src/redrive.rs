@@ -127,15 +127,7 @@ where
         match target {
             Some(target) if filter(delivery.event()) => {
                 let (event, _) = dlq::strip(delivery.event().clone());
-                let receipt = publisher.publish(&target, event.clone()).await?;
-                if receipt.is_duplicate() {
-                    let mut renamed = event;
-                    let old = renamed.id().to_owned();
-                    renamed.set_id(polybus_core::new_id());
-                    renamed
-                        .headers_mut()
-                        .append_unchecked(dlq::X_ORIGINAL_ID, dlq::clean(&old));
-                    publisher.publish(&target, renamed).await?;
+                if publish_renaming_duplicates(publisher, &target, event).await? {
                     report.renamed += 1;
                 }
                 delivery.ack().await?;
@@ -158,4 +150,29 @@ where
         "dead letters redriven"
     );
     Ok(report)
+}
+
+/// Publishes `event` to `topic`; when the backend reports it as a duplicate of an event it
+/// already holds under the same id (JetStream's duplicate window, the composed bus), publishes
+/// it again under a fresh id with the old one in `x-original-id`. Returns whether it renamed.
+///
+/// A backend that drops an id it has seen would otherwise drop a dead letter written to a
+/// topic of the same stream as its original, or a redriven event whose id the target saw.
+pub(crate) async fn publish_renaming_duplicates<P: Publisher + ?Sized>(
+    publisher: &P,
+    topic: &str,
+    event: Event,
+) -> Result<bool> {
+    let receipt = publisher.publish(topic, event.clone()).await?;
+    if !receipt.is_duplicate() {
+        return Ok(false);
+    }
+    let mut renamed = event;
+    let old = renamed.id().to_owned();
+    renamed.set_id(polybus_core::new_id());
+    renamed
+        .headers_mut()
+        .append_unchecked(dlq::X_ORIGINAL_ID, dlq::clean(&old));
+    publisher.publish(topic, renamed).await?;
+    Ok(true)
 }

@@ -595,6 +595,70 @@ runtime_conformance!(nats, NatsBackend, #[ignore = "needs brokers: cargo xtask t
 
 // ---- JetStream ----
 
+async fn reject_poison(Key(k): Key) -> std::result::Result<(), HandlerError> {
+    if k.as_deref() == Some(&b"poison"[..]) {
+        return Err(HandlerError::permanent("poison"));
+    }
+    Ok(())
+}
+
+/// A dead-letter topic in the same stream as its original topic: the dead letter keeps the
+/// event's id, which the stream's duplicate window would drop as a repeat of the original
+/// (the event was lost while the app reported it dead-lettered). It is written again under a
+/// fresh id, with the event's id in `x-original-id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn jetstream_dead_letter_sharing_the_originals_stream_is_kept() {
+    let b = JsBackend;
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let base = format!("polybus.rtsame.{tag}");
+    let js = js_options().connect().await.expect("connect");
+    js.ensure_stream(
+        &format!("POLYBUS_TEST_SAME_{tag}"),
+        &[&format!("{base}.>")],
+        &polybus_jetstream::StreamSettings::default().max_age(Duration::from_secs(15 * 60)),
+    )
+    .await
+    .expect("a stream over the topic and its dead letters");
+    let topic = format!("{base}.orders");
+    let app = App::new()
+        .route(topic.clone(), reject_poison)
+        .retry(RetryPolicy::exponential(Duration::from_millis(100)).max_attempts(1));
+    let dlq_topic = app.dead_letter_topic_for(&topic).expect("dead letters on");
+    let reader_consumer = b.consumer(&group()).await.expect("consumer");
+    let mut reader = live_reader(&b, &reader_consumer, &dlq_topic).await;
+    let rec = Recorder::default();
+    let running = start(&b, app, &topic, &rec).await;
+    let publisher = b.publisher().await.expect("publisher");
+    let poison = Event::builder().key("poison").data("bad").build().unwrap();
+    let id = poison.id().to_owned();
+    publisher.publish(&topic, poison).await.expect("publish");
+    rec.wait_until(b.timeout(), "the poison event dead-lettered", |rs| {
+        terminal_for(rs, &id)
+            .is_some_and(|r| matches!(r.settlement(), Settlement::DeadLettered { .. }))
+    })
+    .await;
+    let dead = loop {
+        let d = tokio::time::timeout(b.timeout(), reader.next())
+            .await
+            .expect("no dead letter arrived: it was dropped")
+            .expect("reader ended")
+            .expect("reader delivery");
+        let probe = d.event().kind() == PROBE;
+        let ev = d.event().clone();
+        d.ack().await.expect("ack");
+        if !probe {
+            break ev;
+        }
+    };
+    assert_ne!(dead.id(), id, "the dead letter needed a fresh id");
+    assert_eq!(dead.headers().get(X_ORIGINAL_ID), Some(id.as_str()));
+    assert_eq!(dead.headers().get(X_ORIGINAL_TOPIC), Some(topic.as_str()));
+    assert_eq!(dead.data().as_ref(), b"bad");
+    assert_eq!(dead.key(), Some(&b"poison"[..]));
+    running.stop().await;
+}
+
 pub(crate) struct JsBackend;
 
 fn js_options() -> polybus_jetstream::JsOptions {
