@@ -22,7 +22,9 @@
 //!   one, in process where not ([`RetryMode`] says why). After the last attempt the event goes
 //!   to a dead-letter topic (same backend, or another publisher) in the
 //!   [`polybus_core::dlq`] format the composed bus writes too; [`redrive`] moves dead letters
-//!   back, with a filter.
+//!   back, with a filter. A dead letter keeps the event's id; where the backend reports that
+//!   id as a duplicate (a dead-letter topic in the original's JetStream stream), it is written
+//!   again under a fresh id with the event's id in `x-original-id`, never dropped.
 //! * **Ordered concurrency**: [`App::concurrency`] handlers at once in per-key lanes (one key
 //!   strictly in order, different keys in parallel); a bounded number of deliveries held,
 //!   backpressure by not pulling more.
