@@ -54,7 +54,7 @@ Commands:
   demo [ARGS...]            cargo run -p polybus-examples --example demo -- [ARGS]
   mutations [MUTATION...]   run every backend's conformance scenarios once per declared
                             capability changed (POLYBUS_CAPS_MUTATION); prints which scenarios
-                            failed and fails if a change went unnoticed (~40 min)
+                            failed and fails if a change went unnoticed (about an hour)
   fuzz [TARGET] [--seconds N]
                             build the fuzz targets of fuzz/ (cargo-fuzz, RUSTC_BOOTSTRAP=1,
                             installs cargo-fuzz if missing) and run each (or TARGET) for N s
