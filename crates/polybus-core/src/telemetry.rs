@@ -395,6 +395,22 @@ impl fmt::Display for SpanName<'_> {
 /// Sets the trace context headers of `event` for a publish under `span` (see the module docs
 /// for the policy) and records the trace id in the span. Returns the context carried.
 pub fn inject(span: &Span, event: &mut Event) -> TraceContext {
+    let tc = continued(span, event).unwrap_or_else(|| {
+        let tc = TraceContext::new_root();
+        // A tracestate without a valid traceparent belongs to no trace.
+        event.headers_mut().remove(TRACESTATE);
+        event
+            .headers_mut()
+            .insert_static(TRACEPARENT, tc.to_header_value());
+        tc
+    });
+    record_trace_id(span, tc);
+    tc
+}
+
+/// The trace a publish continues: the tracing system's choice for `span` (written onto the
+/// event), else the valid context the event carries; `None` when there is neither.
+fn continued(span: &Span, event: &mut Event) -> Option<TraceContext> {
     let existing = TraceContext::from_headers(event.headers());
     let chosen = hook().and_then(|h| {
         h.publish_context(
@@ -402,26 +418,19 @@ pub fn inject(span: &Span, event: &mut Event) -> TraceContext {
             existing.map(|tc| (tc, event.headers().get(TRACESTATE))),
         )
     });
-    let tc = match (chosen, existing) {
-        (Some((tc, state)), _) => {
+    match chosen {
+        Some((tc, state)) => {
             write_context(event, existing, tc, state);
-            tc
+            Some(tc)
         }
-        (None, Some(tc)) => tc,
-        (None, None) => {
-            let tc = TraceContext::new_root();
-            // A tracestate without a valid traceparent belongs to no trace.
-            event.headers_mut().remove(TRACESTATE);
-            event
-                .headers_mut()
-                .insert_static(TRACEPARENT, tc.to_header_value());
-            tc
-        }
-    };
+        None => existing,
+    }
+}
+
+fn record_trace_id(span: &Span, tc: TraceContext) {
     if !span.is_disabled() {
         span.record("trace_id", tracing::field::display(tc.trace_id_hex()));
     }
-    tc
 }
 
 /// What a publish writes when the event carries no trace context and no tracing system
@@ -469,30 +478,14 @@ pub fn inject_with(span: &Span, event: &mut Event, policy: TracePolicy) -> Optio
     if event.headers().is_empty() && hook().is_none() {
         return None;
     }
-    let existing = TraceContext::from_headers(event.headers());
-    let chosen = hook().and_then(|h| {
-        h.publish_context(
-            span,
-            existing.map(|tc| (tc, event.headers().get(TRACESTATE))),
-        )
-    });
-    let tc = match (chosen, existing) {
-        (Some((tc, state)), _) => {
-            write_context(event, existing, tc, state);
-            tc
+    let Some(tc) = continued(span, event) else {
+        if !event.headers().is_empty() {
+            event.headers_mut().remove(TRACEPARENT);
+            event.headers_mut().remove(TRACESTATE);
         }
-        (None, Some(tc)) => tc,
-        (None, None) => {
-            if !event.headers().is_empty() {
-                event.headers_mut().remove(TRACEPARENT);
-                event.headers_mut().remove(TRACESTATE);
-            }
-            return None;
-        }
+        return None;
     };
-    if !span.is_disabled() {
-        span.record("trace_id", tracing::field::display(tc.trace_id_hex()));
-    }
+    record_trace_id(span, tc);
     Some(tc)
 }
 
