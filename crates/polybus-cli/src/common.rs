@@ -1,0 +1,317 @@
+//! What every subcommand shares: errors with exit codes, URLs with credentials, connecting.
+
+use std::time::Duration;
+
+use polybus::{BoxConsumer, BoxPublisher, ErrorKind, PublisherExt as _};
+
+/// An error ready for the user: the exit code and what to print.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl Failure {
+    /// Exit code 2: the command line or a config file is wrong.
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    /// Exit code 1: an operation failed.
+    pub(crate) fn failed(message: impl Into<String>) -> Self {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+/// A URL with credentials from the environment filled in, and how to show it.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    pub(crate) url: String,
+    pub(crate) shown: String,
+    secret: Option<String>,
+}
+
+impl Target {
+    pub(crate) fn new(url: &str, group: Option<&str>) -> Result<Self, Failure> {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(Failure::usage(
+                "not a URL: expected scheme://[user:password@]host[:port][?k=v] \
+                 (schemes: memory, nats, jetstream, kafka, mqtt)",
+            ));
+        };
+        let (authority, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, Some(q)),
+            None => (rest, None),
+        };
+        let mut authority = authority.to_owned();
+        if !authority.contains('@')
+            && let Ok(user) = std::env::var("POLYBUS_USER")
+        {
+            let password = std::env::var("POLYBUS_PASSWORD").unwrap_or_default();
+            let creds = if password.is_empty() {
+                percent_encode(&user)
+            } else {
+                format!("{}:{}", percent_encode(&user), percent_encode(&password))
+            };
+            authority = format!("{creds}@{authority}");
+        }
+        let query = match (group, query) {
+            (Some(g), Some(q)) => Some(format!("group={}&{q}", percent_encode(g))),
+            (Some(g), None) => Some(format!("group={}", percent_encode(g))),
+            (None, q) => q.map(str::to_owned),
+        };
+        let (shown_auth, secret) = match authority.rsplit_once('@') {
+            Some((info, host)) => match info.split_once(':') {
+                Some((u, p)) => (format!("{u}:***@{host}"), Some(p.to_owned())),
+                None => (authority.clone(), None),
+            },
+            None => (authority.clone(), None),
+        };
+        let with_query = |a: &str| match &query {
+            Some(q) => format!("{scheme}://{a}?{q}"),
+            None => format!("{scheme}://{a}"),
+        };
+        Ok(Target {
+            url: with_query(&authority),
+            shown: with_query(&shown_auth),
+            secret: secret.filter(|s| !s.is_empty()),
+        })
+    }
+
+    /// The scheme (`nats`, `kafka`, ...).
+    pub(crate) fn scheme(&self) -> &str {
+        self.url.split_once("://").map_or("", |(s, _)| s)
+    }
+
+    /// A query parameter of the URL.
+    pub(crate) fn param(&self, key: &str) -> Option<&str> {
+        let (_, query) = self.url.split_once('?')?;
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+
+    /// `text` with the password replaced by `***`.
+    pub(crate) fn redact(&self, text: &str) -> String {
+        match &self.secret {
+            Some(secret) => text.replace(secret.as_str(), "***"),
+            None => text.to_owned(),
+        }
+    }
+
+    /// Turns a polybus error into a message that says what to do next.
+    pub(crate) fn fail(&self, err: &polybus::Error, doing: &str) -> Failure {
+        let text = self.redact(&err.to_string());
+        let url = &self.shown;
+        let backend = err.backend();
+        let (code, message) = match err.kind() {
+            ErrorKind::Connect => (
+                3,
+                format!(
+                    "cannot reach the broker at {url} while {doing}: {text}\n\
+                     hint: is the broker running and listening on that host and port? \
+                     Is the scheme right (nats, jetstream, kafka, mqtt)?"
+                ),
+            ),
+            ErrorKind::Timeout => (
+                3,
+                format!(
+                    "no answer from the broker at {url} while {doing}: {text}\n\
+                     hint: check that the host and port are the broker's and that it is healthy"
+                ),
+            ),
+            ErrorKind::Unauthorized => (
+                4,
+                format!(
+                    "{backend} refused the credentials or a permission for {url} while {doing}: \
+                     {text}\nhint: check user:password in the URL (or POLYBUS_USER and \
+                     POLYBUS_PASSWORD) and the broker's permissions for the topic"
+                ),
+            ),
+            ErrorKind::Unsupported | ErrorKind::InvalidTopic | ErrorKind::InvalidHeader => {
+                (2, format!("{text} (while {doing} on {url})"))
+            }
+            _ => (1, format!("{text} (while {doing} on {url})")),
+        };
+        Failure { code, message }
+    }
+
+    /// Connects: [`polybus::connect`], plus what the command line adds to its URLs:
+    /// `session_expiry=SECS` on MQTT (a persistent session: clean start off, the broker keeps
+    /// the subscription and unacknowledged messages that long; give a fixed `client_id`),
+    /// `ack_wait=SECS` and `deliver=new|all|<RFC 3339 time>` on JetStream.
+    pub(crate) async fn connect(
+        &self,
+        doing: &str,
+    ) -> Result<(BoxPublisher, BoxConsumer), Failure> {
+        let fail = |e: polybus::Error| self.fail(&e, doing);
+        match self.scheme() {
+            "mqtt" if self.param("session_expiry").is_some() => {
+                self.connect_mqtt_session().await.map_err(fail)
+            }
+            "jetstream" if self.param("ack_wait").is_some() || self.param("deliver").is_some() => {
+                self.connect_jetstream().await.map_err(fail)
+            }
+            _ => polybus::connect(&self.url).await.map_err(fail),
+        }
+    }
+
+    fn parts(&self) -> (&str, Option<&str>) {
+        let rest = self.url.split_once("://").map_or("", |(_, r)| r);
+        let authority = rest.split_once('?').map_or(rest, |(a, _)| a);
+        let authority = authority.trim_end_matches('/');
+        match authority.rsplit_once('@') {
+            Some((info, host)) => (host, Some(info)),
+            None => (authority, None),
+        }
+    }
+
+    fn bad(&self, what: &str) -> polybus::Error {
+        polybus::Error::new(ErrorKind::Unsupported, "polybus")
+            .with_message(format!("{what} in {}", self.shown))
+    }
+
+    async fn connect_mqtt_session(&self) -> polybus::Result<(BoxPublisher, BoxConsumer)> {
+        use polybus::mqtt_client::MqttConfig;
+        let (host, info) = self.parts();
+        let (host, port) = match host.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().map_err(|_| self.bad("bad port"))?),
+            None => (host, 1883),
+        };
+        let expiry: u64 = self
+            .param("session_expiry")
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| self.bad("session_expiry is not a number of seconds"))?;
+        let client_id = self.param("client_id").ok_or_else(|| {
+            self.bad("session_expiry needs a fixed client_id (the session's name)")
+        })?;
+        let mut cfg = MqttConfig::new(host, port, percent_decode(client_id))
+            .clean_start(false)
+            .session_expiry(Duration::from_secs(expiry));
+        if let Some(info) = info {
+            let (u, p) = info.split_once(':').unwrap_or((info, ""));
+            cfg = cfg.credentials(percent_decode(u), percent_decode(p));
+        }
+        let client = cfg.connect().await?;
+        let consumer = client.subscriber(self.param("group"));
+        Ok((client.producer().boxed(), BoxConsumer::new(consumer)))
+    }
+
+    async fn connect_jetstream(&self) -> polybus::Result<(BoxPublisher, BoxConsumer)> {
+        use polybus::jetstream::{ConsumerSettings, DeliverPolicy, JsOptions, StreamPolicy};
+        let rest = self.url.split_once("://").map_or("", |(_, r)| r);
+        let authority = rest.split_once('?').map_or(rest, |(a, _)| a);
+        let mut settings = ConsumerSettings::default();
+        if let Some(secs) = self.param("ack_wait") {
+            let secs: f64 = secs
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s > 0.0)
+                .ok_or_else(|| self.bad("ack_wait is not a positive number of seconds"))?;
+            settings = settings.ack_wait(Duration::from_secs_f64(secs.min(1e9)));
+        }
+        if let Some(from) = self.param("deliver") {
+            let policy = match from {
+                "all" | "earliest" => DeliverPolicy::All,
+                "new" | "latest" => DeliverPolicy::New,
+                t => {
+                    let t = polybus::time::parse_rfc3339(&percent_decode(t))
+                        .ok_or_else(|| self.bad("deliver is not all, new or an RFC 3339 time"))?;
+                    DeliverPolicy::ByStartTime {
+                        start_time: time::OffsetDateTime::from(t),
+                    }
+                }
+            };
+            settings = settings.deliver_policy(policy);
+        }
+        let mut opts = JsOptions::new(format!("nats://{authority}"))
+            .stream_policy(StreamPolicy::PerTopic {
+                prefix: self.param("stream_prefix").unwrap_or("polybus_").to_owned(),
+            })
+            .consumer_settings(settings);
+        if let Some(g) = self.param("group") {
+            opts = opts.group(percent_decode(g));
+        }
+        let publisher = opts.clone().producer().await?;
+        let consumer = opts.consumer().await?;
+        Ok((publisher.boxed(), BoxConsumer::new(consumer)))
+    }
+}
+
+/// Percent-encodes everything but unreserved characters.
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes `%XX`; a malformed escape is kept as it is.
+pub(crate) fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(hex) = s.get(i + 1..i + 3)
+            && let Ok(v) = u8::from_str_radix(hex, 16)
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a topic has the wildcards of any backend.
+pub(crate) fn has_wildcards(topic: &str) -> bool {
+    topic.contains(['*', '>', '+', '#'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_hide_the_password_and_take_the_group() {
+        let t = Target::new("kafka://svc:hunter2@h:9092?offset=latest", Some("g 1")).unwrap();
+        assert_eq!(
+            t.url,
+            "kafka://svc:hunter2@h:9092?group=g%201&offset=latest"
+        );
+        assert_eq!(t.shown, "kafka://svc:***@h:9092?group=g%201&offset=latest");
+        assert_eq!(t.param("offset"), Some("latest"));
+        assert_eq!(t.scheme(), "kafka");
+        let err = polybus::Error::new(ErrorKind::Unauthorized, "kafka")
+            .with_message("SASL failed for hunter2");
+        let f = t.fail(&err, "connecting");
+        assert_eq!(f.code, 4);
+        assert!(!f.message.contains("hunter2"), "{}", f.message);
+        assert!(f.message.contains("kafka refused"), "{}", f.message);
+        assert_eq!(Target::new("nope", None).unwrap_err().code, 2);
+    }
+
+    #[test]
+    fn percent_decoding_undoes_encoding_and_keeps_bad_escapes() {
+        for s in ["a b", "p@ss:w/rd%", "é"] {
+            assert_eq!(percent_decode(&percent_encode(s)), s);
+        }
+        assert_eq!(percent_decode("100%zz%4"), "100%zz%4");
+    }
+}
