@@ -404,15 +404,14 @@ pub fn to_structured<'e>(
         .map(|(_, h)| h)
         .collect();
     let data = ev.data();
+    let mut raw_json = None;
     if !data.is_empty() {
         let is_json = ev.content_type().is_some_and(is_json_content_type);
         if is_json {
-            let v: Value = serde_json::from_slice(data).map_err(|e| {
+            raw_json = Some(checked_json(data).ok_or_else(|| {
                 Error::new(ErrorKind::Codec, backend)
                     .with_message("payload declared JSON does not parse")
-                    .with_source(e)
-            })?;
-            obj.insert("data".into(), v);
+            })?);
         } else if let (Some(true), Ok(text)) = (
             ev.content_type().map(|ct| ct.starts_with("text/")),
             std::str::from_utf8(data),
@@ -422,9 +421,27 @@ pub fn to_structured<'e>(
             obj.insert("data_base64".into(), Value::String(BASE64.encode(data)));
         }
     }
-    let bytes = serde_json::to_vec(&Value::Object(obj))
+    let mut bytes = serde_json::to_vec(&Value::Object(obj))
         .map_err(|e| Error::new(ErrorKind::Codec, backend).with_source(e))?;
+    if let Some(raw) = raw_json {
+        // The payload goes in as it is (less surrounding whitespace), not re-serialized from a
+        // parsed value: its numbers keep every digit (an integer beyond 64 bits is not turned
+        // into a float), and the payload is not parsed into a tree on the publish path.
+        // `bytes` is a JSON object with at least `specversion`, so it ends with `}`.
+        bytes.pop();
+        bytes.extend_from_slice(b",\"data\":");
+        bytes.extend_from_slice(raw);
+        bytes.push(b'}');
+    }
     Ok((bytes, plain))
+}
+
+/// `data` without surrounding JSON whitespace if it is one JSON value (UTF-8, valid syntax,
+/// nothing after it), else `None`.
+fn checked_json(data: &[u8]) -> Option<&[u8]> {
+    std::str::from_utf8(data).ok()?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(data).ok()?;
+    Some(data.trim_ascii())
 }
 
 /// Decodes a structured-mode JSON CloudEvent.
@@ -434,19 +451,36 @@ pub fn to_structured<'e>(
 /// `specversion` 1.0, `id`, `source` and `type`, or whose `data_base64` is not base64.
 pub fn from_structured(bytes: &[u8], backend: &'static str) -> Result<Event> {
     let codec = |msg: &str| Error::new(ErrorKind::Codec, backend).with_message(msg.to_owned());
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| codec("structured CloudEvent is not JSON").with_source(e))?;
-    let Value::Object(obj) = value else {
+    let not_json = |e: Option<serde_json::Error>| {
+        let err = codec("structured CloudEvent is not JSON");
+        match e {
+            Some(e) => err.with_source(e),
+            None => err,
+        }
+    };
+    // Validate the whole document first, then read its top-level members as text: values keep
+    // their exact spelling (an integer beyond 64 bits stays an integer, `data` keeps its
+    // bytes), and no tree of the payload is built.
+    let text = std::str::from_utf8(bytes).map_err(|_| not_json(None))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| not_json(Some(e)))?;
+    let Some(members) = json::object_members(text) else {
         return Err(codec("structured CloudEvent is not a JSON object"));
     };
+    // A name given twice: the last value counts (as serde_json's map, which this replaces).
+    let mut obj: std::collections::BTreeMap<String, &str> = std::collections::BTreeMap::new();
+    for (name, value) in members {
+        obj.insert(json::string(name).ok_or_else(|| not_json(None))?, value);
+    }
     let mut dec = BinaryDecoder::new();
     let mut data = Bytes::new();
     let mut data_value = None;
     for (name, value) in obj {
-        match (name.as_str(), value) {
-            ("data", Value::Null) => {}
-            ("data", v) => data_value = Some(v),
-            ("data_base64", Value::String(s)) => {
+        let first = value.as_bytes().first().copied();
+        match (name.as_str(), first) {
+            (_, Some(b'n')) => {}
+            ("data", _) => data_value = Some(value),
+            ("data_base64", Some(b'"')) => {
+                let s = json::string(value).ok_or_else(|| not_json(None))?;
                 data = Bytes::from(
                     BASE64
                         .decode(s.as_bytes())
@@ -454,9 +488,11 @@ pub fn from_structured(bytes: &[u8], backend: &'static str) -> Result<Event> {
                 );
             }
             ("data_base64", _) => return Err(codec("`data_base64` is not a string")),
-            (_, Value::String(s)) => dec.attribute(&name, s),
-            (_, Value::Null) => {}
-            (_, v @ (Value::Number(_) | Value::Bool(_))) => dec.attribute(&name, v.to_string()),
+            (_, Some(b'"')) => {
+                dec.attribute(&name, json::string(value).ok_or_else(|| not_json(None))?);
+            }
+            // A number or a boolean, as written.
+            (_, Some(b'-' | b'0'..=b'9' | b't' | b'f')) => dec.attribute(&name, value),
             (_, _) => return Err(codec("a CloudEvents attribute is not a scalar")),
         }
     }
@@ -467,18 +503,119 @@ pub fn from_structured(bytes: &[u8], backend: &'static str) -> Result<Event> {
     // is the payload as a JSON value, so a JSON string stays a quoted JSON string; with any
     // other content type a string `data` is the payload's text.
     match data_value {
-        Some(Value::String(s))
-            if dec
-                .content_type
-                .as_deref()
-                .is_some_and(|ct| !is_json_content_type(ct)) =>
+        Some(v)
+            if v.starts_with('"')
+                && dec
+                    .content_type
+                    .as_deref()
+                    .is_some_and(|ct| !is_json_content_type(ct)) =>
         {
-            data = Bytes::from(s);
+            data = Bytes::from(json::string(v).ok_or_else(|| not_json(None))?);
         }
-        Some(v) => data = Bytes::from(v.to_string()),
+        Some(v) => data = Bytes::copy_from_slice(v.as_bytes()),
         None => {}
     }
     dec.finish(data, backend)
+}
+
+/// Reading the top level of a JSON document that serde_json has already validated.
+mod json {
+    /// The members of the top-level object of `doc` (valid JSON): each name as its JSON string
+    /// token (quotes included) and each value as its text; `None` if the top level is not an
+    /// object.
+    pub(super) fn object_members(doc: &str) -> Option<Vec<(&str, &str)>> {
+        let b = doc.as_bytes();
+        let mut i = skip_ws(b, 0);
+        if b.get(i) != Some(&b'{') {
+            return None;
+        }
+        i = skip_ws(b, i + 1);
+        let mut members = Vec::new();
+        if b.get(i) == Some(&b'}') {
+            return Some(members);
+        }
+        loop {
+            let name_end = value_end(b, i)?;
+            let name = doc.get(i..name_end)?;
+            i = skip_ws(b, name_end);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            let start = skip_ws(b, i + 1);
+            let end = value_end(b, start)?;
+            members.push((name, doc.get(start..end)?));
+            i = skip_ws(b, end);
+            match b.get(i) {
+                Some(b',') => i = skip_ws(b, i + 1),
+                Some(b'}') => return Some(members),
+                _ => return None,
+            }
+        }
+    }
+
+    /// A JSON string token decoded (`None` if it is not one, or has a lone surrogate).
+    pub(super) fn string(token: &str) -> Option<String> {
+        match token.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            Some(inner) if !inner.contains('\\') => Some(inner.to_owned()),
+            _ => serde_json::from_str(token).ok(),
+        }
+    }
+
+    fn skip_ws(b: &[u8], mut i: usize) -> usize {
+        while b
+            .get(i)
+            .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            i += 1;
+        }
+        i
+    }
+
+    /// The end of the value starting at `i` (valid JSON assumed; `None` past the end).
+    fn value_end(b: &[u8], i: usize) -> Option<usize> {
+        match *b.get(i)? {
+            b'"' => {
+                let mut j = i + 1;
+                loop {
+                    match *b.get(j)? {
+                        b'\\' => j += 2,
+                        b'"' => return Some(j + 1),
+                        _ => j += 1,
+                    }
+                }
+            }
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                let mut j = i;
+                loop {
+                    match *b.get(j)? {
+                        b'"' => {
+                            j = value_end(b, j)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(j + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    j += 1;
+                }
+            }
+            _ => {
+                let mut j = i;
+                while b.get(j).is_some_and(|c| {
+                    !matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+                }) {
+                    j += 1;
+                }
+                Some(j)
+            }
+        }
+    }
 }
 
 /// Whether `ct` is a JSON media type (`application/json`, `*/*+json`, with parameters).
@@ -525,6 +662,95 @@ mod tests {
                 v["n"].as_f64().map(f64::to_bits),
                 Some(sent.to_bits()),
                 "{n}: {v}"
+            );
+        }
+    }
+
+    /// Integers beyond what an `f64` holds exactly (2^53 and up), and beyond 64 bits, keep
+    /// every digit through structured mode, in `data` and in extensions; they were parsed into
+    /// `serde_json::Value`, where anything past `u64`/`i64` became a float (`2^64` arrived as
+    /// `18446744073709552000.0`).
+    #[test]
+    fn structured_mode_keeps_big_integers_exactly() {
+        let numbers = [
+            "9007199254740993",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775809",
+            "123456789012345678901234567890",
+            "1e400",
+            "1.0",
+        ];
+        for n in numbers {
+            let doc = format!("{{\"n\":{n},\"list\":[{n},{{\"deep\":{n}}}]}}");
+            let ev = Event::builder()
+                .content_type("application/json")
+                .data(doc.clone())
+                .build()
+                .unwrap();
+            let (json, _) = to_structured(&ev, "test").unwrap();
+            let text = std::str::from_utf8(&json).unwrap();
+            assert!(text.contains(&doc), "{n}: {text}");
+            let back = from_structured(&json, "test").unwrap();
+            assert_eq!(back.data(), doc.as_bytes(), "{n}");
+
+            // A foreign structured event: a number in an extension and in `data`, spaced.
+            let foreign = format!(
+                "{{ \"specversion\": \"1.0\", \"id\": \"1\", \"source\": \"s\", \"type\": \"t\", \
+                 \"seq\": {n}, \"datacontenttype\": \"application/json\", \"data\": {n} }}"
+            );
+            let ev = from_structured(foreign.as_bytes(), "test").unwrap();
+            assert_eq!(ev.headers().get("seq"), Some(n), "{foreign}");
+            assert_eq!(ev.data(), n.as_bytes(), "{foreign}");
+            // And back out: the extension is a string attribute, `data` the number as written.
+            let (json, _) = to_structured(&ev, "test").unwrap();
+            let text = std::str::from_utf8(&json).unwrap();
+            assert!(
+                text.contains(&format!("\"seq\":\"{n}\""))
+                    && text.ends_with(&format!(",\"data\":{n}}}")),
+                "{text}"
+            );
+        }
+    }
+
+    /// The structured decoder reads the document's members itself (after serde_json
+    /// validated it): escaped names, nesting, strings with brackets and escaped quotes, a name
+    /// given twice (the last counts), and whitespace everywhere.
+    #[test]
+    fn structured_decoder_reads_members_like_serde_json() {
+        let doc = br#" {
+            "specversion" : "1.0", "id":"a\"b", "s\u006furce": "x}]", "type": "t",
+            "ext": "first", "ext": "second", "flag": true, "datacontenttype": "text/plain",
+            "data": "line \"one\" {["
+        } "#;
+        let ev = from_structured(doc, "test").unwrap();
+        assert_eq!(ev.id(), "a\"b");
+        assert_eq!(ev.source(), "x}]");
+        assert_eq!(ev.headers().get("ext"), Some("second"));
+        assert_eq!(ev.headers().get("flag"), Some("true"));
+        assert_eq!(&ev.data()[..], b"line \"one\" {[");
+        let json =
+            br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data":{"a":[1, "]}"]} }"#;
+        assert_eq!(
+            &from_structured(json, "test").unwrap().data()[..],
+            br#"{"a":[1, "]}"]}"#
+        );
+        for bad in [
+            &br#"{"specversion":"1.0","id":"1","source":"s","type":"t","x":[1]}"#[..],
+            br#"{"specversion":"1.0","id":"1","source":"s","type":"t"} x"#,
+            br#"{"specversion":"1.0","id":"1","source":"s","type":"t","x":"\ud800"}"#,
+            br#"{"specversion":"1.0","id":"1","source":"s","type":"t","data_base64":1}"#,
+            b"[1]",
+            b"\xff",
+        ] {
+            let e = from_structured(bad, "test").unwrap_err();
+            assert_eq!(
+                e.kind(),
+                ErrorKind::Codec,
+                "{}",
+                String::from_utf8_lossy(bad)
             );
         }
     }
