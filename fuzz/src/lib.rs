@@ -202,10 +202,9 @@ pub fn assert_same_event(what: &str, how: Same, a: &Event, b: &Event) {
         && a.content_type()
             .is_some_and(polybus_core::cloudevents::is_json_content_type);
     if json {
-        let va: serde_json::Value = serde_json::from_slice(a.data()).expect("JSON data");
-        let vb: serde_json::Value = serde_json::from_slice(b.data())
-            .unwrap_or_else(|e| panic!("{what}: data is no longer JSON: {e}"));
-        assert_eq!(va, vb, "{what}: JSON data");
+        // Structured mode embeds a JSON payload as it is, less surrounding whitespace: the
+        // bytes come back (numbers keep every digit).
+        assert_eq!(a.data().trim_ascii(), &b.data()[..], "{what}: JSON data");
     } else {
         assert_eq!(a.data(), b.data(), "{what}: data");
     }
@@ -216,7 +215,7 @@ pub fn assert_same_event(what: &str, how: Same, a: &Event, b: &Event) {
 pub struct Same {
     /// The values of one header name keep their order.
     pub header_order: bool,
-    /// A JSON payload is compared as JSON, not as bytes.
+    /// A JSON payload may lose surrounding whitespace (it is embedded in a JSON document).
     pub json_data: bool,
 }
 
