@@ -17,6 +17,7 @@ mod mutations;
 mod nats_cluster;
 mod probe;
 mod process;
+mod soak;
 mod test;
 
 use std::{
@@ -61,6 +62,14 @@ Commands:
                             (default 20); prints execs per target, fails on a crash
                             (reproducers in fuzz/artifacts/); --write-seeds regenerates
                             fuzz/corpus/ from events encoded by the library
+  soak [--minutes N] [--seed S]
+                            chaos soak (not in ci): the composed bus, JetStream, Kafka and core
+                            NATS under steady load on private brokers (3-node NATS cluster, tansu
+                            on SQLite, mosquitto) while a seeded schedule SIGKILLs/restarts and
+                            SIGSTOPs/SIGCONTs them and SIGKILLs the bus process; prints the
+                            schedule and acked/delivered/lost/duplicates, spool depth, recovery
+                            times; JSON in target/soak/; fails on a lost acknowledged event
+                            (default 3 min, seed from the clock)
   help                      this text
 
 Brokers (loopback only, ports overridable):
@@ -102,6 +111,7 @@ fn run() -> Result<()> {
         "demo" => demo::run(&sh, &rest),
         "mutations" => mutations::run(&sh, &rest),
         "fuzz" => fuzz::run(&sh, &rest),
+        "soak" => soak::run(&sh, &rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             Ok(())

@@ -8,4 +8,5 @@ mod crash;
 mod engine;
 mod nats_outage;
 mod observability;
+mod soak;
 mod support;
