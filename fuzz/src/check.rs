@@ -79,9 +79,8 @@ fn nats_expected(ev: &Event) -> Event {
         h.remove(n);
     }
     for (i, (n, v)) in entries.iter().enumerate() {
-        let attribute =
-            cloudevents::is_extension_name(n)
-                && !entries[..i].iter().any(|(m, _)| m.eq_ignore_ascii_case(n));
+        let attribute = cloudevents::is_extension_name(n)
+            && !entries[..i].iter().any(|(m, _)| m.eq_ignore_ascii_case(n));
         let v = if attribute { v.as_str() } else { v.trim() };
         h.append_unchecked(n.clone(), v);
     }

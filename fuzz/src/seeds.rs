@@ -237,6 +237,139 @@ pub fn write_all(dir: &Path) -> std::io::Result<usize> {
     ] {
         put("connect_url", name.into(), v.as_bytes())?;
     }
+    Ok(n + interop(dir)?)
+}
+
+/// The CloudEvent the interop tests publish with the Python SDK (`cloudevents`), in its own
+/// encodings: `to_binary` / `to_structured` for HTTP (what the NATS interop test publishes with
+/// nats-py) and for Kafka (what kafka-python sends), one JSON line each with hex bytes. The
+/// data has an integer past 64 bits, which Python's `json` writes exactly.
+const PYTHON_SDK: &str = r#"
+import json
+from datetime import datetime, timezone
+from cloudevents.core.bindings import http as ce_http, kafka as ce_kafka
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+def hexed(b):
+    return (b if isinstance(b, bytes) else str(b).encode()).hex()
+
+ev = CloudEvent({
+    "id": "py-1", "source": "urn:python sdk/\u20ac", "type": "py.event", "specversion": "1.0",
+    "time": datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc),
+    "datacontenttype": "application/json", "partitionkey": "customer 42", "tenant": "eu west",
+}, {"from": "python", "big": 18446744073709551616})
+trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+for mode in ["binary", "structured"]:
+    m = (ce_http.to_binary if mode == "binary" else ce_http.to_structured)(ev, JSONFormat())
+    headers = dict(m.headers)
+    headers["traceparent"] = trace
+    print(json.dumps({"what": "nats_" + mode,
+        "headers": [[k, hexed(v)] for k, v in headers.items()], "body": hexed(m.body)}))
+    m = (ce_kafka.to_binary if mode == "binary" else ce_kafka.to_structured)(ev, JSONFormat())
+    headers = list(m.headers.items()) + [("traceparent", trace.encode())]
+    print(json.dumps({"what": "kafka_" + mode, "key": None if m.key is None else hexed(m.key),
+        "headers": [[k, hexed(v)] for k, v in headers], "body": hexed(m.value)}))
+"#;
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Seeds from messages other programs write in the interop tests: the Python CloudEvents SDK's
+/// binary and structured encodings for NATS (HTTP form, as nats-py publishes them) and Kafka
+/// (as kafka-python sends them; also a 3.1.1 payload, the structured JSON), and the MQTT 5
+/// PUBLISH `mosquitto_pub` sends in the MQTT interop test. Needs the venv Python
+/// (`POLYBUS_PYTHON`, else `$POLYBUS_CACHE/venv/bin/python`); without it only the
+/// mosquitto_pub seed is written, and a note says so.
+fn interop(dir: &Path) -> std::io::Result<usize> {
+    // mosquitto_pub -V mqttv5 -m '{"temp":21.5}' -D publish user-property k v
+    //   -D publish user-property X-Trace abc -D publish content-type application/json
+    let props = [("k", "v"), ("X-Trace", "abc")].map(|(n, v)| (n.to_owned(), v.to_owned()));
+    write(
+        dir,
+        "mqtt_v5",
+        "interop_mosquitto_pub",
+        &mqtt_input(Some("application/json"), br#"{"temp":21.5}"#, &props),
+    )?;
+    let mut n = 1;
+    let python = std::env::var_os("POLYBUS_PYTHON").map_or_else(
+        || {
+            let cache = std::env::var_os("POLYBUS_CACHE").map_or_else(
+                || Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/polybus"),
+                std::path::PathBuf::from,
+            );
+            cache.join("venv/bin/python")
+        },
+        std::path::PathBuf::from,
+    );
+    let out = match std::process::Command::new(&python)
+        .args(["-c", PYTHON_SDK])
+        .output()
+    {
+        Ok(out) if out.status.success() => out.stdout,
+        Ok(out) => {
+            eprintln!(
+                "interop seeds: the Python SDK script failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return Ok(n);
+        }
+        Err(e) => {
+            eprintln!("interop seeds: no Python at {} ({e})", python.display());
+            return Ok(n);
+        }
+    };
+    let bad = |what: &str| std::io::Error::other(format!("interop seeds: {what}"));
+    for line in String::from_utf8_lossy(&out).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|_| bad(line))?;
+        let what = v["what"].as_str().ok_or_else(|| bad("what"))?;
+        let body =
+            unhex(v["body"].as_str().ok_or_else(|| bad("body"))?).ok_or_else(|| bad("hex"))?;
+        let headers: Vec<(String, Vec<u8>)> = v["headers"]
+            .as_array()
+            .ok_or_else(|| bad("headers"))?
+            .iter()
+            .map(|h| {
+                let name = h[0].as_str()?.to_owned();
+                Some((name, unhex(h[1].as_str()?)?))
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("a header"))?;
+        match what {
+            "nats_binary" | "nats_structured" => {
+                let mut map = polybus_nats::async_nats::HeaderMap::new();
+                for (name, value) in &headers {
+                    map.append(name.as_str(), String::from_utf8_lossy(value).as_ref());
+                }
+                write(dir, what, "interop_python_sdk", &nats_wire(&map, &body))?;
+            }
+            "kafka_binary" | "kafka_structured" => {
+                let key = v["key"].as_str().and_then(unhex);
+                let hs: Vec<(&str, Option<&[u8]>)> = headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), Some(v.as_slice())))
+                    .collect();
+                let name = format!("interop_python_sdk_{}", &what[6..]);
+                write(
+                    dir,
+                    "kafka",
+                    &name,
+                    &kafka_input(Some(1_767_323_045_123), key.as_deref(), &body, &hs),
+                )?;
+                if what == "kafka_structured" {
+                    // The structured JSON is also what a 3.1.1 CloudEvents producer sends.
+                    write(dir, "mqtt_v311", "interop_python_sdk", &body)?;
+                    n += 1;
+                }
+            }
+            other => return Err(bad(other)),
+        }
+        n += 1;
+    }
     Ok(n)
 }
 
