@@ -183,9 +183,48 @@ pub struct Delivery {
     partition: Option<i32>,
     sequence: Option<u64>,
     delivery_count: u32,
-    acker: Box<dyn Acker>,
+    acker: AckerSlot,
     span: Span,
     metrics: Option<InFlight>,
+}
+
+/// The settlement handle of a delivery: a [`NoopAcker`] is kept inline (the brokers without
+/// settlement hand out one per message, which would otherwise be an allocation per delivery),
+/// any other acker is boxed.
+enum AckerSlot {
+    Noop(NoopAcker),
+    Boxed(Box<dyn Acker>),
+}
+
+impl AckerSlot {
+    fn new<A: Acker>(acker: A) -> Self {
+        // `A` is a concrete type: the check is decided at compile time.
+        match (&acker as &dyn std::any::Any).downcast_ref::<NoopAcker>() {
+            Some(noop) => AckerSlot::Noop(*noop),
+            None => AckerSlot::Boxed(Box::new(acker)),
+        }
+    }
+
+    fn get(&mut self) -> &mut dyn Acker {
+        match self {
+            AckerSlot::Noop(a) => a,
+            AckerSlot::Boxed(b) => b.as_mut(),
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        match self {
+            AckerSlot::Noop(a) => a.0,
+            AckerSlot::Boxed(b) => b.backend(),
+        }
+    }
+
+    fn into_box(self) -> Box<dyn Acker> {
+        match self {
+            AckerSlot::Noop(a) => Box::new(a),
+            AckerSlot::Boxed(b) => b,
+        }
+    }
 }
 
 /// Counts a delivery in the in-flight gauge until it is settled or dropped.
@@ -221,7 +260,7 @@ impl Delivery {
             partition: None,
             sequence: None,
             delivery_count: 1,
-            acker: Box::new(acker),
+            acker: AckerSlot::new(acker),
             span: Span::none(),
             metrics: None,
         }
@@ -248,6 +287,22 @@ impl Delivery {
     pub fn with_telemetry(mut self, span: Span, metrics: Arc<Instruments>) -> Self {
         self.span = span;
         self.metrics = Some(InFlight::new(metrics));
+        self
+    }
+
+    /// Attaches the delivery span only, without metrics (what
+    /// [`Telemetry::delivered`](crate::telemetry::Telemetry::delivered) does when no `metrics`
+    /// recorder is installed).
+    ///
+    /// ```
+    /// # use polybus_core::{Delivery, Event, NoopAcker};
+    /// let d = Delivery::new(Event::new(b"x"), "t", NoopAcker("doc"))
+    ///     .with_span(tracing::info_span!("process"));
+    /// # drop(d);
+    /// ```
+    #[must_use]
+    pub fn with_span(mut self, span: Span) -> Self {
+        self.span = span;
         self
     }
 
@@ -318,8 +373,15 @@ impl Delivery {
     ///
     /// # Errors
     /// The broker did not take the ack; the error hands the delivery back for a retry.
-    pub async fn ack(self) -> Result<(), AckError> {
-        self.settle(Settle::Ack, Duration::ZERO).await
+    pub fn ack(self) -> impl Future<Output = Result<(), AckError>> + Send {
+        use futures_util::future::{Either, ready};
+        // A delivery from a broker without settlement (core NATS, MQTT QoS 0) and without
+        // metrics to record has nothing to do: done here, without moving the delivery into a
+        // settlement future.
+        if matches!(self.acker, AckerSlot::Noop(_)) && self.metrics.is_none() {
+            return Either::Left(ready(Ok(())));
+        }
+        Either::Right(self.settle(Settle::Ack, Duration::ZERO))
     }
 
     /// Asks for redelivery after `delay` (`Duration::ZERO` for at once).
@@ -340,18 +402,27 @@ impl Delivery {
     }
 
     async fn settle(mut self, how: Settle, delay: Duration) -> Result<(), AckError> {
-        let start = self.metrics.is_some().then(Instant::now);
+        // The clock is read only when the ack duration goes to a recorder.
+        let start = self
+            .metrics
+            .as_ref()
+            .is_some_and(|m| m.0.is_recording())
+            .then(Instant::now);
         let span = self.span.clone();
         let fut = match how {
-            Settle::Ack => self.acker.ack(),
-            Settle::Nack => self.acker.nack(delay),
-            Settle::Term => self.acker.term(),
+            Settle::Ack => self.acker.get().ack(),
+            Settle::Nack => self.acker.get().nack(delay),
+            Settle::Term => self.acker.get().term(),
         };
         let result = fut.instrument(span).await;
-        if let (Some(m), Some(start)) = (&self.metrics, start) {
+        if let Some(m) = &self.metrics {
             let m = &m.0;
             match (&result, how) {
-                (Ok(()), Settle::Ack) => m.ack_duration.record(start.elapsed().as_secs_f64()),
+                (Ok(()), Settle::Ack) => {
+                    if let Some(start) = start {
+                        m.ack_duration.record(start.elapsed().as_secs_f64());
+                    }
+                }
                 (Ok(()), Settle::Nack) => m.nacked.increment(1),
                 (Ok(()), Settle::Term) => m.terminated.increment(1),
                 (Err(_), _) => m.settle_errors.increment(1),
@@ -368,12 +439,12 @@ impl Delivery {
     /// # Errors
     /// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported) where there is no deadline.
     pub async fn in_progress(&mut self) -> Result<()> {
-        self.acker.in_progress().await
+        self.acker.get().in_progress().await
     }
 
     /// Splits the delivery into its event and its settlement handle.
     pub fn into_parts(self) -> (Event, Box<dyn Acker>) {
-        (self.event, self.acker)
+        (self.event, self.acker.into_box())
     }
 }
 

@@ -89,6 +89,7 @@ pub struct Instruments {
     pub(crate) settle_errors: Counter,
     slow_consumer_drops: Counter,
     consumer_lag: Gauge,
+    timed: bool,
 }
 
 impl Instruments {
@@ -109,7 +110,21 @@ impl Instruments {
             settle_errors: metrics::counter!(SETTLE_ERRORS, "system" => system),
             slow_consumer_drops: metrics::counter!(SLOW_CONSUMER_DROPS, "system" => system),
             consumer_lag: metrics::gauge!(CONSUMER_LAG, "system" => system),
+            timed: recorder_installed(),
         }
+    }
+
+    /// Whether the handles were bound to a recorder. Without one, polybus skips the work whose
+    /// only use is a metric: it does not read the clock to time publishes and acks (two clock
+    /// reads per message, the largest cost of the metrics on a hot path) and does not count
+    /// deliveries in flight.
+    ///
+    /// ```
+    /// let m = polybus_core::metrics::Instruments::new("doc");
+    /// assert!(!m.is_recording(), "no recorder installed in this example");
+    /// ```
+    pub fn is_recording(&self) -> bool {
+        self.timed
     }
 
     /// The messaging system.
@@ -134,6 +149,21 @@ impl Instruments {
         #[allow(clippy::cast_precision_loss)]
         self.consumer_lag.set(records as f64);
     }
+}
+
+/// Whether a `metrics` recorder (global, or local to this thread) is installed now.
+///
+/// The `metrics` facade does not say so directly; when none is installed it hands out its
+/// [`NoopRecorder`](metrics::NoopRecorder), a zero-sized type, so a recorder whose value has
+/// no size is taken for "none". A real recorder holds its registry (a zero-sized one that
+/// keeps its state in statics would not get the duration histograms: wrap it in a struct
+/// with a field).
+///
+/// ```
+/// assert!(!polybus_core::metrics::recorder_installed());
+/// ```
+pub fn recorder_installed() -> bool {
+    metrics::with_recorder(|r| std::mem::size_of_val(r) != 0)
 }
 
 /// Registers the description and unit of every metric in [`ALL`] with the installed recorder

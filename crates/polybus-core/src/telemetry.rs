@@ -558,7 +558,8 @@ impl Telemetry {
         inject_with(&span, event, self.policy);
         PublishScope {
             span,
-            start: Instant::now(),
+            // Read only when the latency histogram goes to a recorder.
+            start: self.instruments.is_recording().then(Instant::now),
             telemetry: self,
         }
     }
@@ -568,6 +569,10 @@ impl Telemetry {
     pub fn delivered(&self, delivery: Delivery) -> Delivery {
         let span = deliver_span(self.system, &delivery);
         let m = &self.instruments;
+        if !m.is_recording() {
+            // No recorder: the metrics would go nowhere; the span is all there is to attach.
+            return delivery.with_span(span);
+        }
         m.consumed.increment(1);
         if delivery.is_redelivered() {
             m.redelivered.increment(1);
@@ -587,7 +592,7 @@ impl Telemetry {
 #[must_use = "run the publish through the scope so it is timed and counted"]
 pub struct PublishScope<'a> {
     span: Span,
-    start: Instant,
+    start: Option<Instant>,
     telemetry: &'a Telemetry,
 }
 
@@ -623,8 +628,9 @@ impl PublishScope<'_> {
         match result {
             Ok(receipt) => {
                 m.published.increment(1);
-                m.publish_duration
-                    .record(self.start.elapsed().as_secs_f64());
+                if let Some(start) = self.start {
+                    m.publish_duration.record(start.elapsed().as_secs_f64());
+                }
                 if !self.span.is_disabled() {
                     record_position(
                         &self.span,

@@ -2,11 +2,12 @@
 //! `Nats-Msg-Id`.
 
 use std::collections::HashSet;
-use std::future::Future;
+use std::future::{Future, IntoFuture as _};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::{HeaderMap, HeaderName, HeaderValue, Subject};
@@ -177,32 +178,10 @@ impl JsProducer {
         scope.run(self.publish_traced(topic, event))
     }
 
-    async fn publish_traced(&self, topic: &str, mut event: Event) -> Result<Receipt> {
+    async fn publish_traced(&self, topic: &str, event: Event) -> Result<Receipt> {
         let _guard = self.inner.gate.enter()?;
         let (shared_topic, subject) = self.inner.subjects.get(topic, BACKEND)?;
-        let lean = self.inner.encoder.wire_format().is_lean();
-        if !lean || self.inner.msg_id || event.content_type().is_some() {
-            event.validate()?;
-        }
-        if !lean {
-            let opts = self.inner.js.options();
-            if let Some(src) = &opts.nats.default_source() {
-                event.set_source_if_unset(src);
-            }
-        }
-        let id: Option<HeaderValue> = if self.inner.msg_id {
-            Some(event.id().parse().map_err(|_| {
-                Error::new(ErrorKind::InvalidHeader, BACKEND)
-                    .with_message("the event id cannot travel as Nats-Msg-Id")
-            })?)
-        } else {
-            None
-        };
-        let (mut headers, payload) = self.inner.encoder.encode_owned(event, BACKEND)?;
-        if let Some(id) = id {
-            headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
-        }
-        polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
+        let (headers, payload) = self.encode(event)?;
         self.ensure_stream(topic).await?;
         // In a cluster "no responders" also means that the stream has no leader for a moment
         // (an election after a node died): nothing was stored, and the publish is sent again
@@ -231,6 +210,114 @@ impl JsProducer {
             .with_duplicate(ack.duplicate))
     }
 
+    /// Publishes `events` in order with all of them in flight at once: every event is checked
+    /// and encoded first (one that cannot be sends nothing), then all are sent, then the
+    /// acknowledgements are awaited in order. The client's limit of acknowledgements in flight
+    /// (`max_ack_inflight`) holds the sending back when it is reached.
+    async fn publish_batch_traced(&self, topic: &str, events: Vec<Event>) -> Result<Vec<Receipt>> {
+        let _guard = self.inner.gate.enter()?;
+        let (shared_topic, subject) = self.inner.subjects.get(topic, BACKEND)?;
+        let telemetry = &self.inner.telemetry;
+        let mut encoded = Vec::with_capacity(events.len());
+        for mut event in events {
+            let scope = telemetry.publish(topic, &mut event);
+            match self.encode(event) {
+                Ok(message) => encoded.push((scope, message)),
+                Err(e) => {
+                    let failed = Err(e);
+                    scope.finish(&failed);
+                    return failed.map(|_: Receipt| Vec::new());
+                }
+            }
+        }
+        self.ensure_stream(topic).await?;
+        let conn = self.inner.js.connection();
+        let since = if conn.auth_required() {
+            Some(conn.violation_mark())
+        } else {
+            None
+        };
+        let mut pending = Vec::with_capacity(encoded.len());
+        for (scope, (headers, payload)) in encoded {
+            // A copy for a resend after "no responders" in a cluster, as for one publish.
+            let resend = self
+                .inner
+                .clustered
+                .then(|| (headers.clone(), payload.clone()));
+            let sent = self
+                .inner
+                .js
+                .context()
+                .send_publish(subject.clone(), publish_message(headers, payload))
+                .await
+                .map_err(|e| error::publish(e, topic));
+            match sent {
+                Ok(ack) => pending.push((scope, ack, resend)),
+                Err(e) => {
+                    let failed = Err(e);
+                    scope.finish(&failed);
+                    return failed.map(|_: Receipt| Vec::new());
+                }
+            }
+        }
+        let mut receipts = Vec::with_capacity(pending.len());
+        for (scope, ack, resend) in pending {
+            let acked = match self.await_ack(topic, ack, since).await {
+                Err(e) if e.kind() == ErrorKind::NotFound => match resend {
+                    Some((headers, payload)) => {
+                        Box::pin(self.resend_without_leader(
+                            topic,
+                            subject.clone(),
+                            headers,
+                            payload,
+                            e,
+                        ))
+                        .await
+                    }
+                    None => Err(e),
+                },
+                acked => acked,
+            };
+            let receipt = acked.map(|ack| {
+                Receipt::new(shared_topic.clone())
+                    .with_sequence(ack.sequence)
+                    .with_duplicate(ack.duplicate)
+            });
+            scope.finish(&receipt);
+            receipts.push(receipt?);
+        }
+        Ok(receipts)
+    }
+
+    /// Checks and encodes one event: validation, default source, `Nats-Msg-Id`, the size
+    /// against the server's limit.
+    fn encode(&self, mut event: Event) -> Result<(HeaderMap, Bytes)> {
+        let lean = self.inner.encoder.wire_format().is_lean();
+        if !lean || self.inner.msg_id || event.content_type().is_some() {
+            event.validate()?;
+        }
+        if !lean {
+            let opts = self.inner.js.options();
+            if let Some(src) = &opts.nats.default_source() {
+                event.set_source_if_unset(src);
+            }
+        }
+        let id: Option<HeaderValue> = if self.inner.msg_id {
+            Some(event.id().parse().map_err(|_| {
+                Error::new(ErrorKind::InvalidHeader, BACKEND)
+                    .with_message("the event id cannot travel as Nats-Msg-Id")
+            })?)
+        } else {
+            None
+        };
+        let (mut headers, payload) = self.inner.encoder.encode_owned(event, BACKEND)?;
+        if let Some(id) = id {
+            headers.insert(HeaderName::from_static(MSG_ID_HEADER), id);
+        }
+        polybus_nats::check_size(self.inner.js.connection(), &headers, payload.len(), BACKEND)?;
+        Ok((headers, payload))
+    }
+
     /// Sends one publish and waits for its acknowledgement (or the server's refusal).
     async fn send_once(
         &self,
@@ -240,42 +327,40 @@ impl JsProducer {
         payload: Bytes,
     ) -> Result<PublishAck> {
         let conn = self.inner.js.connection();
-        let watch_refusals = conn.auth_required();
-        let since = if watch_refusals {
-            conn.violation_mark()
-        } else {
-            0
-        };
+        let since = conn.auth_required().then(|| conn.violation_mark());
         let ack = self
             .inner
             .js
             .context()
-            .send_publish(
-                subject,
-                if headers.is_empty() {
-                    PublishMessage::build().payload(payload)
-                } else {
-                    PublishMessage::build().payload(payload).headers(headers)
-                },
-            )
+            .send_publish(subject, publish_message(headers, payload))
             .await
             .map_err(|e| error::publish(e, topic))?;
-        let ack = if watch_refusals {
-            // A publish the user may not make is dropped by the server, which reports it
-            // asynchronously: that report ends the wait for an acknowledgement that cannot
-            // come. (Without authentication the server has no permissions to refuse it.)
-            let refused = conn.publish_refused(topic, since, BACKEND);
-            let ack = std::pin::pin!(ack.into_future());
-            match futures_util::future::select(ack, std::pin::pin!(refused)).await {
-                futures_util::future::Either::Left((ack, _)) => {
-                    ack.map_err(|e| error::publish(e, topic))?
-                }
-                futures_util::future::Either::Right((e, _)) => return Err(e),
-            }
-        } else {
-            ack.await.map_err(|e| error::publish(e, topic))?
+        self.await_ack(topic, ack, since).await
+    }
+
+    /// Waits for the acknowledgement of a publish sent. With `since` (the server requires
+    /// authentication: the violation mark before the publish), a refusal of the publish ends
+    /// the wait: the server drops a publish the user may not make and reports it
+    /// asynchronously, so the acknowledgement would never come. (Without authentication the
+    /// server has no permissions to refuse it.)
+    async fn await_ack(
+        &self,
+        topic: &str,
+        ack: PublishAckFuture,
+        since: Option<u64>,
+    ) -> Result<PublishAck> {
+        let Some(since) = since else {
+            return ack.await.map_err(|e| error::publish(e, topic));
         };
-        Ok(ack)
+        let conn = self.inner.js.connection();
+        let refused = conn.publish_refused(topic, since, BACKEND);
+        let ack = std::pin::pin!(ack.into_future());
+        match futures_util::future::select(ack, std::pin::pin!(refused)).await {
+            futures_util::future::Either::Left((ack, _)) => {
+                ack.map_err(|e| error::publish(e, topic))
+            }
+            futures_util::future::Either::Right((e, _)) => Err(e),
+        }
     }
 
     /// After "no responders" in a cluster: sends the publish again, 100 ms apart, while the
@@ -349,9 +434,47 @@ impl JsProducer {
     }
 }
 
+/// A JetStream publish of `payload` with `headers` (none: no header block at all).
+fn publish_message(headers: HeaderMap, payload: Bytes) -> PublishMessage {
+    if headers.is_empty() {
+        PublishMessage::build().payload(payload)
+    } else {
+        PublishMessage::build().payload(payload).headers(headers)
+    }
+}
+
 impl Publisher for JsProducer {
     fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
         self.publish_event(topic, event)
+    }
+
+    /// Sends every event, then awaits the acknowledgements in order (an async publish
+    /// window the size of the batch), instead of one round trip per event.
+    ///
+    /// All or a typed error: every event is checked and encoded before anything is sent, so
+    /// an event that cannot be published fails the batch with nothing sent. An error while
+    /// sending or acknowledging fails the batch with the first error; the events before it
+    /// are stored (with `Nats-Msg-Id`, the default, sending the batch again stores no
+    /// duplicate of them), later ones may be. The receipts are in the order of the events;
+    /// the stream stores them in that order (in a cluster, one sent again after a leader
+    /// election may come after later ones).
+    ///
+    /// ```no_run
+    /// use polybus_core::{Event, Publisher};
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let js = polybus_jetstream::JsOptions::new("nats://127.0.0.1:4222").connect().await?;
+    /// let producer = js.producer();
+    /// let events = (0..100).map(|i| Event::new(format!("{i}"))).collect();
+    /// let receipts = producer.publish_batch("orders.created", events).await?;
+    /// assert_eq!(receipts.len(), 100);
+    /// # Ok(()) }
+    /// ```
+    fn publish_batch(
+        &self,
+        topic: &str,
+        events: Vec<Event>,
+    ) -> impl Future<Output = Result<Vec<Receipt>>> + Send {
+        self.publish_batch_traced(topic, events)
     }
 
     /// Every publish waits for its acknowledgement, so `flush` only waits for the publishes in

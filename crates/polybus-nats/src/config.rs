@@ -467,6 +467,10 @@ impl NatsOptions {
             .connection_timeout(self.connect_timeout)
             .subscription_capacity(self.subscription_capacity)
             .max_reconnects(self.max_reconnects)
+            // polybus checks every subject it publishes to (stricter, and once per subject
+            // through the producers' subject cache); the client's own check would scan the
+            // subject again on every publish.
+            .skip_subject_validation(true)
             .event_callback(move |event| {
                 let stats = events.clone();
                 async move { stats.record(event) }
@@ -619,6 +623,12 @@ impl NatsConnection {
     }
 
     /// The async-nats client, for anything polybus does not wrap.
+    ///
+    /// A connection made by [`NatsOptions`] skips the client's own check of publish
+    /// subjects (`ConnectOptions::skip_subject_validation`): polybus' producers check each
+    /// subject themselves. Check a subject you publish through this client yourself with
+    /// [`validate_publish_subject`](crate::validate_publish_subject) where it comes from
+    /// outside.
     pub fn client(&self) -> &Client {
         &self.client
     }

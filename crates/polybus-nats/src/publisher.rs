@@ -5,9 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::{HeaderMap, Subject};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use async_nats::message::OutboundMessage;
+use async_nats::{Client, HeaderMap, PublishError, Subject};
 use bytes::Bytes;
-use polybus_core::telemetry::Telemetry;
+use futures_util::FutureExt as _;
+use polybus_core::telemetry::{PublishScope, Telemetry};
 use polybus_core::{Error, Event, Publisher, Receipt, Result};
 use tokio::sync::Notify;
 
@@ -207,57 +212,183 @@ impl NatsProducer {
         Ok((topic, subj, headers, payload))
     }
 
-    /// Not an `async fn`: the telemetry scope wraps the publish future directly, so the
-    /// future every publish returns holds it once. The event is checked and encoded here,
-    /// when the publish is called, so the future holds the message, not the event and the
-    /// subject as well (an `async fn` keeps its arguments for its whole life: the future was
-    /// 1 928 bytes, copied several times per publish on its way to the caller's `.await`).
-    fn publish_event(
-        &self,
-        subject: &str,
+    /// Checks and encodes the event when `publish` is called and returns one hand-written
+    /// future ([`PublishFuture`]) holding the message, the telemetry scope and, once polled,
+    /// the client's send: no layers of combinators, each of which would move the whole state
+    /// once more per publish.
+    #[inline]
+    fn publish_event<'a, 's>(
+        &'a self,
+        subject: &'s str,
         mut event: Event,
-    ) -> impl Future<Output = Result<Receipt>> + Send + use<'_> {
+    ) -> PublishFuture<'a, 's, impl MakeSend<'a, Fut: Send> + Send> {
         let scope = self.inner.telemetry.publish(subject, &mut event);
-        let prepared = self.prepare(subject, event);
-        scope.run(self.send_prepared(prepared))
-    }
-
-    async fn send_prepared(&self, prepared: Result<Prepared>) -> Result<Receipt> {
-        let _guard = self.inner.gate.enter()?;
-        let (topic, subj, headers, payload) = prepared?;
-        let client = &self.inner.conn.client;
-        // The lean format of an event without headers, key or content type has no headers:
-        // a plain `PUB`, as a payload-only client sends.
-        let sent = if headers.is_empty() {
-            client.publish(subj, payload).await
-        } else {
-            client.publish_with_headers(subj, headers, payload).await
+        let (message, topic, error) = match self.prepare(subject, event) {
+            Ok((topic, subject, headers, payload)) => {
+                let message = OutboundMessage {
+                    subject,
+                    reply: None,
+                    payload,
+                    headers: (!headers.is_empty()).then_some(headers),
+                };
+                (Some(message), Some(topic), None)
+            }
+            Err(e) => (None, None, Some(e)),
         };
-        sent.map_err(|e| error::publish(e, BACKEND))?;
-        Ok(Receipt::new(topic))
+        PublishFuture {
+            inner: &self.inner,
+            subject,
+            make: send,
+            message,
+            send: None,
+            guard: None,
+            topic,
+            error,
+            scope: Some(scope),
+            since: None,
+            confirm: None,
+        }
     }
 }
 
-impl Publisher for NatsProducer {
-    /// Not an `async fn`: without the permission check, the publish future is
-    /// `publish_event`'s own, not wrapped in another state machine that would copy it (every
-    /// layer of futures moves the whole state once more per publish).
-    fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
-        use futures_util::future::Either;
-        if !self.inner.check_permissions {
-            return Either::Left(self.publish_event(topic, event));
+/// The client's send of one message (`headers: None`: a plain `PUB`, as a payload-only client
+/// sends, for the lean format of an event without headers, key or content type).
+#[inline(always)]
+fn send(
+    client: &Client,
+    message: OutboundMessage,
+) -> impl Future<Output = std::result::Result<(), PublishError>> + Send + '_ {
+    async_nats::client::traits::Publisher::publish_message(client, message)
+}
+
+/// A message ready to send.
+type Message = OutboundMessage;
+
+/// Makes the client's send future (implemented by [`send`]; a trait so that the future's
+/// type, which has no name, can be a field of [`PublishFuture`]).
+trait MakeSend<'a> {
+    type Fut: Future<Output = std::result::Result<(), PublishError>>;
+    fn make(&self, client: &'a Client, message: Message) -> Self::Fut;
+}
+
+impl<'a, M, F> MakeSend<'a> for M
+where
+    M: Fn(&'a Client, Message) -> F,
+    F: Future<Output = std::result::Result<(), PublishError>>,
+{
+    type Fut = F;
+    #[inline(always)]
+    fn make(&self, client: &'a Client, message: Message) -> F {
+        self(client, message)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One core NATS publish: enters the producer's gate when first polled (so `close` waits
+    /// for it), makes and runs the client's send inside the publish span, records the outcome
+    /// and, with publish permissions checked, waits for the server's verdict.
+    struct PublishFuture<'a, 's, M: MakeSend<'a>> {
+        inner: &'a Inner,
+        subject: &'s str,
+        make: M,
+        message: Option<Message>,
+        // Made on the first poll, in place: the future returned by `publish` stays small
+        // until then and is not copied with the client's future inside.
+        #[pin]
+        send: Option<M::Fut>,
+        guard: Option<GateGuard<'a>>,
+        topic: Option<Arc<str>>,
+        error: Option<Error>,
+        scope: Option<PublishScope<'a>>,
+        // Set when publish permissions are checked: the violation mark before the publish.
+        since: Option<u64>,
+        confirm: Option<futures_util::future::BoxFuture<'a, Result<()>>>,
+    }
+}
+
+impl<'a, M: MakeSend<'a>> Future for PublishFuture<'a, '_, M> {
+    type Output = Result<Receipt>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Receipt>> {
+        let mut this = self.project();
+        if let Some(confirm) = this.confirm.as_mut() {
+            let confirmed = std::task::ready!(confirm.as_mut().poll(cx));
+            *this.confirm = None;
+            return Poll::Ready(confirmed.and_then(|()| receipt(this.topic.take())));
         }
-        // Boxed: the checked publish is the rarer one, and should not make every publish
-        // future as large as itself.
-        Either::Right(Box::pin(async move {
-            let since = self.inner.conn.violation_mark();
-            let receipt = self.publish_event(topic, event).await?;
-            self.inner
-                .conn
-                .confirm(Op::Publish, topic, since, BACKEND)
-                .await?;
-            Ok(receipt)
-        }))
+        let inner = *this.inner;
+        let result = if this.guard.is_none()
+            && let Err(e) = inner.gate.enter().map(|g| *this.guard = Some(g))
+        {
+            Err(e)
+        } else if let Some(e) = this.error.take() {
+            Err(e)
+        } else {
+            if let Some(message) = this.message.take() {
+                this.send
+                    .set(Some(this.make.make(&inner.conn.client, message)));
+            }
+            let Some(send) = this.send.as_mut().as_pin_mut() else {
+                return Poll::Ready(Err(polled_again()));
+            };
+            let polled = {
+                let _entered = this.scope.as_ref().map(|s| s.span().enter());
+                send.poll(cx)
+            };
+            let Poll::Ready(sent) = polled else {
+                return Poll::Pending;
+            };
+            this.send.set(None);
+            sent.map_err(|e| error::publish(e, BACKEND))
+        };
+        *this.guard = None;
+        let result = result.and_then(|()| {
+            if this.since.is_some() {
+                // Checked below: the topic is kept for the receipt after the server's verdict.
+                receipt(this.topic.clone())
+            } else {
+                receipt(this.topic.take())
+            }
+        });
+        if let Some(scope) = this.scope.take() {
+            scope.finish(&result);
+        }
+        match (result, *this.since) {
+            (Ok(_), Some(since)) => {
+                // The rare path (a server with authentication, permissions checked): boxed,
+                // with its own copy of the subject.
+                let (conn, subject) = (&inner.conn, this.subject.to_owned());
+                let confirm = this.confirm.insert(
+                    async move { conn.confirm(Op::Publish, &subject, since, BACKEND).await }
+                        .boxed(),
+                );
+                let confirmed = std::task::ready!(confirm.as_mut().poll(cx));
+                *this.confirm = None;
+                Poll::Ready(confirmed.and_then(|()| receipt(this.topic.take())))
+            }
+            (result, _) => Poll::Ready(result),
+        }
+    }
+}
+
+fn receipt(topic: Option<Arc<str>>) -> Result<Receipt> {
+    topic.map(Receipt::new).ok_or_else(polled_again)
+}
+
+fn polled_again() -> Error {
+    Error::closed(BACKEND).with_message("publish future polled after it completed")
+}
+
+impl Publisher for NatsProducer {
+    /// One hand-written future ([`PublishFuture`]) for every publish; with publish
+    /// permissions checked it also waits for the server's verdict (a boxed round trip).
+    #[inline]
+    fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
+        let mut publish = self.publish_event(topic, event);
+        if self.inner.check_permissions {
+            publish.since = Some(self.inner.conn.violation_mark());
+        }
+        publish
     }
 
     /// Writes what is buffered to the server. When the server requires authentication, also

@@ -13,6 +13,7 @@ use crate::spec::Side;
 
 const POLYBUS: RGBColor = RGBColor(31, 119, 180);
 const RAW: RGBColor = RGBColor(255, 127, 14);
+const TEMPLATE: RGBColor = RGBColor(148, 103, 189);
 const BARE: RGBColor = RGBColor(150, 150, 150);
 const LEAN: RGBColor = RGBColor(44, 160, 44);
 const PEER: RGBColor = RGBColor(214, 39, 40);
@@ -22,6 +23,7 @@ fn color(side: Side) -> RGBColor {
     match side {
         Side::Polybus => POLYBUS,
         Side::Raw => RAW,
+        Side::Template => TEMPLATE,
         Side::Bare => BARE,
         Side::Lean => LEAN,
         Side::RustStream => PEER,
@@ -163,6 +165,7 @@ fn throughput(results: &Results, path: &Path) -> Result<()> {
             .label(match side {
                 Side::Polybus => "polybus",
                 Side::Raw => "raw client (same headers)",
+                Side::Template => "raw client, prebuilt headers",
                 Side::Bare => "raw client, payload only",
                 Side::Lean => "polybus, lean wire format",
                 Side::RustStream => "RustStream",

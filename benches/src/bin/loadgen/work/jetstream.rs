@@ -119,6 +119,7 @@ pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             })
             .await?;
         }
+        Side::Template => bail!("the template side has no JetStream publish"),
         Side::RustStream => {
             let broker = super::nats::rs_connect(env).await?;
             let p = broker.publisher(ruststream_nats::JetStreamPublish::default());
@@ -170,6 +171,7 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             let consumer = js.consumer(Some(DURABLE));
             consume_deliveries(&consumer, &subject, n, stall, meter).await?
         }
+        Side::Template => bail!("the template side has no JetStream consume"),
         Side::Raw | Side::Bare => {
             let ctx = raw_context(env).await?;
             let consumer: jetstream::consumer::PullConsumer = ctx

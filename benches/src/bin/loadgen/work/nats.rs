@@ -31,6 +31,16 @@ pub(crate) fn raw_template() -> HeaderMap {
     h
 }
 
+/// Every CloudEvents NATS binding header polybus writes, set up once (id and time too): the
+/// cheapest raw program clones it per message and writes a fresh id and time into the clone,
+/// which then has room for them (no growth of the map).
+pub(crate) fn full_template() -> HeaderMap {
+    let mut h = raw_template();
+    h.insert("ce-id", RawCloudEvent::id());
+    h.insert("ce-time", RawCloudEvent::time());
+    h
+}
+
 /// The headers of one raw message: the template, a fresh id and the time. No `traceparent`:
 /// polybus writes one only when there is a trace to continue, and none of these runs has one.
 fn raw_headers(template: &HeaderMap) -> HeaderMap {
@@ -54,6 +64,10 @@ pub(crate) enum SidePublisher {
         client: async_nats::Client,
         template: Option<HeaderMap>,
     },
+    Template {
+        client: async_nats::Client,
+        template: HeaderMap,
+    },
     RustStream {
         broker: ruststream_nats::ConnectedNatsBroker,
         publisher: ruststream_nats::NatsPublisher,
@@ -73,6 +87,10 @@ impl SidePublisher {
             Side::Raw | Side::Bare => SidePublisher::Raw {
                 client: raw_connect(env).await?,
                 template: (side == Side::Raw).then(raw_template),
+            },
+            Side::Template => SidePublisher::Template {
+                client: raw_connect(env).await?,
+                template: full_template(),
             },
             Side::RustStream => {
                 let broker = rs_connect(env).await?;
@@ -100,6 +118,14 @@ impl SidePublisher {
                 client,
                 template: None,
             } => client.publish(subj.clone(), data.clone()).await?,
+            SidePublisher::Template { client, template } => {
+                let mut h = template.clone();
+                h.insert("ce-id", RawCloudEvent::id());
+                h.insert("ce-time", RawCloudEvent::time());
+                client
+                    .publish_with_headers(subj.clone(), h, data.clone())
+                    .await?;
+            }
             SidePublisher::RustStream { publisher, .. } => {
                 // RustStream's publishers take the payload as the `BytesMut` its codecs write
                 // into (a typed message is serialized into one): one copy of the 64 bytes.
@@ -116,7 +142,9 @@ impl SidePublisher {
     pub(crate) async fn flush(&self) -> Result<()> {
         match self {
             SidePublisher::Polybus(p) => p.flush().await?,
-            SidePublisher::Raw { client, .. } => client.flush().await?,
+            SidePublisher::Raw { client, .. } | SidePublisher::Template { client, .. } => {
+                client.flush().await?;
+            }
             SidePublisher::RustStream { broker, .. } => broker
                 .client()
                 .flush()
@@ -129,7 +157,9 @@ impl SidePublisher {
     pub(crate) async fn close(self) -> Result<()> {
         match self {
             SidePublisher::Polybus(p) => p.close().await?,
-            SidePublisher::Raw { client, .. } => client.drain().await?,
+            SidePublisher::Raw { client, .. } | SidePublisher::Template { client, .. } => {
+                client.drain().await?;
+            }
             SidePublisher::RustStream { broker, .. } => {
                 broker
                     .client()
@@ -223,7 +253,7 @@ pub(crate) async fn handler(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
                 anyhow::Ok(())
             })
         }
-        Side::Raw | Side::Bare => {
+        Side::Raw | Side::Bare | Side::Template => {
             let c = raw_connect(env).await?;
             let mut sub = c.subscribe(subject.clone()).await?;
             tokio::spawn(async move {
