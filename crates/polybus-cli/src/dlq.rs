@@ -32,7 +32,7 @@ the dead-letter topic (it stays a dead letter, at the end).";
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DlqCommand {
-    /// List dead letters (browsing: nothing is settled or moved).
+    /// List dead letters (browsing on a private consumer: nothing is moved).
     #[command(after_help = LIST_EXAMPLES)]
     List(ListArgs),
     /// Show one dead letter in full, by id.
@@ -167,8 +167,11 @@ fn browse_target(url: &str) -> Result<Target, Failure> {
     }
 }
 
-/// Reads dead letters without settling them; calls `each` until it returns false, or until
-/// `idle` passes without one.
+/// Reads the dead-letter topic from its start on a private consumer (see [`browse_target`]);
+/// calls `each` until it returns false, until `idle` passes without a dead letter, or until
+/// one comes again (a redelivery: everything was seen). Each is acknowledged on the private
+/// consumer only, so the backend does not hand it out again; the topic keeps it (Kafka, and
+/// JetStream's limits retention, which per-topic streams use).
 async fn browse(
     target: &Target,
     topic: &str,
@@ -177,15 +180,17 @@ async fn browse(
 ) -> Result<(), Failure> {
     let (_p, consumer) = target.connect("connecting").await?;
     let mut stream = pin!(consumer.subscribe(topic));
+    let mut seen = std::collections::HashSet::new();
     loop {
         match tokio::time::timeout(idle, stream.next()).await {
             Err(_) | Ok(None) => return Ok(()),
             Ok(Some(Err(e))) => return Err(target.fail(&e, &format!("reading {topic}"))),
             Ok(Some(Ok(d))) => {
-                if !each(&d) {
+                let key = (d.event().id().to_owned(), d.partition(), d.sequence());
+                if !seen.insert(key) || !each(&d) {
                     return Ok(());
                 }
-                // Dropped unsettled: the dead letter stays.
+                let _ = d.ack().await;
             }
         }
     }
