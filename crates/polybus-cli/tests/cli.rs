@@ -451,3 +451,147 @@ fn tail_times_out_with_exit_5_on_memory() {
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 of 1 events"));
 }
+
+#[test]
+fn every_subcommand_has_examples_and_completions_print() {
+    for sub in [
+        &["pub"][..],
+        &["tail"],
+        &["bridge"],
+        &["dlq", "list"],
+        &["dlq", "show"],
+        &["dlq", "redrive"],
+        &["bench"],
+        &["completions"],
+    ] {
+        let out = run(polybus().args(sub).arg("--help"), None);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("Examples:") && text.contains("polybus "),
+            "{sub:?}: {text}"
+        );
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(polybus().args(["completions", shell]), None);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{shell}");
+        assert!(
+            text.contains("polybus") && text.contains("redrive"),
+            "{shell}: {text}"
+        );
+    }
+    assert_eq!(
+        run(polybus().args(["completions", "cmd.exe"]), None)
+            .status
+            .code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn tail_from_where_the_backend_cannot_exits_2_before_connecting() {
+    // Port 1: were it to connect first, the exit code would be 3.
+    for (url, from, says) in [
+        (
+            "kafka://127.0.0.1:1",
+            "2026-12-04T09:00:00Z",
+            "not supported on kafka",
+        ),
+        ("nats://127.0.0.1:1", "earliest", "nats keeps no history"),
+        (
+            "mqtt://127.0.0.1:1",
+            "2026-12-04T09:00:00Z",
+            "mqtt keeps no history",
+        ),
+        (
+            "jetstream://127.0.0.1:1",
+            "yesterday",
+            "earliest, latest or an RFC 3339 time",
+        ),
+    ] {
+        let out = run(polybus().args(["tail", url, "t", "--from", from]), None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url} {from}: {err}");
+        assert!(err.contains(says), "{url} {from}: {err}");
+    }
+}
+
+#[test]
+fn pub_rate_paces_the_publishes() {
+    let started = std::time::Instant::now();
+    let out = run(
+        polybus().args([
+            "pub",
+            "memory://",
+            "t",
+            "x",
+            "--count",
+            "21",
+            "--rate",
+            "100",
+        ]),
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let took = started.elapsed();
+    // 21 publishes at 100/s: the last goes out 200 ms after the first.
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("published 21 events"));
+    // Not a terminal: no progress bar on stdout.
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(
+        run(
+            polybus().args(["pub", "memory://", "t", "x", "--rate", "0"]),
+            None
+        )
+        .status
+        .code(),
+        Some(2)
+    );
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn tail_from_a_time_and_from_latest() {
+    let topic = unique_topic("cli_from_");
+    let js = format!("jetstream://{}", nats_host());
+    publish(
+        &[&js, &topic, "before", "--type", "com.example.before"],
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let since = polybus::time::format_rfc3339(std::time::SystemTime::now());
+    std::thread::sleep(Duration::from_millis(50));
+    publish(&[&js, &topic, "after", "--type", "com.example.after"], None);
+    let read = |from: &str| {
+        let out = run(
+            polybus().args([
+                "tail",
+                &js,
+                &topic,
+                "--from",
+                from,
+                "--json",
+                "--count",
+                "1",
+                "--timeout",
+                "30",
+            ]),
+            None,
+        );
+        assert!(out.status.success(), "{out:?}");
+        json_lines(&String::from_utf8(out.stdout).unwrap())
+    };
+    assert_eq!(read(&since)[0]["type"], "com.example.after");
+    assert_eq!(read("earliest")[0]["type"], "com.example.before");
+    // Kafka: latest skips what is there; the event published after the tail started arrives.
+    let kafka = format!("kafka://{}", kafka_host());
+    let ktopic = unique_topic("cli-from-");
+    publish(&[&kafka, &ktopic, "old", "--type", "com.example.old"], None);
+    let tail = Tail::start(&[
+        &kafka, &ktopic, "--from", "latest", "--json", "--count", "1",
+    ]);
+    publish(&[&kafka, &ktopic, "new", "--type", "com.example.new"], None);
+    let events = json_lines(&tail.finish());
+    assert_eq!(events[0]["type"], "com.example.new");
+}
