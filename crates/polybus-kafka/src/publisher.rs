@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 
 use polybus_core::cloudevents::Mode;
+use polybus_core::telemetry::PublishScope;
 use polybus_core::{
     Backlog, Capabilities, Error, ErrorKind, Event, Ordering, Publisher, Receipt, Result, Unsettled,
 };
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 
 use crate::KafkaConfig;
@@ -150,10 +152,17 @@ impl KafkaProducer {
             return Err(closed("the producer"));
         }
         validate_topic(topic)?;
+        let encoded = self.encode(&mut event)?;
+        self.inner.topics.ensure(topic).await?;
+        self.send_encoded(topic, encoded, &event).await
+    }
+
+    /// Checks and encodes one event (default source, size against `message.max.bytes`).
+    fn encode(&self, event: &mut Event) -> Result<Encoded> {
         if let Some(src) = &self.inner.source {
             event.set_source_if_unset(src);
         }
-        let encoded = convert::encode(&event, self.inner.mode, &self.inner.key_mapper)?;
+        let encoded = convert::encode(event, self.inner.mode, &self.inner.key_mapper)?;
         if encoded.size > self.inner.max_bytes {
             return Err(
                 Error::new(ErrorKind::PayloadTooLarge, BACKEND).with_message(format!(
@@ -162,8 +171,102 @@ impl KafkaProducer {
                 )),
             );
         }
+        Ok(encoded)
+    }
+
+    /// Publishes `events` to `topic` in order: every event is checked and encoded first (one
+    /// that cannot be fails the batch with nothing sent), then all records are enqueued in
+    /// librdkafka, then the delivery reports are awaited in order. When librdkafka's queue
+    /// is full (`queue.buffering.max.messages`), the oldest report still outstanding is
+    /// awaited before enqueueing more: the queue bounds what is in flight.
+    ///
+    /// A failure fails the batch with the first error; the records before it are written,
+    /// later ones may be. With the idempotent producer (the default configuration) records
+    /// with the same key keep their order in their partition. The receipts are in the order
+    /// of the events.
+    ///
+    /// # Errors
+    /// As [`publish`](Self::publish), for the first event that failed.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// use polybus_kafka::{KafkaConfig, KafkaProducer};
+    /// let producer = KafkaProducer::new_with_config(&KafkaConfig::new("127.0.0.1:9092", "g1"))?;
+    /// let events = (0..100).map(|i| polybus_core::Event::new(format!("{i}"))).collect();
+    /// let receipts = producer.publish_batch("orders", events).await?;
+    /// assert_eq!(receipts.len(), 100);
+    /// # Ok(()) }
+    /// ```
+    pub async fn publish_batch(&self, topic: &str, events: Vec<Event>) -> Result<Vec<Receipt>> {
+        if self.inner.closed.load(AtomicOrdering::Acquire) {
+            return Err(closed("the producer"));
+        }
+        validate_topic(topic)?;
+        let telemetry = &self.inner.telemetry;
+        let mut encoded = Vec::with_capacity(events.len());
+        for mut event in events {
+            let scope = telemetry.publish(topic, &mut event);
+            match self.encode(&mut event) {
+                Ok(record) => encoded.push((scope, record, convert::millis(event.time()))),
+                Err(e) => {
+                    let failed = Err(e);
+                    scope.finish(&failed);
+                    return failed.map(|_: Receipt| Vec::new());
+                }
+            }
+        }
         self.inner.topics.ensure(topic).await?;
-        self.send_encoded(topic, encoded, &event).await
+        let shared: Arc<str> = Arc::from(topic);
+        let mut receipts = Vec::with_capacity(encoded.len());
+        // Reports not awaited yet, in the order of the events (`receipts` holds the others).
+        let mut pending = std::collections::VecDeque::with_capacity(encoded.len());
+        for (scope, record, timestamp) in encoded {
+            let Encoded {
+                key,
+                value,
+                headers,
+                ..
+            } = record;
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+            if !value.is_empty() {
+                record = record.payload(&value[..]);
+            }
+            if let Some(k) = key.as_deref() {
+                record = record.key(k);
+            }
+            if let Some(ms) = timestamp {
+                record = record.timestamp(ms);
+            }
+            loop {
+                match self.inner.producer.send_result(record) {
+                    Ok(delivery) => {
+                        pending.push_back((scope, delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        // The queue is full: wait for the oldest report (it frees a place),
+                        // or, with none outstanding (other publishes filled the queue), a
+                        // moment, as librdkafka's own `send` does.
+                        match pending.pop_front() {
+                            Some((scope, delivery)) => {
+                                receipts.push(report(&shared, scope, delivery).await?);
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
+                    Err((e, _)) => {
+                        let failed = Err(from_kafka(e, format!("publishing to {topic:?}")));
+                        scope.finish(&failed);
+                        return failed.map(|_: Receipt| Vec::new());
+                    }
+                }
+            }
+        }
+        for (scope, delivery) in pending {
+            receipts.push(report(&shared, scope, delivery).await?);
+        }
+        Ok(receipts)
     }
 
     pub(crate) async fn send_encoded(
@@ -227,9 +330,35 @@ impl KafkaProducer {
     }
 }
 
+/// Waits for one delivery report of a batch and records it in the publish's telemetry.
+async fn report(
+    topic: &Arc<str>,
+    scope: PublishScope<'_>,
+    delivery: DeliveryFuture,
+) -> Result<Receipt> {
+    let receipt = match delivery.await {
+        Ok(Ok(d)) => {
+            let r = Receipt::new(topic.clone()).with_partition(d.partition);
+            Ok(match u64::try_from(d.offset) {
+                Ok(off) => r.with_sequence(off),
+                Err(_) => r,
+            })
+        }
+        Ok(Err((e, _))) => Err(from_kafka(e, format!("publishing to {topic:?}"))),
+        Err(_) => Err(closed("the producer (delivery report lost)")),
+    };
+    scope.finish(&receipt);
+    receipt
+}
+
 impl Publisher for KafkaProducer {
     async fn publish(&self, topic: &str, event: Event) -> Result<Receipt> {
         KafkaProducer::publish(self, topic, event).await
+    }
+    /// See [`KafkaProducer::publish_batch`]: all records enqueued, then the delivery reports
+    /// awaited in order.
+    async fn publish_batch(&self, topic: &str, events: Vec<Event>) -> Result<Vec<Receipt>> {
+        KafkaProducer::publish_batch(self, topic, events).await
     }
     async fn flush(&self) -> Result<()> {
         KafkaProducer::flush(self).await

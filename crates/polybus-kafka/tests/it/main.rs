@@ -2,6 +2,7 @@
 //! `cargo test`; run them with `cargo xtask test` or `cargo test -p polybus-kafka --
 //! --include-ignored` with tansu on 127.0.0.1:9092 (`POLYBUS_KAFKA_BROKERS` overrides).
 
+mod batch;
 mod common;
 mod conformance;
 mod errors;
