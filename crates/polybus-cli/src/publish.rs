@@ -252,10 +252,16 @@ pub(crate) async fn run(args: PubArgs) -> Result<(), Failure> {
         (Some(literal), None) => send(literal.as_bytes()).await?,
     }
     bar.finish();
+    // Every publish above was acknowledged; flush covers any a backend still holds. The
+    // close that follows is bounded: polybus-mqtt's close sometimes waits its whole close
+    // timeout (10 s) for the connection task after DISCONNECT, with nothing left to deliver.
     publisher
-        .close()
+        .flush()
         .await
         .map_err(|e| target.fail(&e, "flushing"))?;
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(2), publisher.close()).await {
+        return Err(target.fail(&e, "closing"));
+    }
     if !args.quiet {
         let s = if sent == 1 { "" } else { "s" };
         eprintln!("polybus: published {sent} event{s} to {}", args.topic);

@@ -595,3 +595,85 @@ fn tail_from_a_time_and_from_latest() {
     let events = json_lines(&tail.finish());
     assert_eq!(events[0]["type"], "com.example.new");
 }
+
+/// Runs `command` in a pseudo-terminal (util-linux `script`), so the binary sees a terminal
+/// on stdout; returns the child with the terminal's output on its stdout.
+fn in_terminal(command: &str) -> Child {
+    Command::new("script")
+        .args(["-qefc", command, "/dev/null"])
+        .env_remove("POLYBUS_USER")
+        .env_remove("POLYBUS_PASSWORD")
+        .env("TERM", "xterm-256color")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) to run a command in a pseudo-terminal")
+}
+
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn a_terminal_session_shows_the_progress_bar_and_readable_blocks() {
+    let bin = env!("CARGO_BIN_EXE_polybus");
+    let url = format!("mqtt://{}", mqtt_host());
+    let topic = unique_topic("cli/terminal/");
+    // Human tail on a terminal: bold topic lines, pretty-printed JSON.
+    let mut tail = in_terminal(&format!(
+        "{bin} tail {url} {topic} --count 2 --ready --timeout 60"
+    ));
+    let stdout = tail.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut screen = Vec::new();
+    while !screen.iter().any(|l: &String| l.contains("polybus: ready")) {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => screen.push(l),
+            Err(e) => panic!("tail in a terminal never became ready ({e}): {screen:?}"),
+        }
+    }
+    publish(
+        &[
+            &url,
+            &topic,
+            r#"{"temp":21.5,"unit":"C"}"#,
+            "--type",
+            "com.example.reading",
+            "-H",
+            "site=lab",
+        ],
+        None,
+    );
+    publish(&[&url, &topic, "plain text"], None);
+    let status = tail.wait().unwrap();
+    screen.extend(rx.try_iter());
+    let text = screen.join("\n");
+    assert!(status.success(), "{text}");
+    assert!(
+        text.contains(&format!("\x1b[1m{topic}\x1b[0m")),
+        "no bold topic: {text:?}"
+    );
+    assert!(text.contains("  type    com.example.reading"), "{text}");
+    assert!(text.contains("  header  site: lab"), "{text}");
+    assert!(text.contains("      \"temp\": 21.5,"), "{text}");
+    assert!(text.contains("    plain text"), "{text}");
+
+    // pub --count --rate on a terminal draws a progress bar on stdout.
+    let pubbed = in_terminal(&format!(
+        "{bin} pub {url} {topic}/load x --count 300 --rate 600"
+    ))
+    .wait_with_output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&pubbed.stdout);
+    assert!(pubbed.status.success(), "{text}");
+    assert!(
+        text.contains("300/300") && text.contains("[====="),
+        "no progress bar: {text:?}"
+    );
+    assert!(text.contains("published 300 events"), "{text:?}");
+}
