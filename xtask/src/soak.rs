@@ -2,7 +2,8 @@
 //!
 //! Runs the test `soak::chaos_soak` of polybus-compose's `it` tests with `cargo test` (no
 //! per-test timeout) for N minutes (default 3) with the fault schedule of seed S (default: from
-//! the clock, printed, so a run can be replayed with `--seed`). The test starts its own brokers
+//! the clock, printed, so a run can be replayed with `--seed`), after building the `polybus`
+//! command (its MQTT leg runs polybus-mqtt through it). The test starts its own brokers
 //! on free ports (a three-node NATS cluster, tansu on SQLite, mosquitto with persistence) and
 //! signals only those pids; the shared brokers of `broker up` are not touched. It prints the
 //! schedule and a summary table, writes `target/soak/soak-seed<S>-<run>.{json,txt}`, and fails
@@ -27,11 +28,16 @@ pub(crate) fn run(sh: &Shell, args: &[String]) -> Result<()> {
     for broker in Broker::ALL {
         install::ensure(sh, &paths, broker)?;
     }
+    // The MQTT leg runs polybus-mqtt through the `polybus` command.
+    let cargo = cargo();
+    cmd!(sh, "{cargo} build -p polybus-cli --all-features").run()?;
+    let cli = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| project_root().join("target"), std::path::PathBuf::from)
+        .join("debug/polybus");
     let out = project_root().join("target/soak");
     println!(
         "soak: {minutes} min, seed {seed} (replay: cargo xtask soak --minutes {minutes} --seed {seed})"
     );
-    let cargo = cargo();
     let minutes_s = minutes.to_string();
     let seed_s = seed.to_string();
     let out_s = out.display().to_string();
@@ -43,6 +49,7 @@ pub(crate) fn run(sh: &Shell, args: &[String]) -> Result<()> {
     .env("POLYBUS_SOAK_MINUTES", minutes_s)
     .env("POLYBUS_SOAK_SEED", seed_s)
     .env("POLYBUS_SOAK_OUT", out_s)
+    .env("POLYBUS_CLI_BIN", cli)
     .run()
     .with_context(|| format!("the soak failed (seed {seed}); see the summary above"))?;
     println!("soak: passed; summary and JSON in {}", out.display());

@@ -4,9 +4,8 @@
 //! `cargo xtask test` (CI) it runs a short smoke of the same code (40 s, seed 1).
 //!
 //! Every broker is the soak's own, on free ports, and only those pids are signalled: a
-//! three-node NATS cluster ([`NatsCluster`]), tansu on SQLite, mosquitto with persistence
-//! (started so that a later MQTT leg can use it; no polybus MQTT client here: this crate does
-//! not depend on polybus-mqtt). The legs:
+//! three-node NATS cluster ([`NatsCluster`]), tansu on SQLite, mosquitto with persistence. The
+//! legs:
 //!
 //! * `bus`: a child process (this test binary, re-executed with [`CHILD_ENV`]) runs a
 //!   [`polybus_compose::Bus`] over the cluster (R3 stream) and tansu with a spool that outlives
@@ -15,6 +14,12 @@
 //! * `jetstream`: a polybus-jetstream producer on an R3 stream and a durable consumer.
 //! * `kafka`: a polybus-kafka producer on tansu and a consumer group.
 //! * `nats-core`: core NATS on the cluster; at most once, so counted, never required.
+//! * `mqtt`: polybus-mqtt through the `polybus` command (this crate does not depend on
+//!   polybus-mqtt): one `polybus pub` per event (acknowledged = exit 0 after the PUBACK) and a
+//!   `polybus tail --json` started again whenever it ends. Counted, not required: the URL's
+//!   client has a clean session (what is published while it reconnects is not queued for it),
+//!   and mosquitto persists by periodic snapshot, so a SIGKILL loses the last second. Runs when
+//!   [`CLI_ENV`] names the binary (`cargo xtask soak` builds it), else reported as not run.
 //!
 //! The same seed gives the same schedule (printed first). At the end: a table (acknowledged,
 //! delivered, lost, duplicates, errors; spool max depth; per fault the longest stall of each
@@ -47,6 +52,8 @@ pub(crate) const MINUTES_ENV: &str = "POLYBUS_SOAK_MINUTES";
 pub(crate) const SEED_ENV: &str = "POLYBUS_SOAK_SEED";
 /// Directory for the JSON summary; unset: none written.
 pub(crate) const OUT_ENV: &str = "POLYBUS_SOAK_OUT";
+/// The `polybus` command for the MQTT leg.
+pub(crate) const CLI_ENV: &str = "POLYBUS_CLI_BIN";
 /// Set in the bus child: `urls|kafka|spool|subject|generation`.
 const CHILD_ENV: &str = "POLYBUS_SOAK_BUS_CHILD";
 const TEST_NAME: &str = "soak::chaos_soak";
@@ -102,7 +109,7 @@ impl Target {
         match self {
             Target::Nats(_) => &["bus", "jetstream", "nats-core"],
             Target::Tansu => &["bus", "kafka"],
-            Target::Mosquitto => &[],
+            Target::Mosquitto => &["mqtt"],
             Target::Bus => &["bus"],
         }
     }
@@ -272,6 +279,123 @@ async fn consume_loop<C: Consumer>(
         }
         leg.resubscribes.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// MQTT events per second (one `polybus pub` process each).
+const MQTT_RATE: u64 = 10;
+
+/// `polybus pub` of `mqtt-<run>-<i>` at [`MQTT_RATE`] until `stop`; exit 0 is an
+/// acknowledgement, a run over 10 s is killed and counted.
+fn mqtt_publish(
+    cli: std::path::PathBuf,
+    url: String,
+    topic: String,
+    run: String,
+    leg: Arc<Leg>,
+    stop: Arc<AtomicBool>,
+) {
+    let period = Duration::from_millis(1_000 / MQTT_RATE);
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let t0 = Instant::now();
+        let data = format!("mqtt-{run}-{i}");
+        i += 1;
+        let child = Command::new(&cli)
+            .args(["pub", &url, &topic, &data, "--quiet"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                leg.error(format!("spawn {}", e.kind()));
+                std::thread::sleep(period);
+                continue;
+            }
+        };
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if t0.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        match status {
+            Some(s) if s.success() => leg.ack(data, Instant::now()),
+            Some(s) => leg.error(format!("pub exit {}", s.code().unwrap_or(-1))),
+            None => leg.error("pub over 10 s".into()),
+        }
+        std::thread::sleep(period.saturating_sub(t0.elapsed()));
+    }
+}
+
+/// `polybus tail --json` of `topic` until `stop`, started again when it ends (counted);
+/// every `mqtt-<run>-<i>` in its output is a delivery.
+fn mqtt_tail(
+    cli: std::path::PathBuf,
+    url: String,
+    topic: String,
+    run: String,
+    leg: Arc<Leg>,
+    stop: Arc<AtomicBool>,
+) {
+    let marker = format!("\"data\":\"mqtt-{run}-");
+    while !stop.load(Ordering::Relaxed) {
+        let child = Command::new(&cli)
+            .args(["tail", &url, &topic, "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                leg.error(format!("spawn {}", e.kind()));
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
+        let Some(out) = child.stdout.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            continue;
+        };
+        let (reader_leg, marker) = (leg.clone(), marker.clone());
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Some(at) = line.find(&marker) {
+                    let rest = &line[at + "\"data\":\"".len()..];
+                    if let Some(end) = rest.find('"') {
+                        reader_leg.saw(&rest[..end]);
+                    }
+                }
+            }
+        });
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                let _ = child.kill();
+                break;
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                leg.resubscribes.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.wait();
+        let _ = reader.join();
+        if !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 }
 
@@ -578,6 +702,38 @@ async fn chaos_soak() -> Result<()> {
         )),
     ];
 
+    // MQTT through the polybus command, if there is one.
+    let mqtt_leg = Leg::new("mqtt", false);
+    let cli = std::env::var_os(CLI_ENV)
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.exists());
+    let mut mqtt_threads = Vec::new();
+    if let Some(cli) = &cli {
+        let url = format!("mqtt://{}", mosquitto.url());
+        let topic = format!("soak/mqtt/{run}");
+        let tail_url = format!("{url}?client_id=soak-tail-{run}");
+        let (c, r, l, s) = (
+            cli.clone(),
+            run.clone(),
+            mqtt_leg.clone(),
+            stop_consumers.clone(),
+        );
+        let t = topic.clone();
+        mqtt_threads.push(std::thread::spawn(move || {
+            mqtt_tail(c, tail_url, t, r, l, s)
+        }));
+        // Give the tail a moment to subscribe (a clean session keeps nothing from before).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (c, r, l, s) = (cli.clone(), run.clone(), mqtt_leg.clone(), stop.clone());
+        mqtt_threads.push(std::thread::spawn(move || {
+            mqtt_publish(c, url, topic, r, l, s)
+        }));
+    } else {
+        println!(
+            "SOAK: no {CLI_ENV}: the MQTT leg does not run (cargo xtask soak builds the polybus command)"
+        );
+    }
+
     // The bus, in a child process.
     let spool = tempfile::tempdir()?;
     let bus_subject = format!("soak.bus.{run}");
@@ -676,11 +832,18 @@ async fn chaos_soak() -> Result<()> {
     while settle_from.elapsed() < SETTLE && (js_leg.missing() > 0 || kafka_leg.missing() > 0) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Core NATS: whatever is still in flight arrives within a second.
+    // Core NATS and MQTT: whatever is still in flight arrives within a few seconds.
+    let tail_from = Instant::now();
+    while tail_from.elapsed() < Duration::from_secs(5) && mqtt_leg.missing() > 0 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop_consumers.store(true, Ordering::Relaxed);
     for c in consumers {
         c.await?;
+    }
+    for t in mqtt_threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
 
     // The bus: a bus on the same spool forwards the rest; every acknowledged id in Kafka.
@@ -702,7 +865,10 @@ async fn chaos_soak() -> Result<()> {
         .max(final_stats.spool_max_depth);
 
     // The report.
-    let legs = [&bus_leg, &js_leg, &kafka_leg, &core_leg];
+    let mut legs = vec![&bus_leg, &js_leg, &kafka_leg, &core_leg];
+    if cli.is_some() {
+        legs.push(&mqtt_leg);
+    }
     let mut table = String::new();
     let mut json = format!(
         "{{\"seed\":{seed},\"minutes\":{:.2},\"steps\":{},\"bus_starts\":{},\"spool_max_depth\":{max_depth},\"spooled_at_end\":{spooled_at_end},\"drained\":{drained},\"legs\":[",
@@ -791,7 +957,10 @@ async fn chaos_soak() -> Result<()> {
         let mut parts = Vec::new();
         let mut json_parts = Vec::new();
         for leg in d.step.target.legs() {
-            let (gap, recovery) = stall(&ack_times[leg], d.fault_at, d.back_at, until);
+            let Some(times) = ack_times.get(leg) else {
+                continue;
+            };
+            let (gap, recovery) = stall(times, d.fault_at, d.back_at, until);
             let recovery_s = recovery.map_or(-1.0, |r| r.as_secs_f64());
             parts.push(format!(
                 "{leg} stall {:.2}s recovery {}",
