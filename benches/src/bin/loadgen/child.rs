@@ -130,6 +130,8 @@ async fn run(args: &ChildArgs, meter: Meter) -> Result<Outcome> {
         Kind::MqttQos0 => work::mqtt::pub_sub(&env, args, &meter, 0).await,
         Kind::MqttQos1 => work::mqtt::pub_sub(&env, args, &meter, 1).await,
         Kind::ComposePublish => work::compose::publish(&env, args, &meter).await,
+        Kind::JsBatch => work::batch::jetstream(&env, args, &meter).await,
+        Kind::KafkaBatch => work::batch::kafka(&env, args, &meter).await,
         Kind::RuntimeLoop | Kind::RuntimeConcurrent => {
             work::runtime::consume(&env, args, &meter).await
         }

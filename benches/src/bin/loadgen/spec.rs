@@ -77,6 +77,12 @@ pub(crate) enum Kind {
     /// The composed bus: `Bus::publish` (JetStream + spool, forwarded to Kafka) against the
     /// raw Kafka producer, `window` in flight.
     ComposePublish,
+    /// JetStream `publish_batch` of `window` events at a time (polybus side) against single
+    /// publishes of the same publisher with `window` in flight (raw side).
+    JsBatch,
+    /// Kafka `publish_batch` of `window` events at a time (polybus side) against single
+    /// publishes of the same producer with `window` in flight (raw side).
+    KafkaBatch,
     /// polybus-runtime on JetStream: the `App` at concurrency 1 (polybus side) against a
     /// hand-written consume loop on the same polybus consumer (raw side), decoding each event.
     RuntimeLoop,
@@ -329,6 +335,36 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
                     n(1_000_000, 30_000),
                     64,
                     256,
+                )
+            }],
+        },
+        Group {
+            id: "js.batch",
+            sides: AB,
+            steps: vec![Step {
+                throughput_target: 1.0,
+                ..step(
+                    "js.batch",
+                    "JetStream publish_batch 64 B (raw: single publishes, same window)",
+                    Kind::JsBatch,
+                    n(200_000, 40_000),
+                    64,
+                    256,
+                )
+            }],
+        },
+        Group {
+            id: "kafka.batch",
+            sides: AB,
+            steps: vec![Step {
+                throughput_target: 1.0,
+                ..step(
+                    "kafka.batch",
+                    "Kafka publish_batch 64 B (raw: single publishes, same window)",
+                    Kind::KafkaBatch,
+                    n(1_000_000, 100_000),
+                    64,
+                    10_000,
                 )
             }],
         },

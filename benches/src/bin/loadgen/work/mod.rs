@@ -3,6 +3,7 @@
 //! underneath, used as its documentation shows) doing the same work: same payload, same
 //! CloudEvents headers on the wire, same window of publishes in flight, same acks.
 
+pub(crate) mod batch;
 pub(crate) mod compose;
 pub(crate) mod jetstream;
 pub(crate) mod kafka;
