@@ -129,7 +129,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<(), Failure> {
                 Some(Err(e)) => { first_error.get_or_insert(e); }
                 None => break,
             },
-            () = tokio::time::sleep_until(pacer.due()), if published < a.count => {
+            () = pacer.ready(), if published < a.count => {
                 pacer.advance();
                 let e = Event::builder()
                     .data(payload.clone())

@@ -124,13 +124,19 @@ impl Pacer {
         })
     }
 
-    /// When the next publish may go out.
-    pub(crate) fn due(&self) -> tokio::time::Instant {
-        let due = match self.interval {
-            Some(i) => self.start + i.saturating_mul(self.n),
-            None => Instant::now(),
-        };
-        tokio::time::Instant::from_std(due)
+    /// When the next publish may go out (`None`: now, no rate).
+    pub(crate) fn due(&self) -> Option<tokio::time::Instant> {
+        let i = self.interval?;
+        Some(tokio::time::Instant::from_std(
+            self.start + i.saturating_mul(self.n),
+        ))
+    }
+
+    /// Resolves when the next publish may go out, at once without a rate (no timer).
+    pub(crate) async fn ready(&self) {
+        if let Some(due) = self.due() {
+            tokio::time::sleep_until(due).await;
+        }
     }
 
     /// Counts a publish.
@@ -140,7 +146,7 @@ impl Pacer {
 
     /// Waits until the next publish may go out and counts it.
     pub(crate) async fn wait(&mut self) {
-        tokio::time::sleep_until(self.due()).await;
+        self.ready().await;
         self.advance();
     }
 }
