@@ -344,7 +344,7 @@ impl Checker<'_> {
         }
         let concurrency = match &raw.concurrency {
             Some(c) => self.count(&name, "concurrency", c, 1024)? as usize,
-            None => 8,
+            None => 64,
         };
         let attempts = match &raw.attempts {
             Some(a) => self.count(&name, "attempts", a, 1000)? as u32,
@@ -503,7 +503,7 @@ dead_letter = "sensors.dead"
         );
         assert_eq!(r.dead_letters, DeadLetters::Source("sensors.dead".into()));
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
-        assert_eq!(r.concurrency, 8);
+        assert_eq!(r.concurrency, 64);
     }
 
     #[test]
