@@ -991,7 +991,10 @@ impl Inner {
                 let _ = first.send(Err(Error::closed(BACKEND)));
             }
         });
-        let _ = self.done_tx.send(true);
+        // `send_replace`, not `send`: `send` keeps the old value when nobody is subscribed
+        // yet, and `close` subscribes only after it started the DISCONNECT, which the task
+        // may already have sent and ended on; `close` then waited out its whole timeout.
+        self.done_tx.send_replace(true);
     }
 
     /// Starts a clean disconnect without waiting (for `Drop`).

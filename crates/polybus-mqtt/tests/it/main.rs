@@ -1,5 +1,6 @@
 //! Integration tests against a real mosquitto (see `cargo xtask test`).
 
+mod close;
 mod conformance;
 mod errors;
 mod hostile;
