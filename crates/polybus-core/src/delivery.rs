@@ -43,11 +43,13 @@ impl Receipt {
         }
     }
     /// Sets the partition (Kafka).
+    #[inline]
     pub fn with_partition(mut self, partition: i32) -> Self {
         self.partition = Some(partition);
         self
     }
     /// Sets the sequence or offset (JetStream stream sequence, Kafka offset).
+    #[inline]
     pub fn with_sequence(mut self, sequence: u64) -> Self {
         self.sequence = Some(sequence);
         self
@@ -197,6 +199,7 @@ enum AckerSlot {
 }
 
 impl AckerSlot {
+    #[inline]
     fn new<A: Acker>(acker: A) -> Self {
         // `A` is a concrete type: the check is decided at compile time.
         match (&acker as &dyn std::any::Any).downcast_ref::<NoopAcker>() {
@@ -253,6 +256,7 @@ enum Settle {
 
 impl Delivery {
     /// A delivery of `event` received on `topic`, settled through `acker`.
+    #[inline]
     pub fn new(event: Event, topic: impl Into<Arc<str>>, acker: impl Acker) -> Self {
         Delivery {
             event,
@@ -276,6 +280,7 @@ impl Delivery {
         self
     }
     /// Sets how many times this message has been delivered (1 = first time).
+    #[inline]
     pub fn with_delivery_count(mut self, count: u32) -> Self {
         self.delivery_count = count.max(1);
         self
@@ -284,6 +289,7 @@ impl Delivery {
     /// Attaches the delivery span and the metric handles (adapters call this through
     /// [`Telemetry::delivered`](crate::telemetry::Telemetry::delivered)). The delivery counts
     /// as in flight until it is settled or dropped.
+    #[inline]
     pub fn with_telemetry(mut self, span: Span, metrics: Arc<Instruments>) -> Self {
         self.span = span;
         self.metrics = Some(InFlight::new(metrics));
@@ -301,6 +307,7 @@ impl Delivery {
     /// # drop(d);
     /// ```
     #[must_use]
+    #[inline]
     pub fn with_span(mut self, span: Span) -> Self {
         self.span = span;
         self
@@ -373,6 +380,7 @@ impl Delivery {
     ///
     /// # Errors
     /// The broker did not take the ack; the error hands the delivery back for a retry.
+    #[inline]
     pub fn ack(self) -> impl Future<Output = Result<(), AckError>> + Send {
         use futures_util::future::{Either, ready};
         // A delivery from a broker without settlement (core NATS, MQTT QoS 0) and without

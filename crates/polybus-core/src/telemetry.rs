@@ -566,6 +566,7 @@ impl Telemetry {
 
     /// Adds the delivery span and metrics to `delivery` (counts it as consumed, and as
     /// redelivered when its delivery count is above 1; in flight until settled or dropped).
+    #[inline]
     pub fn delivered(&self, delivery: Delivery) -> Delivery {
         let span = deliver_span(self.system, &delivery);
         let m = &self.instruments;

@@ -234,6 +234,7 @@ async fn subscribe(
 /// Decodes `msg` into a delivery with its span and metrics (a decode failure is counted).
 /// `last_topic` is the subject of the subscription's previous message: a delivery on the
 /// same subject shares it instead of copying it.
+#[inline]
 fn delivery(
     msg: Message,
     telemetry: &Telemetry,
