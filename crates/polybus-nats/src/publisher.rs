@@ -380,7 +380,7 @@ fn polled_again() -> Error {
 }
 
 impl Publisher for NatsProducer {
-    /// One hand-written future ([`PublishFuture`]) for every publish; with publish
+    /// One hand-written future (no layers of combinators) for every publish; with publish
     /// permissions checked it also waits for the server's verdict (a boxed round trip).
     #[inline]
     fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
