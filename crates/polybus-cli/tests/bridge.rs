@@ -201,13 +201,34 @@ struct SinkReader {
 
 impl SinkReader {
     fn start(url: &str, topic: &str) -> SinkReader {
-        let mut child = polybus()
-            .args(["tail", url, topic, "--json"])
+        Self::spawn(url, topic, false)
+    }
+
+    /// Started with `--ready`: returns once the tail is subscribed (for backends without
+    /// backlog; the topic must have no wildcards).
+    fn start_ready(url: &str, topic: &str) -> SinkReader {
+        Self::spawn(url, topic, true)
+    }
+
+    fn spawn(url: &str, topic: &str, ready: bool) -> SinkReader {
+        let mut cmd = polybus();
+        cmd.args(["tail", url, topic, "--json"]);
+        if ready {
+            cmd.arg("--ready");
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(if ready { Stdio::piped() } else { Stdio::null() })
             .spawn()
             .expect("spawn polybus tail");
+        if ready {
+            let stderr = child.stderr.take().unwrap();
+            let mut lines = BufReader::new(stderr).lines();
+            let ok = lines.any(|l| l.is_ok_and(|l| l == "polybus: ready"));
+            assert!(ok, "tail {url} {topic} never became ready");
+            std::thread::spawn(move || for _ in lines {});
+        }
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
@@ -697,4 +718,67 @@ fn a_broken_config_is_rejected_with_its_line_before_connecting() {
         out.contains("ok, 1 route") && out.contains("a: nats://h:1 t.> -> mqtt://h:1 x/{2}"),
         "{out}"
     );
+}
+
+/// The other directions the issue names: Kafka -> core NATS and JetStream -> MQTT, in one
+/// bridge with two routes; the MQTT route maps the key from a header and the topic from the
+/// event type.
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn bridge_kafka_to_nats_and_jetstream_to_mqtt() {
+    const N: usize = 20;
+    let u = unique("d");
+    let kafka = format!("kafka://{}", kafka_host());
+    let js = format!("jetstream://{}", nats_host());
+    let nats = format!("nats://{}", nats_host());
+    let mqtt = format!("mqtt://{}", mqtt_host());
+    let (ktopic, jtopic) = (format!("cli-k2n-{u}"), format!("cli_j2m_{u}"));
+    let config = write_config(&format!(
+        r#"[[route]]
+name = "k2n"
+from = "{kafka}?offset=earliest"
+group = "k2n-{u}"
+topic = "{ktopic}"
+to = "{nats}"
+to_topic = "cli.k2n.{u}"
+
+[[route]]
+name = "j2m"
+from = "{js}?group=j2m{u}"
+topic = "{jtopic}"
+to = "{mqtt}"
+to_topic = "cli/j2m/{u}/{{type}}"
+key = "{{header.device}}"
+"#
+    ));
+    // Both sources keep messages: publish first, then start readers and the bridge.
+    ok(polybus()
+        .args([
+            "pub",
+            &kafka,
+            &ktopic,
+            r#"{"k":1}"#,
+            "--count",
+            &N.to_string(),
+        ])
+        .args(["--type", "com.example.k", "-q"]));
+    ok(polybus()
+        .args(["pub", &js, &jtopic, r#"{"j":1}"#, "--count", &N.to_string()])
+        .args(["--type", "reading", "-H", "device=d7", "-q"]));
+    // Core NATS and MQTT keep nothing from before a subscription: the readers first.
+    let mut to_nats = SinkReader::start_ready(&nats, &format!("cli.k2n.{u}"));
+    let mut to_mqtt = SinkReader::start_ready(&mqtt, &format!("cli/j2m/{u}/reading"));
+    let bridge = Bridge::start(&config);
+    let got_nats = to_nats.wait_for("com.example.k", N, Duration::from_secs(60));
+    let got_mqtt = to_mqtt.wait_for("reading", N, Duration::from_secs(60));
+    assert_eq!((got_nats, got_mqtt), (N, N));
+    let e = to_mqtt
+        .seen
+        .iter()
+        .find(|e| e["type"] == "reading")
+        .unwrap();
+    assert_eq!(e["partitionkey"], "d7", "key from {{header.device}}: {e}");
+    assert_eq!(e["data"], serde_json::json!({"j": 1}));
+    let (status, _) = bridge.terminate();
+    assert!(status.success());
 }
