@@ -145,8 +145,9 @@ impl Bridge {
 
     /// SIGTERM, then waits for the drain; returns the exit status and stderr.
     fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid()])
+        // The shell's builtin kill: no procps needed.
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {}", self.pid())])
             .status()
             .unwrap();
         assert!(status.success());

@@ -153,7 +153,7 @@ pub(crate) async fn run(args: BridgeArgs) -> Result<(), Failure> {
     // Connect every route first: a broker that cannot be reached fails the start.
     let mut starting = Vec::new();
     for route in &config.routes {
-        starting.push(start_route(route, &config, stop_rx.clone()).await?);
+        starting.push(start_route(route, &config).await?);
     }
     let healths: Vec<_> = starting.iter().map(|s| s.app.health()).collect();
     let http = match config.listen {
@@ -254,11 +254,7 @@ struct StartedRoute {
     route: RouteConfig,
 }
 
-async fn start_route(
-    route: &RouteConfig,
-    config: &Config,
-    _stop: watch::Receiver<bool>,
-) -> Result<StartedRoute, Failure> {
+async fn start_route(route: &RouteConfig, config: &Config) -> Result<StartedRoute, Failure> {
     let source = Target::new(&route.from, route.group.as_deref())?;
     let sink = Target::new(&route.to, None)?;
     let doing = format!("connecting route {}", route.name);
