@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream::{self, BoxStream};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, FuturesUnordered};
 use futures_util::{FutureExt as _, StreamExt as _};
 use polybus_core::dlq::{DeadLetter, DeadLetterTopic};
 use polybus_core::{
@@ -445,35 +446,46 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         );
 
         let mut shutdown = std::pin::pin!(shutdown);
-        let mut tasks = JoinSet::new();
+        let mut tasks = Runner::new(concurrency);
         let mut fatal = None;
         let mut last_error = None;
         let mut batches: HashMap<usize, Buffered> = HashMap::new();
-        loop {
-            let next_flush = batches.values().map(|b| b.deadline).min();
-            let flush_at = next_flush.unwrap_or_else(far_future);
-            let permit = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                () = tokio::time::sleep_until(flush_at), if next_flush.is_some() => {
-                    flush_due(&ctx, &tables, &mut batches, &mut tasks, false);
-                    continue;
+        'run: loop {
+            // A slot for one more delivery: what the app holds is bounded.
+            let permit = loop {
+                if let Ok(p) = pending.clone().try_acquire_owned() {
+                    break p;
                 }
-                p = pending.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let item = tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                () = tokio::time::sleep_until(flush_at), if next_flush.is_some() => {
-                    flush_due(&ctx, &tables, &mut batches, &mut tasks, false);
-                    continue;
+                let next_flush = batches.values().map(|b| b.deadline).min();
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break 'run,
+                    () = tokio::time::sleep_until(next_flush.unwrap_or_else(far_future)),
+                        if next_flush.is_some() =>
+                    {
+                        flush_due(&ctx, &tables, &mut batches, &mut tasks, false);
+                    }
+                    Some(()) = tasks.next(), if !tasks.is_empty() => {}
+                    p = pending.clone().acquire_owned() => match p {
+                        Ok(p) => break p,
+                        Err(_) => break 'run,
+                    },
                 }
-                item = deliveries.next() => item,
             };
-            while tasks.try_join_next().is_some() {}
+            let item = loop {
+                let next_flush = batches.values().map(|b| b.deadline).min();
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break 'run,
+                    () = tokio::time::sleep_until(next_flush.unwrap_or_else(far_future)),
+                        if next_flush.is_some() =>
+                    {
+                        flush_due(&ctx, &tables, &mut batches, &mut tasks, false);
+                    }
+                    Some(()) = tasks.next(), if !tasks.is_empty() => {}
+                    item = deliveries.next() => break item,
+                }
+            };
             match item {
                 None => {
                     // Every subscription ended: if one ended on an error, that is the answer.
@@ -533,7 +545,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
 
         // Drain: no more pulls; in-flight and queued deliveries get until the deadline.
         self.status.send_replace(Status::Draining);
-        let drain = async { while tasks.join_next().await.is_some() {} };
+        let drain = async { while tasks.next().await.is_some() {} };
         if tokio::time::timeout(self.drain_timeout, drain)
             .await
             .is_err()
@@ -543,10 +555,9 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                 "drain timeout: handing back unfinished deliveries"
             );
             cancel_tx.send_replace(true);
-            let release = async { while tasks.join_next().await.is_some() {} };
+            let release = async { while tasks.next().await.is_some() {} };
             if tokio::time::timeout(RELEASE_GRACE, release).await.is_err() {
-                tasks.abort_all();
-                while tasks.join_next().await.is_some() {}
+                tasks.abort_all().await;
             }
         }
         drop(deliveries);
@@ -564,6 +575,77 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         self.status.send_replace(Status::Stopped);
         tracing::info!("polybus runtime stopped");
         fatal.map_or(Ok(()), Err)
+    }
+}
+
+/// Where lanes and batches run.
+///
+/// At concurrency 1 they run on the run loop's own task (`Inline`): one handler runs at a
+/// time anyway, and a task per delivery would cost a spawn and two wake-ups between the run
+/// loop and the lane (on a multi-thread runtime, often another thread to unpark) per event,
+/// which the hand-written loop does not pay. Above 1 every lane is a task (`Spawned`), so
+/// handlers run in parallel on a multi-thread runtime.
+enum Runner {
+    Inline(FuturesUnordered<BoxFuture<'static, ()>>),
+    Spawned(JoinSet<()>),
+}
+
+impl Runner {
+    fn new(concurrency: usize) -> Self {
+        if concurrency <= 1 {
+            Runner::Inline(FuturesUnordered::new())
+        } else {
+            Runner::Spawned(JoinSet::new())
+        }
+    }
+
+    fn spawn(&mut self, work: impl Future<Output = ()> + Send + 'static) {
+        match self {
+            Runner::Inline(set) => set.push(Box::pin(async move {
+                // Handler panics are caught where they are called; this keeps the run loop
+                // alive if anything else in a lane panics, as a task's panic would.
+                if AssertUnwindSafe(work).catch_unwind().await.is_err() {
+                    tracing::error!("a lane panicked; its deliveries are released unsettled");
+                }
+            })),
+            Runner::Spawned(set) => {
+                set.spawn(work);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Runner::Inline(set) => set.is_empty(),
+            Runner::Spawned(set) => set.is_empty(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Runner::Inline(set) => set.len(),
+            Runner::Spawned(set) => set.len(),
+        }
+    }
+
+    /// Runs the inline lanes until one ends, or waits for a task to end; `None` when none is
+    /// left.
+    async fn next(&mut self) -> Option<()> {
+        match self {
+            Runner::Inline(set) => set.next().await,
+            Runner::Spawned(set) => set.join_next().await.map(|_| ()),
+        }
+    }
+
+    /// Stops every lane where it is (its deliveries are dropped unsettled).
+    async fn abort_all(&mut self) {
+        match self {
+            Runner::Inline(set) => set.clear(),
+            Runner::Spawned(set) => {
+                set.abort_all();
+                while set.join_next().await.is_some() {}
+            }
+        }
     }
 }
 
@@ -644,7 +726,7 @@ fn flush_due<P: Publisher + 'static>(
     ctx: &Arc<Ctx<P>>,
     tables: &[TopicRoutes],
     batches: &mut HashMap<usize, Buffered>,
-    tasks: &mut JoinSet<()>,
+    tasks: &mut Runner,
     all: bool,
 ) {
     let now = tokio::time::Instant::now();
@@ -757,7 +839,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn dispatch<P: Publisher + 'static>(ctx: &Arc<Ctx<P>>, tasks: &mut JoinSet<()>, job: Job) {
+fn dispatch<P: Publisher + 'static>(ctx: &Arc<Ctx<P>>, tasks: &mut Runner, job: Job) {
     let key = job.delivery.event().key_bytes().cloned();
     if let Some(k) = &key {
         let mut lanes = lock(&ctx.lanes);
@@ -807,6 +889,10 @@ impl<P: Publisher> Ctx<P> {
 
 /// Runs the handler on one delivery and settles it: ack, retry (redelivery or in process),
 /// dead letter, or release at a cancelled drain.
+///
+/// Everything but the handler call and the ack is boxed where it happens (the rare paths):
+/// this future is part of every lane's, which is moved when a lane starts, so its size is
+/// paid per event.
 async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
     let Job {
         mut delivery,
@@ -818,56 +904,83 @@ async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
     let span = delivery.span().clone();
     loop {
         if ctx.cancelled() {
-            return release(ctx, delivery, attempt).await;
+            return Box::pin(release(ctx, delivery, attempt)).await;
         }
-        let outcome = {
-            let Ok(_running) = ctx.running.acquire().await else {
-                return release(ctx, delivery, attempt).await;
-            };
-            if ctx.cancelled() {
-                return release(ctx, delivery, attempt).await;
-            }
-            let _counted = Counted::new(&ctx.counters, |c| &c.running);
-            let msg = Message::from_delivery(&delivery, attempt);
-            let call = async {
-                match service.clone() {
-                    Some(svc) => match svc.oneshot(msg).await {
-                        Ok(outcome) => outcome,
-                        Err(never) => match never {},
-                    },
-                    None => Outcome::Terminate(
-                        HandlerError::permanent(format!(
-                            "no route for type {} on {}",
-                            delivery.event().kind(),
-                            delivery.topic()
-                        ))
-                        .with_kind("unrouted"),
-                    ),
-                }
-            };
-            let call = AssertUnwindSafe(call)
-                .catch_unwind()
-                .instrument(span.clone());
-            let started = std::time::Instant::now();
-            tokio::select! {
-                r = call => {
-                    crate::metrics::handler_call(started, r.is_err());
-                    r.unwrap_or_else(|panic| Outcome::Fail(HandlerError::panic(panic_message(&*panic))))
-                }
-                () = ctx.wait_cancelled() => return release(ctx, delivery, attempt).await,
-            }
+        let Some(outcome) = call(ctx, &delivery, service.as_ref(), attempt, &span).await else {
+            return Box::pin(release(ctx, delivery, attempt)).await;
         };
-        match settle(ctx, delivery, attempt, outcome, &span).await {
+        if let Outcome::Ack = outcome {
+            return ack(ctx, delivery, attempt).await;
+        }
+        match Box::pin(settle(ctx, delivery, attempt, outcome, &span)).await {
             None => return,
             Some((d, delay)) => {
                 delivery = d;
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = ctx.wait_cancelled() => return release(ctx, delivery, attempt).await,
+                let wait = Box::pin(async {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => true,
+                        () = ctx.wait_cancelled() => false,
+                    }
+                });
+                if !wait.await {
+                    return Box::pin(release(ctx, delivery, attempt)).await;
                 }
                 attempt = attempt.saturating_add(1);
             }
         }
+    }
+}
+
+/// Calls the route's service on `delivery` when a handler slot is free; a panic is a
+/// failure. `None`: the drain was cancelled first (the delivery is to be released).
+async fn call<P: Publisher>(
+    ctx: &Ctx<P>,
+    delivery: &Delivery,
+    service: Option<&RouteService>,
+    attempt: u32,
+    span: &tracing::Span,
+) -> Option<Outcome> {
+    let Ok(_running) = ctx.running.acquire().await else {
+        return None;
+    };
+    if ctx.cancelled() {
+        return None;
+    }
+    let _counted = Counted::new(&ctx.counters, |c| &c.running);
+    let call = async {
+        match service {
+            Some(svc) => {
+                let msg = Message::from_delivery(delivery, attempt);
+                match svc.clone().oneshot(msg).await {
+                    Ok(outcome) => outcome,
+                    Err(never) => match never {},
+                }
+            }
+            None => Outcome::Terminate(
+                HandlerError::permanent(format!(
+                    "no route for type {} on {}",
+                    delivery.event().kind(),
+                    delivery.topic()
+                ))
+                .with_kind("unrouted"),
+            ),
+        }
+    };
+    let call = AssertUnwindSafe(call).catch_unwind();
+    // Entering a disabled span per poll costs more than the rest of a small handler's
+    // bookkeeping.
+    let call = if span.is_disabled() {
+        futures_util::future::Either::Left(call)
+    } else {
+        futures_util::future::Either::Right(call.instrument(span.clone()))
+    };
+    let started = std::time::Instant::now();
+    tokio::select! {
+        r = call => {
+            crate::metrics::handler_call(started, r.is_err());
+            Some(r.unwrap_or_else(|panic| Outcome::Fail(HandlerError::panic(panic_message(&*panic)))))
+        }
+        () = ctx.wait_cancelled() => None,
     }
 }
 
@@ -886,7 +999,10 @@ pub(crate) async fn settle<P: Publisher>(
             ack(ctx, delivery, attempt).await;
             return None;
         }
-        Outcome::Publish(out) => match publish_all(&*ctx.publisher, out).await {
+        // The publish and dead-letter paths are boxed: the backends' publish futures are
+        // large, and inline they would make every lane's future as large (copied whenever a
+        // lane starts), where most events are only acked.
+        Outcome::Publish(out) => match Box::pin(publish_all(&*ctx.publisher, out)).await {
             Ok(()) => {
                 ack(ctx, delivery, attempt).await;
                 return None;
@@ -899,12 +1015,12 @@ pub(crate) async fn settle<P: Publisher>(
         ),
         Outcome::Fail(e) if !e.is_permanent() => (None, e),
         Outcome::Fail(e) | Outcome::Terminate(e) => {
-            dead_letter(ctx, delivery, attempt, &e).await;
+            Box::pin(dead_letter(ctx, delivery, attempt, &e)).await;
             return None;
         }
     };
     if attempt >= ctx.retry.attempts() {
-        dead_letter(ctx, delivery, attempt, &error).await;
+        Box::pin(dead_letter(ctx, delivery, attempt, &error)).await;
         return None;
     }
     let delay = after.unwrap_or_else(|| ctx.retry.delay(attempt));
@@ -1072,26 +1188,35 @@ async fn publish_all<P: Publisher>(publisher: &P, out: Vec<Outbound>) -> Result<
     Ok(())
 }
 
-async fn ack<P: Publisher>(ctx: &Ctx<P>, delivery: Delivery, attempt: u32) {
+/// Acks `delivery` and reports it. Not an `async fn`: that would keep the delivery in its
+/// state next to the ack's own copy (this future is inside every lane's).
+fn ack<'a, P: Publisher>(
+    ctx: &'a Ctx<P>,
+    delivery: Delivery,
+    attempt: u32,
+) -> impl Future<Output = ()> + Send + 'a {
     // The delivery is consumed by the ack: take what the report needs first.
     let origin = ctx.observer.as_ref().map(|_| Origin::of(&delivery));
-    match delivery.ack().await {
-        Ok(()) => {
-            crate::metrics::settled(&Settlement::Acked);
-            if let (Some(observer), Some(o)) = (&ctx.observer, origin) {
-                notify(observer, &o.report(attempt, Settlement::Acked));
+    let acked = delivery.ack();
+    async move {
+        match acked.await {
+            Ok(()) => {
+                crate::metrics::settled(&Settlement::Acked);
+                if let (Some(observer), Some(o)) = (&ctx.observer, origin) {
+                    notify(observer, &o.report(attempt, Settlement::Acked));
+                }
             }
-        }
-        Err(e) => {
-            let (error, delivery) = e.into_parts();
-            tracing::warn!(error = %error, "ack failed; the backend may redeliver");
-            ctx.report(
-                &delivery,
-                attempt,
-                Settlement::SettleFailed {
-                    error: error.to_string(),
-                },
-            );
+            Err(e) => {
+                let (error, delivery) = e.into_parts();
+                tracing::warn!(error = %error, "ack failed; the backend may redeliver");
+                ctx.report(
+                    &delivery,
+                    attempt,
+                    Settlement::SettleFailed {
+                        error: error.to_string(),
+                    },
+                );
+            }
         }
     }
 }
