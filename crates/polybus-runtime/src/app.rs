@@ -1009,6 +1009,19 @@ pub(crate) async fn settle<P: Publisher>(
             }
             Err(e) => (None, HandlerError::transient(e).with_kind("publish")),
         },
+        Outcome::Reply(reply) => match reply_to(&delivery, reply) {
+            Ok(out) => match Box::pin(publish_all(&*ctx.publisher, vec![out])).await {
+                Ok(()) => {
+                    ack(ctx, delivery, attempt).await;
+                    return None;
+                }
+                Err(e) => (None, HandlerError::transient(e).with_kind("publish")),
+            },
+            Err(e) => {
+                Box::pin(dead_letter(ctx, delivery, attempt, &e)).await;
+                return None;
+            }
+        },
         Outcome::Retry(after) => (
             after,
             HandlerError::transient("the handler asked for a retry").with_kind("retry"),
@@ -1186,6 +1199,29 @@ async fn publish_all<P: Publisher>(publisher: &P, out: Vec<Outbound>) -> Result<
         publisher.publish_batch(&topic, batch).await?;
     }
     Ok(())
+}
+
+/// Where a [`Reply`](crate::Reply) to `delivery` goes: its `x-reply-to` topic, with the
+/// request's id as the correlation id; a permanent `unsupported` failure without one.
+fn reply_to(delivery: &Delivery, mut reply: Event) -> Result<Outbound, HandlerError> {
+    let request = delivery.event();
+    let Some(topic) = request.headers().get(crate::REPLY_TO) else {
+        return Err(HandlerError::permanent(polybus_core::Error::unsupported(
+            "polybus-runtime",
+            format!(
+                "the handler replied, but the event has no {} header to reply to",
+                crate::REPLY_TO
+            ),
+        ))
+        .with_kind(ErrorKind::Unsupported.as_str()));
+    };
+    if reply.headers().get(crate::CORRELATION_ID).is_none() {
+        reply
+            .headers_mut()
+            .insert(crate::CORRELATION_ID, request.id())
+            .map_err(HandlerError::permanent)?;
+    }
+    Ok(Outbound::new(topic, reply))
 }
 
 /// Acks `delivery` and reports it. Not an `async fn`: that would keep the delivery in its

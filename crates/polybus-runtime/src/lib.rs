@@ -139,7 +139,7 @@ pub use extract::{Attempt, Data, FromMessage, Json, Key, State, Topic};
 pub use handler::{Handler, HandlerService};
 pub use harness::{TEST_GROUP, TestApp};
 pub use message::Message;
-pub use outcome::{HandlerError, IntoOutcome, Outbound, Outcome};
+pub use outcome::{CORRELATION_ID, HandlerError, IntoOutcome, Outbound, Outcome, REPLY_TO, Reply};
 pub use redrive::{RedriveOptions, RedriveReport, redrive};
 pub use report::{Health, Report, Settlement, Status};
 pub use retry::{RetryMode, RetryPolicy};

@@ -28,6 +28,10 @@ pub enum Outcome {
     /// counts as a transient failure: the event is retried, so an event may be published more
     /// than once (at-least-once).
     Publish(Vec<Outbound>),
+    /// Reply to the request with this event (see [`Reply`]), then acknowledge. A failed
+    /// publish is retried like [`Publish`](Outcome::Publish)'s; an event without a reply
+    /// address fails permanently with kind `unsupported` (it is dead-lettered).
+    Reply(Event),
     /// Try again after this delay, or after the retry policy's backoff when `None`. Counts as
     /// an attempt: after the last one the event is dead-lettered.
     Retry(Option<Duration>),
@@ -71,6 +75,47 @@ impl Outbound {
     }
     pub(crate) fn into_parts(self) -> (String, Event) {
         (self.topic, self.event)
+    }
+}
+
+/// The header a request names its reply topic in.
+///
+/// A [`Reply`] is published to this topic, on the app's publisher. It works on every
+/// backend: the requester subscribes to its reply topic (on NATS core an inbox subject) and
+/// publishes the request with this header.
+pub const REPLY_TO: &str = "x-reply-to";
+
+/// The header a reply carries the request's `id` in (unless the handler set one).
+pub const CORRELATION_ID: &str = "x-correlation-id";
+
+/// A handler's reply to a request ([`Outcome::Reply`]): the event is published to the topic
+/// the request names in its [`REPLY_TO`] header, with the request's `id` in
+/// [`CORRELATION_ID`], and then the request is acknowledged. A request without a reply topic
+/// fails permanently (kind `unsupported`: dead-lettered), since nobody could get the answer.
+///
+/// ```
+/// use polybus_core::Event;
+/// use polybus_runtime::{App, Reply, TestApp, REPLY_TO};
+///
+/// async fn price(ev: Event) -> Reply {
+///     Reply(Event::new(format!("price of {}: 42", String::from_utf8_lossy(ev.data()))))
+/// }
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> anyhow::Result<()> {
+/// let mut t = TestApp::start(App::new().route("prices", price)).await?;
+/// let ask = Event::builder().data("tea").header(REPLY_TO, "prices.reply.1").build()?;
+/// let id = ask.id().to_owned();
+/// t.publish("prices", ask).await?;
+/// t.settled(&id).await?;
+/// assert_eq!(t.published("prices.reply.1")[0].data().as_ref(), b"price of tea: 42");
+/// # t.stop().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Reply(pub Event);
+
+impl IntoOutcome for Reply {
+    fn into_outcome(self) -> Outcome {
+        Outcome::Reply(self.0)
     }
 }
 
@@ -218,6 +263,7 @@ impl fmt::Display for HandlerError {
 /// | `()` | [`Outcome::Ack`] |
 /// | [`Outcome`] | itself |
 /// | [`Outbound`], `Vec<Outbound>` | [`Outcome::Publish`] |
+/// | [`Reply`] | [`Outcome::Reply`] |
 /// | `Option<T>` | `None` acks, `Some(t)` as `t` |
 /// | `Result<T, E>` with `E: Into<HandlerError>` | `Ok(t)` as `t`, `Err(e)` [`Outcome::Fail`] |
 ///

@@ -872,3 +872,48 @@ async fn the_compose_dedup_consumer_makes_the_app_handle_each_event_once() {
     let _ = stop.send(());
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_reply_goes_to_the_requests_reply_topic_and_a_request_without_one_is_dead_lettered() {
+    async fn answer(ev: Event) -> polybus_runtime::Reply {
+        let ask = String::from_utf8_lossy(ev.data()).into_owned();
+        polybus_runtime::Reply(Event::new(format!("answer to {ask}")))
+    }
+    let mut t = TestApp::start(App::new().route("asks", answer))
+        .await
+        .unwrap();
+    let ask = Event::builder()
+        .data("q1")
+        .header(polybus_runtime::REPLY_TO, "asks.reply.a")
+        .build()
+        .unwrap();
+    let asked = ask.id().to_owned();
+    t.publish("asks", ask).await.unwrap();
+    assert_eq!(
+        t.settled(&asked).await.unwrap().settlement(),
+        &Settlement::Acked
+    );
+    let replies = t.published("asks.reply.a");
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].data().as_ref(), b"answer to q1");
+    assert_eq!(
+        replies[0].headers().get(polybus_runtime::CORRELATION_ID),
+        Some(asked.as_str())
+    );
+
+    // Published, not requested: nobody could get the answer.
+    let plain = Event::new("q2");
+    let plain_id = plain.id().to_owned();
+    t.publish("asks", plain).await.unwrap();
+    let plain = plain_id;
+    let last = t.settled(&plain).await.unwrap();
+    assert!(
+        matches!(last.settlement(), Settlement::DeadLettered { kind, .. } if kind == "unsupported"),
+        "{last:?}"
+    );
+    assert_eq!(last.attempt(), 1, "a missing reply topic is not retried");
+    let dead = t.dead_letters("asks");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].data().as_ref(), b"q2");
+    t.stop().await.unwrap();
+}
