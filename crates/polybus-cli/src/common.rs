@@ -1,8 +1,53 @@
 //! What every subcommand shares: errors with exit codes, URLs with credentials, connecting.
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use polybus::{BoxConsumer, BoxPublisher, ErrorKind, PublisherExt as _};
+
+/// TLS settings from `--tls-ca`, `--tls-cert`, `--tls-key` (or their environment
+/// variables), for every connection the command makes.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tls {
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+}
+
+static TLS: OnceLock<Tls> = OnceLock::new();
+
+impl Tls {
+    /// Sets the process-wide settings (once, from `main`).
+    pub(crate) fn install(self) -> Result<(), Failure> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(Failure::usage(
+                "--tls-cert and --tls-key go together (a client certificate and its key)",
+            ));
+        }
+        for p in [&self.ca, &self.cert, &self.key].into_iter().flatten() {
+            if !p.is_file() {
+                return Err(Failure::usage(format!(
+                    "TLS file {} does not exist",
+                    p.display()
+                )));
+            }
+        }
+        let _ = TLS.set(self);
+        Ok(())
+    }
+
+    fn get() -> Option<&'static Tls> {
+        TLS.get().filter(|t| t.ca.is_some() || t.cert.is_some())
+    }
+
+    fn read(path: &Path) -> polybus::Result<Vec<u8>> {
+        std::fs::read(path).map_err(|e| {
+            polybus::Error::new(ErrorKind::Connect, "polybus")
+                .with_message(format!("cannot read {}: {e}", path.display()))
+        })
+    }
+}
 
 /// An error ready for the user: the exit code and what to print.
 #[derive(Debug)]
@@ -152,11 +197,21 @@ impl Target {
         doing: &str,
     ) -> Result<(BoxPublisher, BoxConsumer), Failure> {
         let fail = |e: polybus::Error| self.fail(&e, doing);
+        let tls = Tls::get();
         match self.scheme() {
-            "mqtt" if self.param("session_expiry").is_some() => {
-                self.connect_mqtt_session().await.map_err(fail)
+            "kafka" if tls.is_some() => Err(Failure::usage(
+                "TLS flags are not supported for kafka:// yet (polybus::connect's Kafka URL has \
+                 no TLS settings); use a plain listener or the library's KafkaConfig",
+            )),
+            "nats" if tls.is_some() => self.connect_nats().await.map_err(fail),
+            "mqtt" if self.param("session_expiry").is_some() || tls.is_some() => {
+                self.connect_mqtt().await.map_err(fail)
             }
-            "jetstream" if self.param("ack_wait").is_some() || self.param("deliver").is_some() => {
+            "jetstream"
+                if tls.is_some()
+                    || self.param("ack_wait").is_some()
+                    || self.param("deliver").is_some() =>
+            {
                 self.connect_jetstream().await.map_err(fail)
             }
             _ => polybus::connect(&self.url).await.map_err(fail),
@@ -178,24 +233,43 @@ impl Target {
             .with_message(format!("{what} in {}", self.shown))
     }
 
-    async fn connect_mqtt_session(&self) -> polybus::Result<(BoxPublisher, BoxConsumer)> {
+    async fn connect_mqtt(&self) -> polybus::Result<(BoxPublisher, BoxConsumer)> {
         use polybus::mqtt_client::MqttConfig;
         let (host, info) = self.parts();
         let (host, port) = match host.rsplit_once(':') {
             Some((h, p)) => (h, p.parse().map_err(|_| self.bad("bad port"))?),
             None => (host, 1883),
         };
-        let expiry: u64 = self
-            .param("session_expiry")
-            .unwrap_or_default()
-            .parse()
-            .map_err(|_| self.bad("session_expiry is not a number of seconds"))?;
-        let client_id = self.param("client_id").ok_or_else(|| {
-            self.bad("session_expiry needs a fixed client_id (the session's name)")
-        })?;
-        let mut cfg = MqttConfig::new(host, port, percent_decode(client_id))
-            .clean_start(false)
-            .session_expiry(Duration::from_secs(expiry));
+        let expiry = match self.param("session_expiry") {
+            Some(s) => Some(
+                s.parse::<u64>()
+                    .map_err(|_| self.bad("session_expiry is not a number of seconds"))?,
+            ),
+            None => None,
+        };
+        let client_id = match (self.param("client_id"), expiry) {
+            (Some(id), _) => percent_decode(id),
+            (None, Some(_)) => {
+                return Err(self.bad("session_expiry needs a fixed client_id (the session's name)"));
+            }
+            (None, None) => format!("polybus-{}", polybus::new_id()),
+        };
+        let mut cfg = MqttConfig::new(host, port, client_id);
+        if let Some(expiry) = expiry {
+            cfg = cfg
+                .clean_start(false)
+                .session_expiry(Duration::from_secs(expiry));
+        }
+        if let Some(tls) = Tls::get() {
+            let mut opts = polybus::mqtt::TlsOptions::new();
+            if let Some(ca) = &tls.ca {
+                opts = opts.ca_pem(Tls::read(ca)?);
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                opts = opts.client_auth_pem(Tls::read(cert)?, Tls::read(key)?);
+            }
+            cfg = cfg.tls(opts);
+        }
         if let Some(info) = info {
             let (u, p) = info.split_once(':').unwrap_or((info, ""));
             cfg = cfg.credentials(percent_decode(u), percent_decode(p));
@@ -203,6 +277,18 @@ impl Target {
         let client = cfg.connect().await?;
         let consumer = client.subscriber(self.param("group"));
         Ok((client.producer().boxed(), BoxConsumer::new(consumer)))
+    }
+
+    async fn connect_nats(&self) -> polybus::Result<(BoxPublisher, BoxConsumer)> {
+        let rest = self.url.split_once("://").map_or("", |(_, r)| r);
+        let authority = rest.split_once('?').map_or(rest, |(a, _)| a);
+        let opts = nats_options(authority);
+        let publisher = opts.clone().producer().await?;
+        let mut consumer = opts.consumer().await?;
+        if let Some(g) = self.param("group") {
+            consumer = consumer.queue_group(percent_decode(g));
+        }
+        Ok((publisher.boxed(), BoxConsumer::new(consumer)))
     }
 
     async fn connect_jetstream(&self) -> polybus::Result<(BoxPublisher, BoxConsumer)> {
@@ -232,7 +318,7 @@ impl Target {
             };
             settings = settings.deliver_policy(policy);
         }
-        let mut opts = JsOptions::new(format!("nats://{authority}"))
+        let mut opts = JsOptions::from_nats(nats_options(authority))
             .stream_policy(StreamPolicy::PerTopic {
                 prefix: self.param("stream_prefix").unwrap_or("polybus_").to_owned(),
             })
@@ -244,6 +330,21 @@ impl Target {
         let consumer = opts.consumer().await?;
         Ok((publisher.boxed(), BoxConsumer::new(consumer)))
     }
+}
+
+/// NATS connection options for `user:password@host:port`, with the TLS flags applied.
+fn nats_options(authority: &str) -> polybus::nats_client::NatsOptions {
+    let mut opts = polybus::nats_client::NatsOptions::new(format!("nats://{authority}"));
+    if let Some(tls) = Tls::get() {
+        opts = opts.require_tls(true);
+        if let Some(ca) = &tls.ca {
+            opts = opts.tls_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+            opts = opts.tls_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    opts
 }
 
 /// Percent-encodes everything but unreserved characters.

@@ -39,7 +39,9 @@ Exit codes:
   5  tail --timeout expired before --count events arrived
 
 Credentials go in the URL (scheme://user:password@host:port) or in POLYBUS_USER and
-POLYBUS_PASSWORD; they are never printed (errors show user:***@host).";
+POLYBUS_PASSWORD; they are never printed (errors show user:***@host). TLS: --tls-ca,
+--tls-cert, --tls-key (or POLYBUS_TLS_CA, POLYBUS_TLS_CERT, POLYBUS_TLS_KEY) on nats,
+jetstream and mqtt.";
 
 const COMPLETIONS_EXAMPLES: &str = "\
 Examples:
@@ -63,6 +65,15 @@ Examples:
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// CA certificate (PEM) to verify the broker with; turns TLS on (nats, jetstream, mqtt).
+    #[arg(long, global = true, env = "POLYBUS_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --tls-key.
+    #[arg(long, global = true, env = "POLYBUS_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "POLYBUS_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,6 +111,15 @@ fn main() -> ExitCode {
             &mut std::io::stdout(),
         );
         return ExitCode::SUCCESS;
+    }
+    let tls = common::Tls {
+        ca: cli.tls_ca,
+        cert: cli.tls_cert,
+        key: cli.tls_key,
+    };
+    if let Err(f) = tls.install() {
+        eprintln!("polybus: {}", f.message);
+        return ExitCode::from(f.code);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -677,3 +677,51 @@ fn a_terminal_session_shows_the_progress_bar_and_readable_blocks() {
     );
     assert!(text.contains("published 300 events"), "{text:?}");
 }
+
+#[tokio::test]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn tls_flags_reach_a_nats_server_that_requires_tls() {
+    let pki = polybus_testkit::tls::TestPki::generate().expect("test PKI");
+    let conf = format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+        pki.server_cert().display(),
+        pki.server_key().display()
+    );
+    let broker = polybus_testkit::brokers::BrokerProcess::nats(&conf)
+        .await
+        .expect("nats-server with TLS");
+    let url = broker.url();
+    let topic = unique_topic("cli.tls.");
+    let ca = pki.ca().display().to_string();
+    // Trusting the test CA (flag, then environment): a round trip.
+    let tail = Tail::start(&[&url, &topic, "--json", "--count", "2", "--tls-ca", &ca]);
+    publish(&[&url, &topic, "over tls", "--tls-ca", &ca], None);
+    let out = run(
+        polybus()
+            .env("POLYBUS_TLS_CA", &ca)
+            .args(["pub", &url, &topic, "over tls too"]),
+        None,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let events = json_lines(&tail.finish());
+    assert_eq!(events[0]["data"], "over tls");
+    assert_eq!(events[1]["data"], "over tls too");
+    // Another CA: the server is not trusted, the broker is unreachable (exit 3).
+    let other = pki.other_ca().display().to_string();
+    let out = run(
+        polybus().args(["pub", &url, &topic, "x", "--tls-ca", &other]),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // A missing file or half a client certificate is a usage error.
+    let out = run(
+        polybus().args(["pub", &url, &topic, "x", "--tls-ca", "/nonexistent.pem"]),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = run(
+        polybus().args(["pub", &url, &topic, "x", "--tls-cert", &ca]),
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
