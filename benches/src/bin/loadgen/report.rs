@@ -442,7 +442,7 @@ pub(crate) fn markdown(results: &Results, rows: &[Row]) -> String {
     if let Some(h) = sides_table(results) {
         let _ = writeln!(
             md,
-            "\n## Every side: the envelope, the lean wire format and the peer\n\npolybus with the CloudEvents binding (default) against the raw client writing the same headers (built per message, and cloned from one prebuilt map of every header with a fresh id and time: the cheapest raw program), polybus' lean wire format against the raw client sending the payload alone, and both against RustStream (ruststream-nats, payload only), each ratio the median of the per-round ratios.\n"
+            "\n## Every side: the envelope, the lean wire format and the peer\n\npolybus with the CloudEvents binding (default) against the raw client writing the same headers (built per message, and cloned from one prebuilt map of every header with a fresh id and time: the cheapest raw program), polybus' lean wire format against the raw client sending the payload alone, and both against RustStream (ruststream-nats, and ruststream-rdkafka on Kafka: payload only), each ratio the median of the per-round ratios.\n"
         );
         md.push_str(&h);
     }

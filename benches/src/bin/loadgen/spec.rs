@@ -158,6 +158,8 @@ const ALL: &[Side] = &[
     Side::Bare,
     Side::RustStream,
 ];
+/// polybus, the raw client and the peer (RustStream's Kafka transport).
+const KAFKA: &[Side] = &[Side::Polybus, Side::Raw, Side::RustStream];
 /// [`ALL`] and the raw client cloning a prebuilt map of every header (core NATS).
 const NATS_ALL: &[Side] = &Side::ALL;
 /// The sides a JetStream consume step skips: RustStream's pull consumer is not measured yet.
@@ -279,7 +281,7 @@ pub(crate) fn groups(quick: bool) -> Vec<Group> {
         },
         Group {
             id: "kafka",
-            sides: AB,
+            sides: KAFKA,
             steps: vec![
                 step(
                     "kafka.produce",

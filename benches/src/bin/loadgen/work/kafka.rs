@@ -73,6 +73,28 @@ pub(crate) async fn send_raw(
     Ok(())
 }
 
+/// Connects RustStream's Kafka broker outside an app (its documented one-off use).
+async fn rs_connect(env: &Env) -> Result<ruststream_rdkafka::ConnectedKafkaBroker> {
+    use ruststream::Broker as _;
+    Ok(
+        ruststream_rdkafka::KafkaBroker::new([env.kafka_brokers.as_str()])
+            .connect()
+            .await?,
+    )
+}
+
+/// One RustStream publish awaiting its delivery report.
+async fn rs_publish(
+    p: &ruststream_rdkafka::KafkaPublisher,
+    topic: &str,
+    data: &Bytes,
+) -> Result<()> {
+    // Its Kafka publisher borrows the payload (librdkafka copies it when enqueueing).
+    let msg = ruststream::OutgoingMessage::with_payload(topic, &data[..]);
+    ruststream::Publisher::publish(p, msg, None).await?;
+    Ok(())
+}
+
 /// Produces N records with `window` awaiting their delivery report at once.
 pub(crate) async fn produce(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<Outcome> {
     let topic = topic(&a.tag);
@@ -103,6 +125,18 @@ pub(crate) async fn produce(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             .await?;
             p.close().await?;
         }
+        Side::RustStream => {
+            // RustStream's Kafka publisher through its transport API (payload only), as the
+            // NATS workloads use ruststream-nats.
+            let broker = rs_connect(env).await?;
+            let p = broker.publisher(ruststream_rdkafka::KafkaPublish::default());
+            rs_publish(&p, &topic, &data).await?;
+            t0 = Instant::now();
+            windowed(a.messages, a.window, meter, &mut latency, |_| {
+                rs_publish(&p, &topic, &data)
+            })
+            .await?;
+        }
         _ => {
             let producer: FutureProducer = cfg.producer_client_config().create()?;
             let ce = RawCloudEvent::new();
@@ -130,6 +164,38 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             Side::Polybus => {
                 let consumer = KafkaConsumer::new(&cfg)?;
                 consume_deliveries(&consumer, &topic, n, stall, meter).await?
+            }
+            Side::RustStream => {
+                use ruststream::{IncomingMessage as _, Subscriber as _};
+                use ruststream_rdkafka::{Commit, KafkaTopic, StartOffset};
+                let broker = rs_connect(env).await?;
+                // Per-message acks (`Commit::Tracked`), as polybus and the raw side store the
+                // offset of each record.
+                let mut sub = broker
+                    .subscribe_with(
+                        KafkaTopic::new(topic.clone())
+                            .group(group.clone())
+                            .start(StartOffset::Earliest)
+                            .commit(Commit::Tracked),
+                    )
+                    .await?;
+                let mut stream = std::pin::pin!(sub.stream());
+                consume_n(
+                    n,
+                    stall,
+                    meter,
+                    "record",
+                    async || {
+                        use futures_util::StreamExt as _;
+                        Some(stream.next().await?.map_err(anyhow::Error::from))
+                    },
+                    async |m| {
+                        black_box(m.payload().len());
+                        m.ack().await?;
+                        Ok(())
+                    },
+                )
+                .await?
             }
             _ => {
                 let consumer: StreamConsumer = cfg.consumer_client_config(&group).create()?;
