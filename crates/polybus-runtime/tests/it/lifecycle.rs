@@ -1,26 +1,37 @@
 //! Stopping an app mid-load in a child process: SIGTERM (graceful drain) and SIGKILL (crash),
-//! on JetStream and Kafka. A second app in the same group then finishes the load. Nothing
-//! published may be lost (every event gets its `done` event), and after SIGTERM the child
-//! must exit cleanly within its drain timeout.
+//! on JetStream and Kafka, and SIGTERM on NATS core and MQTT; and a shutdown future on the
+//! in-process memory broker.
+//!
+//! After SIGTERM the child must exit cleanly within its drain timeout, and every event whose
+//! handler it started must have been finished by it (its `done` event names the child): 0
+//! acknowledged-but-unprocessed. Where the backend keeps what a stopped member did not take
+//! (JetStream, Kafka, memory), a second app in the same group then finishes the load and
+//! nothing published may be lost (every event gets its `done` event). NATS core and MQTT
+//! (a clean session) promise nothing for events published while no member is subscribed, so
+//! there the events the child never took are counted, not failed.
 //!
 //! The child is this test binary run again with `lifecycle::child --exact --ignored`, and the
 //! backend, topic and group in the environment; without them `child` does nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use polybus_core::{Consumer, Event, Publisher};
-use polybus_runtime::{App, Outbound, Topic};
+use polybus_runtime::{App, Outbound, State, Topic};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::conformance::{Backend, JsBackend, KafkaBackend};
+use crate::conformance::{Backend, JsBackend, KafkaBackend, MqttBackend, NatsBackend};
 
 const CHILD_BACKEND: &str = "POLYBUS_RT_CHILD_BACKEND";
 const CHILD_TOPIC: &str = "POLYBUS_RT_CHILD_TOPIC";
 const CHILD_GROUP: &str = "POLYBUS_RT_CHILD_GROUP";
+const CHILD_NAME: &str = "POLYBUS_RT_CHILD_NAME";
+/// The header of a `done` event naming the child that handled the event.
+const DONE_BY: &str = "x-done-by";
 const WARMUP: &str = "polybus.runtime.warmup";
 const LOAD: usize = 300;
 
@@ -38,14 +49,23 @@ async fn child() {
     match backend.as_str() {
         "jetstream" => run_child(&JsBackend, &topic, &group).await,
         "kafka" => run_child(&KafkaBackend, &topic, &group).await,
+        "nats" => run_child(&NatsBackend, &topic, &group).await,
+        "mqtt" => run_child(&MqttBackend, &topic, &group).await,
         other => panic!("unknown backend {other}"),
     }
 }
 
-/// A unit of work: 20 ms, then a `done` event naming the event handled.
+/// A unit of work: says on stdout that it started (`STARTED <id>`), takes 20 ms, then a
+/// `done` event naming the event handled and the child that handled it.
 async fn work(ev: Event, Topic(topic): Topic) -> Outbound {
+    println!("STARTED {}", ev.id());
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let done = Event::builder().data(ev.id().to_owned()).build().unwrap();
+    let by = std::env::var(CHILD_NAME).unwrap_or_default();
+    let done = Event::builder()
+        .data(ev.id().to_owned())
+        .header(DONE_BY, by)
+        .build()
+        .unwrap();
     Outbound::new(format!("{topic}.done"), done)
 }
 
@@ -60,13 +80,14 @@ async fn run_child<B: Backend>(b: &B, topic: &str, group: &str) {
     println!("CHILD-STOPPED-CLEANLY");
 }
 
-fn spawn_child(backend: &str, topic: &str, group: &str) -> Child {
+fn spawn_child(backend: &str, topic: &str, group: &str, name: &str) -> Child {
     let exe = std::env::current_exe().expect("test binary");
     Command::new(exe)
         .args(["lifecycle::child", "--exact", "--ignored", "--nocapture"])
         .env(CHILD_BACKEND, backend)
         .env(CHILD_TOPIC, topic)
         .env(CHILD_GROUP, group)
+        .env(CHILD_NAME, name)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -89,7 +110,21 @@ enum Stop {
     Kill,
 }
 
-async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop) {
+/// What a `done` event says: the event handled and the child that handled it.
+fn done_of(d: &polybus_core::Delivery) -> (String, String) {
+    (
+        String::from_utf8_lossy(d.payload()).into_owned(),
+        d.event()
+            .headers()
+            .get(DONE_BY)
+            .unwrap_or_default()
+            .to_owned(),
+    )
+}
+
+/// `keeps`: the backend keeps what the stopped member did not take, so a second member
+/// finishes the load and nothing may be lost.
+async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop, keeps: bool) {
     let topic = b.topic();
     let group = format!("g{}", uuid::Uuid::new_v4().simple());
     let done_consumer = b
@@ -101,7 +136,9 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop) {
     let publisher = b.publisher().await.expect("publisher");
     let mut seen: HashMap<String, usize> = HashMap::new();
 
-    let mut first = spawn_child(backend, &topic, &group);
+    let mut first = spawn_child(backend, &topic, &group, "first");
+    // Ids the first child finished (its done events).
+    let mut done_by_first: HashSet<String> = HashSet::new();
     // Warm up until the child handles something (its subscription is live).
     let deadline = Instant::now() + b.timeout();
     'warm: loop {
@@ -110,9 +147,11 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop) {
         let until = Instant::now() + Duration::from_millis(500);
         if let Ok(Some(d)) = tokio::time::timeout_at(until, done.next()).await {
             let d = d.expect("done delivery");
-            *seen
-                .entry(String::from_utf8_lossy(d.payload()).into_owned())
-                .or_default() += 1;
+            let (id, by) = done_of(&d);
+            if by == "first" {
+                done_by_first.insert(id.clone());
+            }
+            *seen.entry(id).or_default() += 1;
             d.ack().await.expect("ack");
             break 'warm;
         }
@@ -146,9 +185,11 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop) {
             .expect("progress")
             .expect("open")
             .expect("done delivery");
-        *seen
-            .entry(String::from_utf8_lossy(d.payload()).into_owned())
-            .or_default() += 1;
+        let (id, by) = done_of(&d);
+        if by == "first" {
+            done_by_first.insert(id.clone());
+        }
+        *seen.entry(id).or_default() += 1;
         d.ack().await.expect("ack");
     }
     let at_stop = loaded(&seen);
@@ -171,14 +212,56 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop) {
                 "{backend}: {}",
                 out.1
             );
+            // 0 acknowledged-but-unprocessed: every handler the first child started, it
+            // finished (its done events may still be on their way).
+            let started: HashSet<String> = out
+                .1
+                .lines()
+                .filter_map(|l| l.strip_prefix("STARTED "))
+                .map(str::to_owned)
+                .filter(|id| ids.contains(id))
+                .collect();
+            assert!(!started.is_empty(), "{backend}: the child started nothing");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !started.is_subset(&done_by_first) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Ok(d) = tokio::time::timeout(left, done.next()).await else {
+                    let unfinished: Vec<_> = started.difference(&done_by_first).collect();
+                    panic!(
+                        "{backend}: the stopped child started {} events and did not finish {}: {unfinished:?}",
+                        started.len(),
+                        unfinished.len()
+                    );
+                };
+                let d = d.expect("open").expect("done delivery");
+                let (id, by) = done_of(&d);
+                if by == "first" {
+                    done_by_first.insert(id.clone());
+                }
+                *seen.entry(id).or_default() += 1;
+                d.ack().await.expect("ack");
+            }
+            eprintln!(
+                "{backend} Term: the stopped child started {} load events and finished all of them",
+                started.len()
+            );
         }
         Stop::Kill => {
             first.kill().await.expect("SIGKILL");
         }
     }
 
+    if !keeps {
+        let never = ids.len() - loaded(&seen);
+        eprintln!(
+            "{backend} {how:?}: {} events, {at_stop} done before the stop, {never} never taken (the backend keeps nothing for a group without members)",
+            ids.len()
+        );
+        publisher.close().await.expect("close");
+        return;
+    }
     // A second member of the group finishes the load.
-    let mut second = spawn_child(backend, &topic, &group);
+    let mut second = spawn_child(backend, &topic, &group, "second");
     let deadline = Instant::now() + Duration::from_secs(120);
     while loaded(&seen) < ids.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -190,9 +273,7 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop) {
                 ids.len()
             ),
         };
-        *seen
-            .entry(String::from_utf8_lossy(d.payload()).into_owned())
-            .or_default() += 1;
+        *seen.entry(done_of(&d).0).or_default() += 1;
         d.ack().await.expect("ack");
     }
     sigterm(&second);
@@ -212,23 +293,159 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn jetstream_sigterm_mid_load_loses_nothing() {
-    stop_mid_load(&JsBackend, "jetstream", Stop::Term).await;
+    stop_mid_load(&JsBackend, "jetstream", Stop::Term, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn jetstream_sigkill_mid_load_loses_nothing() {
-    stop_mid_load(&JsBackend, "jetstream", Stop::Kill).await;
+    stop_mid_load(&JsBackend, "jetstream", Stop::Kill, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn kafka_sigterm_mid_load_loses_nothing() {
-    stop_mid_load(&KafkaBackend, "kafka", Stop::Term).await;
+    stop_mid_load(&KafkaBackend, "kafka", Stop::Term, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn kafka_sigkill_mid_load_loses_nothing() {
-    stop_mid_load(&KafkaBackend, "kafka", Stop::Kill).await;
+    stop_mid_load(&KafkaBackend, "kafka", Stop::Kill, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn nats_sigterm_mid_load_finishes_what_it_started() {
+    stop_mid_load(&NatsBackend, "nats", Stop::Term, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn mqtt_sigterm_mid_load_finishes_what_it_started() {
+    stop_mid_load(&MqttBackend, "mqtt", Stop::Term, false).await;
+}
+
+/// What the in-process apps record: events started and finished, per app.
+#[derive(Clone, Default)]
+struct Ledger {
+    started: Arc<Mutex<Vec<(u8, String)>>>,
+    finished: Arc<Mutex<Vec<(u8, String)>>>,
+}
+
+async fn ledger_work(ev: Event, State((app, ledger)): State<(u8, Ledger)>) {
+    ledger
+        .started
+        .lock()
+        .unwrap()
+        .push((app, ev.id().to_owned()));
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    ledger
+        .finished
+        .lock()
+        .unwrap()
+        .push((app, ev.id().to_owned()));
+}
+
+fn ledger_app(app: u8, ledger: &Ledger, topic: &str) -> App<(u8, Ledger)> {
+    App::with_state((app, ledger.clone()))
+        .route(topic.to_owned(), ledger_work)
+        .concurrency(4)
+        .drain_timeout(Duration::from_secs(10))
+}
+
+/// The memory broker, stopped by a shutdown future mid-load: the app finishes what it
+/// started before `run_until` returns; a second app in the group finishes the rest, nothing
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_shutdown_mid_load_finishes_what_it_started_and_loses_nothing() {
+    let broker = polybus_core::MemoryBroker::new();
+    let (topic, group) = ("rt.lifecycle", "g");
+    let ledger = Ledger::default();
+    // Subscribed before the load is published (the group's position starts there).
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let first = ledger_app(1, &ledger, topic);
+    let mut status = first.status();
+    let running =
+        tokio::spawn(
+            first.run_until(broker.consumer_group(group), broker.publisher(), async {
+                let _ = stopped.await;
+            }),
+        );
+    status
+        .wait_for(|s| *s == polybus_runtime::Status::Running)
+        .await
+        .unwrap();
+    let publisher = broker.publisher();
+    let mut ids = HashSet::new();
+    for i in 0..LOAD {
+        let ev = Event::builder()
+            .key(format!("k{}", i % 16))
+            .build()
+            .unwrap();
+        ids.insert(ev.id().to_owned());
+        publisher.publish(topic, ev).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ledger.finished.lock().unwrap().len() < 40 {
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("the app stops within its drain timeout")
+        .unwrap()
+        .unwrap();
+    let of = |v: &Mutex<Vec<(u8, String)>>, app: u8| -> HashSet<String> {
+        v.lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| *a == app)
+            .map(|(_, id)| id.clone())
+            .collect()
+    };
+    let (started, finished) = (of(&ledger.started, 1), of(&ledger.finished, 1));
+    assert_eq!(
+        started.difference(&finished).count(),
+        0,
+        "the stopped app left handlers unfinished"
+    );
+    assert!(finished.len() < LOAD, "the stop came after the whole load");
+
+    // A second app in the group takes the rest.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let second = tokio::spawn(ledger_app(2, &ledger, topic).run_until(
+        broker.consumer_group(group),
+        broker.publisher(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all: HashSet<String> = ledger
+            .finished
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, id)| id.clone())
+            .collect();
+        if ids.is_subset(&all) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lost events: {} of {LOAD} never finished",
+            ids.difference(&all).count()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.send(()).unwrap();
+    second.await.unwrap().unwrap();
+    let twice = ledger.finished.lock().unwrap().len() - LOAD;
+    eprintln!(
+        "memory: {LOAD} events, {} finished by the stopped app, 0 lost, {twice} handled twice",
+        finished.len()
+    );
 }
