@@ -259,8 +259,9 @@ pub(crate) async fn run(args: PubArgs) -> Result<(), Failure> {
     }
     bar.finish();
     // Every publish above was acknowledged; flush covers any a backend still holds. The
-    // close that follows is bounded: polybus-mqtt's close sometimes waits its whole close
-    // timeout (10 s) for the connection task after DISCONNECT, with nothing left to deliver.
+    // close that follows is bounded: nothing is left to deliver by then, and a close that
+    // waits out a backend's close timeout (polybus-mqtt's did, 10 s, before f5d7aca) must not
+    // hold a script.
     publisher
         .flush()
         .await
