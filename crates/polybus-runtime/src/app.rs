@@ -291,12 +291,18 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
     }
 
     /// Runs up to `n` handlers at once (default 1), in per-key lanes.
+    ///
+    /// At 1 the lanes run on the app's own task (no task per event); above 1 every lane is a
+    /// tokio task, so handlers run in parallel on a multi-thread runtime.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.clamp(1, Semaphore::MAX_PERMITS / 4);
         self
     }
 
-    /// How many deliveries may wait in lanes beyond the `n` running (default `n`).
+    /// How many deliveries may wait in lanes beyond the `n` running (default `n`). The app
+    /// holds at most `n + buffer` deliveries (plus `max` per batch route); a deeper buffer
+    /// keeps more pulled ahead of a slow handler, at that much more memory and, on brokers
+    /// with an ack deadline (JetStream's `ack_wait`), that much longer for the last one to wait.
     pub fn buffer(mut self, n: usize) -> Self {
         self.buffer = Some(n.min(Semaphore::MAX_PERMITS / 4));
         self

@@ -10,7 +10,8 @@
 //! * **Handlers** ([`Handler`]): `async fn`s whose arguments are extractors
 //!   ([`FromMessage`]: the [`Event`](polybus_core::Event), [`Json<T>`], [`Headers`](polybus_core::Headers),
 //!   [`Key`], [`Data`], [`Topic`], [`Attempt`], [`State<S>`], the whole [`Message`]) and
-//!   whose result becomes an [`Outcome`]: ack, publish then ack ([`Outbound`]), retry after a
+//!   whose result becomes an [`Outcome`]: ack, publish then ack ([`Outbound`]), reply to a
+//!   request's `x-reply-to` topic ([`Reply`]), retry after a
 //!   delay, terminate, or fail. [`HandlerError`] states which errors are retried and which
 //!   are permanent. A panic in a handler is caught (`catch_unwind`) and is a transient
 //!   failure with kind `panic`: it never takes the app down.
