@@ -89,11 +89,18 @@ pub(crate) fn encode_owned(ev: Event, protocol: Protocol, mode: Mode) -> Result<
                     )),
                 );
             }
-            let mut obj: serde_json::Map<String, Value> = serde_json::from_slice(&json)
-                .map_err(|e| Error::new(ErrorKind::Codec, BACKEND).with_source(e))?;
+            // The trace headers become members of the document, appended as they are: the
+            // document is not parsed and written again, which would reorder its members and
+            // turn JSON `data` numbers beyond 64 bits into floats.
+            let mut json = json;
+            if json.last() != Some(&b'}') {
+                return Err(Error::new(ErrorKind::Codec, BACKEND)
+                    .with_message("the structured document does not end with `}`"));
+            }
+            let mut seen: Vec<&str> = Vec::with_capacity(plain.len());
             for (name, value) in plain {
                 // One member per name: a second `traceparent` would replace the first.
-                if obj.contains_key(name) {
+                if seen.contains(&name) {
                     return Err(Error::new(ErrorKind::InvalidHeader, BACKEND).with_message(
                         format!(
                             "MQTT 3.1.1 has no headers: a second {name:?} cannot travel as an \
@@ -101,10 +108,19 @@ pub(crate) fn encode_owned(ev: Event, protocol: Protocol, mode: Mode) -> Result<
                         ),
                     ));
                 }
-                obj.insert(name.to_owned(), Value::String(value.to_owned()));
+                seen.push(name);
+                json.pop();
+                if json.last() != Some(&b'{') {
+                    json.push(b',');
+                }
+                serde_json::to_writer(&mut json, name)
+                    .and_then(|()| {
+                        json.push(b':');
+                        serde_json::to_writer(&mut json, value)
+                    })
+                    .map_err(|e| Error::new(ErrorKind::Codec, BACKEND).with_source(e))?;
+                json.push(b'}');
             }
-            let json = serde_json::to_vec(&Value::Object(obj))
-                .map_err(|e| Error::new(ErrorKind::Codec, BACKEND).with_source(e))?;
             Ok(Encoded {
                 payload: Bytes::from(json),
                 user_properties: Vec::new(),
@@ -351,6 +367,32 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::InvalidHeader);
         let back = decoded(&encode(&ev, Protocol::V5, Mode::Structured).unwrap()).unwrap();
         assert_eq!(back.headers().get_all("traceparent").count(), 2);
+    }
+
+    /// Found by the mqtt fuzz targets (#18): a 3.1.1 event with trace headers had its
+    /// document parsed and written again to add them, so JSON data came back re-serialized
+    /// (keys sorted, `2^64` as `1.8446744073709552e19`). The members are appended instead.
+    #[test]
+    fn v311_trace_headers_keep_json_data_exactly() {
+        let data = r#"{"z":18446744073709551616,"a":1}"#;
+        let ev = Event::builder()
+            .content_type("application/json")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .header("tracestate", "vendor=\"quoted\"")
+            .data(data)
+            .build()
+            .unwrap();
+        let enc = encode(&ev, Protocol::V311, Mode::Structured).unwrap();
+        let back = decoded(&enc).unwrap();
+        assert_eq!(&back.data()[..], data.as_bytes());
+        assert_eq!(
+            back.headers().get("traceparent"),
+            ev.headers().get("traceparent")
+        );
+        assert_eq!(back.headers().get("tracestate"), Some("vendor=\"quoted\""));
     }
 
     #[test]
