@@ -258,17 +258,15 @@ pub(crate) async fn run(args: PubArgs) -> Result<(), Failure> {
         (Some(literal), None) => send(literal.as_bytes()).await?,
     }
     bar.finish();
-    // Every publish above was acknowledged; flush covers any a backend still holds. The
-    // close that follows is bounded: nothing is left to deliver by then, and a close that
-    // waits out a backend's close timeout (polybus-mqtt's did, 10 s, before f5d7aca) must not
-    // hold a script.
+    // Every publish above was acknowledged; flush covers any a backend still holds.
     publisher
         .flush()
         .await
         .map_err(|e| target.fail(&e, "flushing"))?;
-    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(2), publisher.close()).await {
-        return Err(target.fail(&e, "closing"));
-    }
+    publisher
+        .close()
+        .await
+        .map_err(|e| target.fail(&e, "closing"))?;
     if !args.quiet {
         let s = if sent == 1 { "" } else { "s" };
         eprintln!("polybus: published {sent} event{s} to {}", args.topic);
