@@ -11,50 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn polybus() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_polybus"));
-    cmd.env_remove("POLYBUS_USER")
-        .env_remove("POLYBUS_PASSWORD");
-    cmd
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-fn nats_host() -> String {
-    let url = env_or("POLYBUS_NATS_URL", "nats://127.0.0.1:4222");
-    url.split_once("://")
-        .map_or(url.clone(), |(_, h)| h.to_owned())
-}
-
-fn mqtt_host() -> String {
-    format!(
-        "{}:{}",
-        env_or("POLYBUS_MQTT_HOST", "127.0.0.1"),
-        env_or("POLYBUS_MQTT_PORT", "1883")
-    )
-}
-
-fn kafka_host() -> String {
-    env_or("POLYBUS_KAFKA_BROKERS", "127.0.0.1:9092")
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "{prefix}{}x{}",
-        std::process::id(),
-        nanos % 1_000_000_000_000
-    )
-}
+mod common;
+use common::{kafka_host, mqtt_host, nats_host, polybus, python, unique};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())
@@ -450,10 +408,6 @@ fn bridge_nats_to_kafka_drains_on_sigterm() {
     let topic = unique("cli_bridge_js_");
     let source = format!("jetstream://{}?group={topic}&ack_wait=2", nats_host());
     bridge_under_load(&source, &topic, &topic, Stop::Term);
-}
-
-fn python() -> String {
-    env_or("POLYBUS_PYTHON", "/root/.cache/polybus/venv/bin/python")
 }
 
 /// /healthz, /readyz and /metrics of a running bridge; /metrics parsed by prometheus_client's

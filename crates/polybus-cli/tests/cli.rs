@@ -7,47 +7,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-fn polybus() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_polybus"));
-    cmd.env_remove("POLYBUS_USER")
-        .env_remove("POLYBUS_PASSWORD");
-    cmd
-}
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-fn nats_host() -> String {
-    let url = env_or("POLYBUS_NATS_URL", "nats://127.0.0.1:4222");
-    url.split_once("://")
-        .map_or(url.clone(), |(_, h)| h.to_owned())
-}
-
-fn mqtt_host() -> String {
-    format!(
-        "{}:{}",
-        env_or("POLYBUS_MQTT_HOST", "127.0.0.1"),
-        env_or("POLYBUS_MQTT_PORT", "1883")
-    )
-}
-
-fn kafka_host() -> String {
-    env_or("POLYBUS_KAFKA_BROKERS", "127.0.0.1:9092")
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// A topic no other test (or earlier run) has used.
-fn unique_topic(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}{}x{nanos}", std::process::id())
-}
+mod common;
+use common::{env_or, kafka_host, mqtt_host, nats_host, polybus, python, unique};
 
 /// A running `polybus tail ... --ready`: spawned, and subscribed once `start` returns.
 struct Tail {
@@ -139,7 +100,7 @@ fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
 /// `pub` three ways (literal with --count, --lines from stdin, @file), then
 /// `tail --json --count 4` sees the four events with their attributes.
 fn round_trip(url: &str, prefix: &str) {
-    let topic = unique_topic(prefix);
+    let topic = unique(prefix);
     let tail = Tail::start(&[url, &topic, "--json", "--count", "4"]);
     publish(
         &[
@@ -195,7 +156,7 @@ fn round_trip(url: &str, prefix: &str) {
 }
 
 fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(unique_topic("polybus-cli-"));
+    let dir = std::env::temp_dir().join(unique("polybus-cli-"));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -227,7 +188,7 @@ fn pub_then_tail_round_trip_over_mqtt() {
 #[test]
 #[ignore = "needs brokers: cargo xtask test"]
 fn tail_prints_what_mosquitto_pub_wrote_as_readable_blocks() {
-    let topic = unique_topic("cli/foreign/");
+    let topic = unique("cli/foreign/");
     let url = format!("mqtt://{}", mqtt_host());
     let tail = Tail::start(&[&url, &topic, "--count", "2"]);
     let host = env_or("POLYBUS_MQTT_HOST", "127.0.0.1");
@@ -252,14 +213,10 @@ fn tail_prints_what_mosquitto_pub_wrote_as_readable_blocks() {
     assert!(text.contains("    plain text\n"), "{text}");
 }
 
-fn python() -> String {
-    env_or("POLYBUS_PYTHON", "/root/.cache/polybus/venv/bin/python")
-}
-
 #[test]
 #[ignore = "needs brokers: cargo xtask test"]
 fn tail_reads_what_nats_py_wrote() {
-    let topic = unique_topic("cli.natspy.");
+    let topic = unique("cli.natspy.");
     let url = format!("nats://{}", nats_host());
     let tail = Tail::start(&[&url, &topic, "--json", "--count", "1"]);
     let script = format!(
@@ -284,7 +241,7 @@ fn tail_reads_what_nats_py_wrote() {
 #[test]
 #[ignore = "needs brokers: cargo xtask test"]
 fn tail_reads_what_kafka_python_wrote() {
-    let topic = unique_topic("cli-kafkapy-");
+    let topic = unique("cli-kafkapy-");
     let brokers = kafka_host();
     // kafka-python does not create topics: a polybus pub does (and is read back too).
     let url = format!("kafka://{brokers}?offset=earliest");
@@ -553,7 +510,7 @@ fn pub_rate_paces_the_publishes() {
 #[test]
 #[ignore = "needs brokers: cargo xtask test"]
 fn tail_from_a_time_and_from_latest() {
-    let topic = unique_topic("cli_from_");
+    let topic = unique("cli_from_");
     let js = format!("jetstream://{}", nats_host());
     publish(
         &[&js, &topic, "before", "--type", "com.example.before"],
@@ -586,7 +543,7 @@ fn tail_from_a_time_and_from_latest() {
     assert_eq!(read("earliest")[0]["type"], "com.example.before");
     // Kafka: latest skips what is there; the event published after the tail started arrives.
     let kafka = format!("kafka://{}", kafka_host());
-    let ktopic = unique_topic("cli-from-");
+    let ktopic = unique("cli-from-");
     publish(&[&kafka, &ktopic, "old", "--type", "com.example.old"], None);
     let tail = Tail::start(&[
         &kafka, &ktopic, "--from", "latest", "--json", "--count", "1",
@@ -616,7 +573,7 @@ fn in_terminal(command: &str) -> Child {
 fn a_terminal_session_shows_the_progress_bar_and_readable_blocks() {
     let bin = env!("CARGO_BIN_EXE_polybus");
     let url = format!("mqtt://{}", mqtt_host());
-    let topic = unique_topic("cli/terminal/");
+    let topic = unique("cli/terminal/");
     // Human tail on a terminal: bold topic lines, pretty-printed JSON.
     let mut tail = in_terminal(&format!(
         "{bin} tail {url} {topic} --count 2 --ready --timeout 60"
@@ -691,7 +648,7 @@ async fn tls_flags_reach_a_nats_server_that_requires_tls() {
         .await
         .expect("nats-server with TLS");
     let url = broker.url();
-    let topic = unique_topic("cli.tls.");
+    let topic = unique("cli.tls.");
     let ca = pki.ca().display().to_string();
     // Trusting the test CA (flag, then environment): a round trip.
     let tail = Tail::start(&[&url, &topic, "--json", "--count", "2", "--tls-ca", &ca]);
