@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use polybus_core::cloudevents::Mode;
+use polybus_core::cloudevents::{Mode, WireFormat};
+use polybus_core::telemetry::TracePolicy;
 use polybus_core::{Backlog, Capabilities, Error, ErrorKind, Event, Ordering, Result, Unsettled};
 use rdkafka::ClientConfig;
 
@@ -141,6 +142,8 @@ pub struct KafkaConfig {
     idempotent: bool,
     auto_offset_reset: String,
     mode: Mode,
+    wire_format: WireFormat,
+    trace_policy: TracePolicy,
     source: Option<Cow<'static, str>>,
     create_topics: bool,
     topic_partitions: i32,
@@ -178,6 +181,8 @@ impl KafkaConfig {
             idempotent: true,
             auto_offset_reset: "earliest".into(),
             mode: Mode::Binary,
+            wire_format: WireFormat::CloudEvents,
+            trace_policy: TracePolicy::Continue,
             source: None,
             create_topics: true,
             topic_partitions: 3,
@@ -400,6 +405,39 @@ impl KafkaConfig {
         self
     }
 
+    /// What producers write around the payload: the CloudEvents binding (default) or the
+    /// lean format: the payload as the value, the record key, the event's headers and its
+    /// content type (`content-type`), no `ce_*` attribute (see [`WireFormat`] and
+    /// docs/WIRE-FORMAT.md). Consumers read either: a lean record is named by its position
+    /// (`kafka:<topic>:<partition>:<offset>`) and timed by its timestamp.
+    ///
+    /// ```
+    /// use polybus_core::cloudevents::WireFormat;
+    /// use polybus_kafka::KafkaConfig;
+    /// let cfg = KafkaConfig::new("127.0.0.1:9092", "g1").with_wire_format(WireFormat::Lean);
+    /// assert_eq!(cfg.wire_format(), WireFormat::Lean);
+    /// ```
+    pub fn with_wire_format(mut self, format: WireFormat) -> Self {
+        self.wire_format = format;
+        self
+    }
+
+    /// What a publish writes when the event carries no trace context and no tracing system
+    /// gives one (default [`TracePolicy::Continue`]: nothing; [`TracePolicy::StartRoot`]: a
+    /// new random trace per record, as polybus-kafka did before). See
+    /// `polybus_core::telemetry`.
+    ///
+    /// ```
+    /// use polybus_core::telemetry::TracePolicy;
+    /// use polybus_kafka::KafkaConfig;
+    /// let cfg = KafkaConfig::new("127.0.0.1:9092", "g1").with_trace_policy(TracePolicy::StartRoot);
+    /// assert_eq!(cfg.trace_policy(), TracePolicy::StartRoot);
+    /// ```
+    pub fn with_trace_policy(mut self, policy: TracePolicy) -> Self {
+        self.trace_policy = policy;
+        self
+    }
+
     /// The CloudEvents `source` given to events that have none.
     pub fn with_source(mut self, source: impl Into<Cow<'static, str>>) -> Self {
         self.source = Some(source.into());
@@ -548,6 +586,14 @@ impl KafkaConfig {
     /// The CloudEvents mode producers write.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+    /// The wire format set with [`with_wire_format`](Self::with_wire_format).
+    pub fn wire_format(&self) -> WireFormat {
+        self.wire_format
+    }
+    /// The trace policy set with [`with_trace_policy`](Self::with_trace_policy).
+    pub fn trace_policy(&self) -> TracePolicy {
+        self.trace_policy
     }
     /// `message.max.bytes`.
     pub fn message_max_bytes(&self) -> usize {
@@ -736,6 +782,8 @@ impl fmt::Debug for KafkaConfig {
             .field("idempotent", &self.idempotent)
             .field("auto_offset_reset", &self.auto_offset_reset)
             .field("mode", &self.mode)
+            .field("wire_format", &self.wire_format)
+            .field("trace_policy", &self.trace_policy)
             .field("source", &self.source)
             .field("create_topics", &self.create_topics)
             .field("topic_partitions", &self.topic_partitions)

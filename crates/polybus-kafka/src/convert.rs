@@ -149,6 +149,50 @@ pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded
     })
 }
 
+/// Encodes `ev` in the lean wire format ([`WireFormat::Lean`](polybus_core::cloudevents::WireFormat)):
+/// the payload as the value, the record key chosen by `keys`, the event's headers as plain
+/// Kafka headers and the content type as `content-type` (as `ce_datacontenttype` when it is
+/// one the consumer would take for structured mode); no `ce_*` attribute. An event with no
+/// header and no content type gives a record without headers.
+///
+/// # Errors
+/// [`ErrorKind::InvalidHeader`] for a header the binding reserves (`content-type`, `ce_*`) or
+/// one Kafka cannot carry ([`check_plain`]).
+pub(crate) fn encode_lean(ev: &Event, keys: &KeyMapper) -> Result<Encoded> {
+    let key = keys.key(ev);
+    let value = ev.data().clone();
+    let mut size = key.as_ref().map_or(0, Bytes::len) + value.len();
+    let content_type = ev.content_type();
+    if ev.headers().is_empty() && content_type.is_none() {
+        // The hot path: nothing but the value and the key.
+        return Ok(Encoded {
+            key,
+            value,
+            headers: OwnedHeaders::new(),
+            size,
+        });
+    }
+    let mut headers = OwnedHeaders::new_with_capacity(1 + ev.headers().len());
+    for (n, v) in ev.headers().iter() {
+        check_plain(n, Mode::Binary)?;
+        headers = push(headers, &mut size, n, v);
+    }
+    if let Some(ct) = content_type {
+        let name = if cloudevents::is_structured_content_type(ct) {
+            "ce_datacontenttype"
+        } else {
+            CONTENT_TYPE
+        };
+        headers = push(headers, &mut size, name, ct);
+    }
+    Ok(Encoded {
+        key,
+        value,
+        headers,
+        size,
+    })
+}
+
 /// Where a record sits in the log: what names a record written by a plain Kafka client.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Origin<'a> {
@@ -587,6 +631,115 @@ mod tests {
             let h: Vec<(&str, Option<&[u8]>)> = vec![("x", Some(b"a\xffb"))];
             let ev = decode_parts(Bytes::new(), None, &h, None, &AT).unwrap();
             assert_eq!(ev.headers().get("x"), Some("a\u{fffd}b"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod lean_tests {
+    use super::*;
+
+    const AT: Origin<'static> = Origin {
+        topic: "hot.v1",
+        partition: 1,
+        offset: 7,
+    };
+
+    fn pairs(h: &OwnedHeaders) -> Vec<(String, Option<Vec<u8>>)> {
+        h.iter()
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .collect()
+    }
+
+    fn decode_encoded(enc: &Encoded) -> Event {
+        let owned = pairs(&enc.headers);
+        let raw: Vec<(&str, Option<&[u8]>)> = owned
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_deref()))
+            .collect();
+        decode_parts(
+            enc.value.clone(),
+            enc.key.clone(),
+            &raw,
+            Some(1_767_323_045_123),
+            &AT,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_bare_event_is_the_value_and_nothing_else() {
+        let ev = Event::builder().data("hot").build().unwrap();
+        let enc = encode_lean(&ev, &KeyMapper::EventKey).unwrap();
+        assert_eq!(enc.headers.count(), 0);
+        assert_eq!(enc.key, None);
+        assert_eq!(enc.value, "hot");
+        assert_eq!(enc.size, 3);
+        let back = decode_encoded(&enc);
+        assert_eq!(back.id(), "kafka:hot.v1:1:7", "named by its position");
+        assert_eq!(back.source(), "kafka:hot.v1");
+        assert_eq!(
+            back.time(),
+            UNIX_EPOCH + Duration::from_millis(1_767_323_045_123),
+            "timed by the record timestamp"
+        );
+        assert_eq!(back.data(), "hot");
+        assert!(back.headers().is_empty());
+    }
+
+    #[test]
+    fn key_headers_and_content_type_travel_attributes_do_not() {
+        let ev = Event::builder()
+            .id("never-sent")
+            .source("urn:never")
+            .kind("never.sent")
+            .key("k 1")
+            .content_type("application/json")
+            .header("tenant", "eu")
+            .header("X-Req", "r")
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .data(&br#"{"a":1}"#[..])
+            .build()
+            .unwrap();
+        let enc = encode_lean(&ev, &KeyMapper::EventKey).unwrap();
+        let names: Vec<String> = pairs(&enc.headers).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["tenant", "X-Req", "traceparent", "content-type"]);
+        assert_eq!(enc.key.as_deref(), Some(&b"k 1"[..]));
+        let expected = 3 + 7 + names.iter().map(String::len).sum::<usize>() + 2 + 1 + 55 + 16;
+        assert_eq!(enc.size, expected);
+        let back = decode_encoded(&enc);
+        assert_eq!(back.id(), "kafka:hot.v1:1:7");
+        assert_eq!(back.kind(), Event::new(b"").kind(), "the default type");
+        assert_eq!(back.key(), Some(&b"k 1"[..]));
+        assert_eq!(back.content_type(), Some("application/json"));
+        assert_eq!(back.headers().get("tenant"), Some("eu"));
+        assert_eq!(back.headers().get("X-Req"), Some("r"));
+        assert!(back.headers().get("traceparent").is_some());
+        assert_eq!(back.data(), &br#"{"a":1}"#[..]);
+    }
+
+    #[test]
+    fn a_structured_content_type_does_not_turn_the_value_into_a_document() {
+        let ev = Event::builder()
+            .content_type("application/cloudevents+json")
+            .data("not a document")
+            .build()
+            .unwrap();
+        let enc = encode_lean(&ev, &KeyMapper::EventKey).unwrap();
+        let back = decode_encoded(&enc);
+        assert_eq!(back.data(), "not a document");
+        assert_eq!(back.content_type(), Some("application/cloudevents+json"));
+    }
+
+    #[test]
+    fn reserved_header_names_are_refused() {
+        for name in ["ce_id", "Content-Type"] {
+            let ev = Event::builder().header(name, "x").build().unwrap();
+            let err = encode_lean(&ev, &KeyMapper::EventKey).err().unwrap();
+            assert_eq!(err.kind(), ErrorKind::InvalidHeader, "{name}");
         }
     }
 }

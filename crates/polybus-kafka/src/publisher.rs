@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::Duration;
 
-use polybus_core::cloudevents::Mode;
+use polybus_core::cloudevents::{Mode, WireFormat};
 use polybus_core::telemetry::PublishScope;
 use polybus_core::{
     Backlog, Capabilities, Error, ErrorKind, Event, Ordering, Publisher, Receipt, Result, Unsettled,
@@ -73,6 +73,7 @@ struct Inner {
     topics: Arc<TopicEnsurer>,
     closed: AtomicBool,
     mode: Mode,
+    wire_format: WireFormat,
     source: Option<Cow<'static, str>>,
     max_bytes: usize,
     capabilities: Capabilities,
@@ -86,6 +87,7 @@ impl std::fmt::Debug for KafkaProducer {
         f.debug_struct("KafkaProducer")
             .field("brokers", &self.inner.brokers)
             .field("mode", &self.inner.mode)
+            .field("wire_format", &self.inner.wire_format)
             .field("closed", &self.inner.closed.load(AtomicOrdering::Relaxed))
             .finish()
     }
@@ -114,12 +116,14 @@ impl KafkaProducer {
                 topics: TopicEnsurer::new(cfg),
                 closed: AtomicBool::new(false),
                 mode: cfg.mode(),
+                wire_format: cfg.wire_format(),
                 source: cfg.source().cloned(),
                 max_bytes: cfg.message_max_bytes(),
                 capabilities: cfg.capabilities(),
                 brokers: cfg.brokers().to_owned(),
                 key_mapper: cfg.key_mapper().clone(),
-                telemetry: polybus_core::telemetry::Telemetry::new(BACKEND),
+                telemetry: polybus_core::telemetry::Telemetry::new(BACKEND)
+                    .with_trace_policy(cfg.trace_policy()),
             }),
         }
     }
@@ -162,7 +166,11 @@ impl KafkaProducer {
         if let Some(src) = &self.inner.source {
             event.set_source_if_unset(src);
         }
-        let encoded = convert::encode(event, self.inner.mode, &self.inner.key_mapper)?;
+        let encoded = if self.inner.wire_format.is_lean() {
+            convert::encode_lean(event, &self.inner.key_mapper)?
+        } else {
+            convert::encode(event, self.inner.mode, &self.inner.key_mapper)?
+        };
         if encoded.size > self.inner.max_bytes {
             return Err(
                 Error::new(ErrorKind::PayloadTooLarge, BACKEND).with_message(format!(

@@ -103,6 +103,93 @@ async fn without_opentelemetry_the_traceparent_still_travels() -> anyhow::Result
     Ok(())
 }
 
+/// The `traceparent` header and the trace context of the first record of `t`, read (and
+/// acknowledged) by an anonymous consumer.
+async fn first_trace(
+    cfg: &polybus_kafka::KafkaConfig,
+    t: &str,
+) -> anyhow::Result<(
+    Option<String>,
+    Option<polybus_core::telemetry::TraceContext>,
+)> {
+    let consumer = KafkaConsumer::new_anonymous(cfg)?;
+    let mut stream = consumer.subscribe(t);
+    let d = tokio::time::timeout(Duration::from_secs(30), stream.next())
+        .await
+        .context("no record")?
+        .context("stream ended")??;
+    let seen = (
+        d.event().headers().get("traceparent").map(str::to_owned),
+        d.trace_context(),
+    );
+    d.ack().await?;
+    Ok(seen)
+}
+
+/// The default `TracePolicy::Continue` writes no `traceparent` when there is no trace to
+/// continue (no tracing system, none on the event); `StartRoot`, when chosen, starts one per
+/// record. The lean format carries a trace the event brings, and nothing else.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn trace_context_only_when_there_is_a_trace_unless_start_root_is_chosen() -> anyhow::Result<()>
+{
+    use polybus_core::cloudevents::WireFormat;
+    use polybus_core::telemetry::{TraceContext, TracePolicy};
+    let _serial = serial();
+    let b = brokers();
+    let cfg = test_config(&b, "unused");
+    assert_eq!(cfg.trace_policy(), TracePolicy::Continue, "the default");
+
+    for format in [WireFormat::CloudEvents, WireFormat::Lean] {
+        let cfg = cfg.clone().with_wire_format(format);
+        // Continue, nothing to continue: no trace header.
+        let t = topic("trace-none");
+        KafkaProducer::new_with_config(&cfg)?
+            .publish(&t, Event::builder().key("k").build()?)
+            .await?;
+        let (header, context) = first_trace(&cfg, &t).await?;
+        assert_eq!(header, None, "{format:?}");
+        assert_eq!(context, None, "{format:?}");
+
+        // Continue, the event carries a trace: it travels unchanged.
+        let t = topic("trace-carried");
+        let tc = TraceContext::new_root();
+        KafkaProducer::new_with_config(&cfg)?
+            .publish(
+                &t,
+                Event::builder()
+                    .header("traceparent", tc.to_string())
+                    .build()?,
+            )
+            .await?;
+        let (_, context) = first_trace(&cfg, &t).await?;
+        assert_eq!(context, Some(tc), "{format:?}");
+
+        // StartRoot: a new trace on a record that had none.
+        let t = topic("trace-root");
+        let root_cfg = cfg.clone().with_trace_policy(TracePolicy::StartRoot);
+        let producer = KafkaProducer::new_with_config(&root_cfg)?;
+        producer.publish(&t, Event::new(b"a")).await?;
+        producer.publish(&t, Event::new(b"b")).await?;
+        let consumer = KafkaConsumer::new_anonymous(&root_cfg)?;
+        let mut stream = consumer.subscribe(&t);
+        let mut traces = Vec::new();
+        while traces.len() < 2 {
+            let d = tokio::time::timeout(Duration::from_secs(30), stream.next())
+                .await
+                .context("no record")?
+                .context("stream ended")??;
+            let tp = d.event().headers().get("traceparent").map(str::to_owned);
+            let parsed = tp.as_deref().and_then(TraceContext::parse);
+            assert!(parsed.is_some(), "{format:?}: traceparent {tp:?}");
+            traces.push(parsed.map(|tc| tc.trace_id));
+            d.ack().await?;
+        }
+        assert_ne!(traces[0], traces[1], "{format:?}: one new trace per record");
+    }
+    Ok(())
+}
+
 /// Tests that set a thread-local subscriber run one at a time (tracing caches callsite
 /// interest globally).
 fn serial() -> std::sync::MutexGuard<'static, ()> {

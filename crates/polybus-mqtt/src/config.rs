@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use polybus_core::cloudevents::Mode;
+use polybus_core::telemetry::TracePolicy;
 use polybus_core::{Error, ErrorKind, Result};
 
 use crate::BACKEND;
@@ -278,6 +279,7 @@ pub struct MqttConfig {
     pub(crate) max_packet_size: u32,
     pub(crate) default_qos: QoS,
     pub(crate) mode: Mode,
+    pub(crate) trace_policy: TracePolicy,
     pub(crate) source: Option<Cow<'static, str>>,
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
@@ -303,6 +305,7 @@ impl fmt::Debug for MqttConfig {
             .field("max_packet_size", &self.max_packet_size)
             .field("default_qos", &self.default_qos)
             .field("mode", &self.mode)
+            .field("trace_policy", &self.trace_policy)
             .field("source", &self.source)
             .field("backoff", &(self.backoff_min, self.backoff_max))
             .field("connect_timeout", &self.connect_timeout)
@@ -341,6 +344,7 @@ impl MqttConfig {
             max_packet_size: 1024 * 1024,
             default_qos: QoS::AtLeastOnce,
             mode: Mode::Binary,
+            trace_policy: TracePolicy::Continue,
             source: None,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
@@ -420,6 +424,25 @@ impl MqttConfig {
     pub fn cloudevents_mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
+    }
+    /// What a publish writes when the event carries no trace context and no tracing system
+    /// gives one (default [`TracePolicy::Continue`]: nothing; [`TracePolicy::StartRoot`]: a
+    /// new random trace per message, as polybus-mqtt did before). See
+    /// `polybus_core::telemetry`.
+    ///
+    /// ```
+    /// use polybus_core::telemetry::TracePolicy;
+    /// let cfg = polybus_mqtt::MqttConfig::new("127.0.0.1", 1883, "c1")
+    ///     .trace_policy(TracePolicy::StartRoot);
+    /// assert_eq!(cfg.trace_policy_value(), TracePolicy::StartRoot);
+    /// ```
+    pub fn trace_policy(mut self, policy: TracePolicy) -> Self {
+        self.trace_policy = policy;
+        self
+    }
+    /// The trace policy set with [`trace_policy`](Self::trace_policy).
+    pub fn trace_policy_value(&self) -> TracePolicy {
+        self.trace_policy
     }
     /// The CloudEvents `source` given to events that have none.
     pub fn source(mut self, source: impl Into<Cow<'static, str>>) -> Self {

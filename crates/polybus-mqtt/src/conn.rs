@@ -189,6 +189,7 @@ impl Inner {
         let (first_tx, first_rx) = oneshot::channel();
         let (done_tx, _) = watch::channel(false);
         let connect_timeout = cfg.connect_timeout;
+        let trace_policy = cfg.trace_policy;
         let inner = Arc::new(Inner {
             cfg,
             client,
@@ -201,7 +202,8 @@ impl Inner {
             shutdown: Notify::new(),
             done_tx,
             task: Mutex::new(None),
-            telemetry: polybus_core::telemetry::Telemetry::new(BACKEND),
+            telemetry: polybus_core::telemetry::Telemetry::new(BACKEND)
+                .with_trace_policy(trace_policy),
         });
         let task = tokio::spawn(run(inner.clone(), driver));
         *inner.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);

@@ -67,6 +67,59 @@ async fn mqtt_consumer_span_continues_the_publisher_trace() -> anyhow::Result<()
     Ok(())
 }
 
+/// The default `TracePolicy::Continue` writes no `traceparent` when there is no trace to
+/// continue (no tracing system, none on the event), on MQTT 5 and 3.1.1; a trace the event
+/// carries travels unchanged; `StartRoot`, when chosen, starts one per message.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn trace_context_only_when_there_is_a_trace_unless_start_root_is_chosen() -> anyhow::Result<()>
+{
+    use polybus_core::telemetry::{TraceContext, TracePolicy};
+    let _serial = serial();
+    for protocol in [Protocol::V5, Protocol::V311] {
+        assert_eq!(config(protocol).trace_policy_value(), TracePolicy::Continue);
+        let carried = TraceContext::new_root();
+        for (policy, event, want) in [
+            (TracePolicy::Continue, Event::new(b"plain"), "none"),
+            (
+                TracePolicy::Continue,
+                Event::builder()
+                    .header("traceparent", carried.to_string())
+                    .data("carried")
+                    .build()?,
+                "carried",
+            ),
+            (TracePolicy::StartRoot, Event::new(b"a"), "new"),
+            (TracePolicy::StartRoot, Event::new(b"b"), "new"),
+        ] {
+            let client = config(protocol).trace_policy(policy).connect().await?;
+            let topic = format!("polybus/test/trace/{}", uuid::Uuid::new_v4().simple());
+            let mut consumer = client.consumer();
+            consumer.subscribe(&topic, 1).await?;
+            client.producer().publish_event(&topic, event).await?;
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await??;
+            let header = d.event().headers().get("traceparent").map(str::to_owned);
+            let context = d.trace_context();
+            d.ack().await?;
+            client.close().await?;
+            let why = format!("{protocol:?} {policy:?} {want}: {header:?}");
+            match want {
+                "none" => {
+                    assert_eq!(header, None, "{why}");
+                    assert_eq!(context, None, "{why}");
+                }
+                "carried" => assert_eq!(context, Some(carried), "{why}"),
+                _ => {
+                    let tc = header.as_deref().and_then(TraceContext::parse);
+                    assert!(tc.is_some(), "{why}");
+                    assert_ne!(tc.map(|t| t.trace_id), Some(carried.trace_id), "{why}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Tests that set a thread-local subscriber run one at a time.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
