@@ -158,8 +158,9 @@ const ALL: &[Side] = &[
     Side::Bare,
     Side::RustStream,
 ];
-/// polybus, the raw client and the peer (RustStream's Kafka transport).
-const KAFKA: &[Side] = &[Side::Polybus, Side::Raw, Side::RustStream];
+/// polybus in both wire formats, the raw client with the same headers and payload only, and
+/// the peer (RustStream's Kafka transport): [`ALL`].
+const KAFKA: &[Side] = ALL;
 /// [`ALL`] and the raw client cloning a prebuilt map of every header (core NATS).
 const NATS_ALL: &[Side] = &Side::ALL;
 /// The sides a JetStream consume step skips: RustStream's pull consumer is not measured yet.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use bytes::Bytes;
+use polybus_core::cloudevents::WireFormat;
 use polybus_core::{Event, Publisher};
 use polybus_kafka::{KafkaAdmin, KafkaConfig, KafkaConsumer, KafkaProducer};
 use rdkafka::Message as _;
@@ -33,7 +34,9 @@ fn config(env: &Env, group: &str) -> KafkaConfig {
     KafkaConfig::new(env.kafka_brokers.as_str(), group).with_auto_offset_reset("earliest")
 }
 
-/// The CloudEvents Kafka binding headers a raw producer writes.
+/// The CloudEvents Kafka binding headers a raw producer writes: what polybus writes for an
+/// event without key, content type or headers. No `traceparent`: polybus writes one only when
+/// there is a trace to continue (`TracePolicy::Continue`, its default), and here there is none.
 pub(crate) fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
     fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
         Header {
@@ -41,18 +44,13 @@ pub(crate) fn raw_headers(ce: &RawCloudEvent) -> OwnedHeaders {
             value: Some(value),
         }
     }
-    let (id, time, trace) = (
-        RawCloudEvent::id(),
-        RawCloudEvent::time(),
-        RawCloudEvent::traceparent(),
-    );
-    OwnedHeaders::new_with_capacity(6)
+    let (id, time) = (RawCloudEvent::id(), RawCloudEvent::time());
+    OwnedHeaders::new_with_capacity(5)
         .insert(h("ce_specversion", "1.0"))
         .insert(h("ce_id", &id))
         .insert(h("ce_source", ce.source))
         .insert(h("ce_type", ce.kind))
         .insert(h("ce_time", &time))
-        .insert(h("traceparent", &trace))
 }
 
 /// Sends one record as the raw side does (payload and headers, no key) and awaits its
@@ -66,6 +64,17 @@ pub(crate) async fn send_raw(
     let record = FutureRecord::<[u8], [u8]>::to(topic)
         .payload(&data[..])
         .headers(headers);
+    producer
+        .send(record, Timeout::Never)
+        .await
+        .map_err(|(e, _)| anyhow!("produce: {e}"))?;
+    Ok(())
+}
+
+/// Sends one record with the payload alone (no key, no header), as polybus' lean wire format
+/// writes an event without key, content type or headers, and awaits its delivery report.
+async fn send_bare(producer: &FutureProducer, topic: &str, data: &Bytes) -> Result<()> {
+    let record = FutureRecord::<[u8], [u8]>::to(topic).payload(&data[..]);
     producer
         .send(record, Timeout::Never)
         .await
@@ -107,7 +116,12 @@ pub(crate) async fn produce(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
     let mut latency = Latency::new();
     let t0;
     match a.side {
-        Side::Polybus => {
+        Side::Polybus | Side::Lean => {
+            let cfg = if a.side == Side::Lean {
+                cfg.clone().with_wire_format(WireFormat::Lean)
+            } else {
+                cfg.clone()
+            };
             let p = KafkaProducer::new_with_config(&cfg)?;
             // One record before timing, on both sides: metadata, connections and (for polybus)
             // the topic check happen here, not in the measured window.
@@ -137,6 +151,15 @@ pub(crate) async fn produce(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
             })
             .await?;
         }
+        Side::Bare => {
+            let producer: FutureProducer = cfg.producer_client_config().create()?;
+            send_bare(&producer, &topic, &data).await?;
+            t0 = Instant::now();
+            windowed(a.messages, a.window, meter, &mut latency, |_| {
+                send_bare(&producer, &topic, &data)
+            })
+            .await?;
+        }
         _ => {
             let producer: FutureProducer = cfg.producer_client_config().create()?;
             let ce = RawCloudEvent::new();
@@ -161,7 +184,8 @@ pub(crate) async fn consume(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<O
     let stall = Duration::from_secs(60);
     let consumed =
         match a.side {
-            Side::Polybus => {
+            // Lean reads the lean records of its produce step (named by their position).
+            Side::Polybus | Side::Lean => {
                 let consumer = KafkaConsumer::new(&cfg)?;
                 consume_deliveries(&consumer, &topic, n, stall, meter).await?
             }

@@ -115,13 +115,6 @@ impl RawCloudEvent {
     pub(crate) fn time() -> String {
         polybus_core::time::format_rfc3339(std::time::SystemTime::now())
     }
-
-    /// A W3C `traceparent` starting a new sampled trace (random trace and span ids), which
-    /// polybus writes on every publish that has none.
-    pub(crate) fn traceparent() -> String {
-        let (trace, span) = (rand::random::<u128>().max(1), rand::random::<u64>().max(1));
-        format!("00-{trace:032x}-{span:016x}-01")
-    }
 }
 
 /// Runs `n` operations with at most `window` in flight, recording each one's latency (start

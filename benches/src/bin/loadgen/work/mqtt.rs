@@ -192,7 +192,8 @@ pub(crate) async fn pub_sub(env: &Env, a: &ChildArgs, meter: &Meter, qos: u8) ->
                     ("source".into(), ce.source.into()),
                     ("type".into(), ce.kind.into()),
                     ("time".into(), RawCloudEvent::time()),
-                    ("traceparent".into(), RawCloudEvent::traceparent()),
+                    // No `traceparent`: polybus writes one only when there is a trace to
+                    // continue (`TracePolicy::Continue`, its default), and here there is none.
                 ],
                 ..Default::default()
             };
