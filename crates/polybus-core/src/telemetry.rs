@@ -27,8 +27,8 @@
 //! 3. Otherwise it depends on the [`TracePolicy`] of the adapter: with
 //!    [`TracePolicy::Continue`] (the NATS, JetStream, Kafka and MQTT publishers' default)
 //!    nothing is written: there is no trace to continue, and a random trace per message would
-//!    only cost bytes and time. With [`TracePolicy::StartRoot`] (what [`Telemetry::new`] and [`inject`]
-//!    do, for compatibility) polybus starts a trace itself: a random trace id and span id,
+//!    only cost bytes and time. With [`TracePolicy::StartRoot`] (what [`Telemetry::new`] and
+//!    [`inject`] do, for compatibility) polybus starts a trace itself: a random trace id and span id,
 //!    sampled, so the header is carried end to end even where nobody configured
 //!    OpenTelemetry.
 //!
