@@ -28,8 +28,8 @@
 //!    [`TracePolicy::Continue`] (the NATS, JetStream, Kafka and MQTT publishers' default)
 //!    nothing is written: there is no trace to continue, and a random trace per message would
 //!    only cost bytes and time. With [`TracePolicy::StartRoot`] (what [`Telemetry::new`] and
-//!    [`inject`] do, for compatibility) polybus starts a trace itself: a random trace id and span id,
-//!    sampled, so the header is carried end to end even where nobody configured
+//!    [`inject`] do, for compatibility) polybus starts a trace itself: a random trace id and
+//!    span id, sampled, so the header is carried end to end even where nobody configured
 //!    OpenTelemetry.
 //!
 //! With the `opentelemetry` feature and an OpenTelemetry layer, step 2 follows the
