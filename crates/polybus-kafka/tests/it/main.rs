@@ -11,4 +11,5 @@ mod hostile;
 mod interop;
 mod resilience;
 mod security;
+mod tansu;
 mod transactions;
