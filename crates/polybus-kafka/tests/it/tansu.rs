@@ -34,9 +34,12 @@ async fn read_from_inside_a_batch(storage: TansuStorage) -> anyhow::Result<Vec<i
     let payloads: Vec<String> = (0..BATCH).map(|i| format!("r{i}")).collect();
     let sends: Vec<_> = payloads
         .iter()
-        .map(|p| producer.send_result(FutureRecord::<(), _>::to(&t).payload(p)))
-        .collect::<Result<_, _>>()
-        .map_err(|(e, _)| e)?;
+        .map(|p| {
+            producer
+                .send_result(FutureRecord::<(), _>::to(&t).payload(p))
+                .map_err(|(e, _)| e)
+        })
+        .collect::<Result<_, _>>()?;
     let mut written = Vec::new();
     for s in sends {
         let d = s.await?.map_err(|(e, _)| e)?;
