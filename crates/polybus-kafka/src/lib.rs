@@ -4,8 +4,11 @@
 //! * [`KafkaProducer`]: idempotent by default; the event key is the record key (order per
 //!   key); CloudEvents Kafka binding in headers (`ce_id`, `ce_source`, `ce_type`, `ce_time`,
 //!   `ce_specversion`, `ce_partitionkey`, `ce_<extension>`, `content-type`), structured mode
-//!   on request; a [`Receipt`](polybus_core::Receipt) with partition and offset; a bounded
-//!   queue that waits when full; `message.max.bytes` enforced before sending.
+//!   on request, or the lean wire format ([`KafkaConfig::with_wire_format`]: value, key and
+//!   the caller's headers only); `traceparent` only when there is a trace to continue
+//!   ([`KafkaConfig::with_trace_policy`]); a [`Receipt`](polybus_core::Receipt) with
+//!   partition and offset; a bounded queue that waits when full; `message.max.bytes` enforced
+//!   before sending.
 //! * [`KafkaConsumer`]: consumer groups with at-least-once delivery (only acknowledged
 //!   offsets are committed, never past an unsettled record), local nack redelivery with a
 //!   delay, rebalance handling, per-partition lag.

@@ -8,7 +8,8 @@
 //!   the broker had not acknowledged. [`MqttConfig`] configures everything.
 //! * [`MqttProducer`]: publishes; each publish resolves when the broker acknowledged it (PUBACK
 //!   for QoS 1, PUBCOMP for QoS 2, written for QoS 0). Implements
-//!   [`Publisher`](polybus_core::Publisher).
+//!   [`Publisher`](polybus_core::Publisher). It writes `traceparent` only when there is a
+//!   trace to continue ([`MqttConfig::trace_policy`]).
 //! * [`MqttConsumer`]: the seed's consumer (`subscribe(topic, qos)`, `next()`), and
 //!   [`MqttSubscriber`], the generic [`Consumer`](polybus_core::Consumer) (`Some(group)` uses
 //!   `$share/<group>/<topic>`).
