@@ -704,7 +704,11 @@ pub(crate) struct KafkaBackend;
 fn kafka_config(group: &str) -> polybus_kafka::KafkaConfig {
     let brokers =
         std::env::var("POLYBUS_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
-    polybus_kafka::KafkaConfig::new(&brokers, group)
+    kafka_config_at(&brokers, group)
+}
+
+fn kafka_config_at(brokers: &str, group: &str) -> polybus_kafka::KafkaConfig {
+    polybus_kafka::KafkaConfig::new(brokers, group)
         .with_auto_offset_reset("earliest")
         .with_session_timeout(Duration::from_secs(6), Duration::from_millis(500))
         .with_commit_interval(Duration::from_millis(200))
@@ -727,6 +731,26 @@ impl Backend for KafkaBackend {
     }
     fn redrive_idle(&self) -> Duration {
         Duration::from_secs(12)
+    }
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(90)
+    }
+}
+
+/// Kafka on a broker the test started itself (its address), with the shared broker's settings.
+pub(crate) struct KafkaAt(pub(crate) String);
+
+impl Backend for KafkaAt {
+    type P = polybus_kafka::KafkaProducer;
+    type C = polybus_kafka::KafkaConsumer;
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+    async fn publisher(&self) -> Result<Self::P> {
+        polybus_kafka::KafkaProducer::new_with_config(&kafka_config_at(&self.0, "unused"))
+    }
+    async fn consumer(&self, group: &str) -> Result<Self::C> {
+        polybus_kafka::KafkaConsumer::new(&kafka_config_at(&self.0, group))
     }
     fn timeout(&self) -> Duration {
         Duration::from_secs(90)

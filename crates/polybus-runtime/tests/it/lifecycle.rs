@@ -24,7 +24,8 @@ use polybus_runtime::{App, Outbound, State, Topic};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::conformance::{Backend, JsBackend, KafkaBackend, MqttBackend, NatsBackend};
+use crate::conformance::{Backend, JsBackend, KafkaAt, KafkaBackend, MqttBackend, NatsBackend};
+use polybus_testkit::brokers::{BrokerProcess, TansuStorage};
 
 const CHILD_BACKEND: &str = "POLYBUS_RT_CHILD_BACKEND";
 const CHILD_TOPIC: &str = "POLYBUS_RT_CHILD_TOPIC";
@@ -80,7 +81,7 @@ async fn run_child<B: Backend>(b: &B, topic: &str, group: &str) {
     println!("CHILD-STOPPED-CLEANLY");
 }
 
-fn spawn_child(backend: &str, topic: &str, group: &str, name: &str) -> Child {
+fn spawn_child(backend: &str, topic: &str, group: &str, name: &str, env: &[(&str, &str)]) -> Child {
     let exe = std::env::current_exe().expect("test binary");
     Command::new(exe)
         .args(["lifecycle::child", "--exact", "--ignored", "--nocapture"])
@@ -88,6 +89,7 @@ fn spawn_child(backend: &str, topic: &str, group: &str, name: &str) -> Child {
         .env(CHILD_TOPIC, topic)
         .env(CHILD_GROUP, group)
         .env(CHILD_NAME, name)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -124,7 +126,14 @@ fn done_of(d: &polybus_core::Delivery) -> (String, String) {
 
 /// `keeps`: the backend keeps what the stopped member did not take, so a second member
 /// finishes the load and nothing may be lost.
-async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop, keeps: bool) {
+/// `env`: more environment for the children (the address of the test's own broker).
+async fn stop_mid_load<B: Backend>(
+    b: &B,
+    backend: &str,
+    how: Stop,
+    keeps: bool,
+    env: &[(&str, &str)],
+) {
     let topic = b.topic();
     let group = format!("g{}", uuid::Uuid::new_v4().simple());
     let done_consumer = b
@@ -136,7 +145,7 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop, keeps: bool)
     let publisher = b.publisher().await.expect("publisher");
     let mut seen: HashMap<String, usize> = HashMap::new();
 
-    let mut first = spawn_child(backend, &topic, &group, "first");
+    let mut first = spawn_child(backend, &topic, &group, "first", env);
     // Ids the first child finished (its done events).
     let mut done_by_first: HashSet<String> = HashSet::new();
     // Warm up until the child handles something (its subscription is live).
@@ -261,7 +270,7 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop, keeps: bool)
         return;
     }
     // A second member of the group finishes the load.
-    let mut second = spawn_child(backend, &topic, &group, "second");
+    let mut second = spawn_child(backend, &topic, &group, "second", env);
     let deadline = Instant::now() + Duration::from_secs(120);
     while loaded(&seen) < ids.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -293,37 +302,52 @@ async fn stop_mid_load<B: Backend>(b: &B, backend: &str, how: Stop, keeps: bool)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn jetstream_sigterm_mid_load_loses_nothing() {
-    stop_mid_load(&JsBackend, "jetstream", Stop::Term, true).await;
+    stop_mid_load(&JsBackend, "jetstream", Stop::Term, true, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn jetstream_sigkill_mid_load_loses_nothing() {
-    stop_mid_load(&JsBackend, "jetstream", Stop::Kill, true).await;
+    stop_mid_load(&JsBackend, "jetstream", Stop::Kill, true, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn kafka_sigterm_mid_load_loses_nothing() {
-    stop_mid_load(&KafkaBackend, "kafka", Stop::Term, true).await;
+    kafka_stop_mid_load(Stop::Term).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn kafka_sigkill_mid_load_loses_nothing() {
-    stop_mid_load(&KafkaBackend, "kafka", Stop::Kill, true).await;
+    kafka_stop_mid_load(Stop::Kill).await;
+}
+
+/// The Kafka runs use a tansu of their own on SQLite storage. The second member resumes from
+/// the offsets the first one committed, which lie inside a record batch whenever the load was
+/// published in batches (as `publish_batch` does); tansu 0.6.0's memory storage, the shared
+/// broker's, answers a fetch from inside a batch with the batches after it, so the rest of that
+/// batch was never delivered (2-10 of 300 events lost per run; docs/BROKER-NOTES.md, pinned by
+/// polybus-kafka's `tansu::memory_storage_skips_the_rest_of_a_batch_fetched_from_inside_it`).
+async fn kafka_stop_mid_load(how: Stop) {
+    let broker = BrokerProcess::tansu(TansuStorage::Sqlite)
+        .await
+        .expect("tansu on SQLite");
+    let brokers = format!("127.0.0.1:{}", broker.port());
+    let env = [("POLYBUS_KAFKA_BROKERS", brokers.as_str())];
+    stop_mid_load(&KafkaAt(brokers.clone()), "kafka", how, true, &env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn nats_sigterm_mid_load_finishes_what_it_started() {
-    stop_mid_load(&NatsBackend, "nats", Stop::Term, false).await;
+    stop_mid_load(&NatsBackend, "nats", Stop::Term, false, &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs brokers: cargo xtask test"]
 async fn mqtt_sigterm_mid_load_finishes_what_it_started() {
-    stop_mid_load(&MqttBackend, "mqtt", Stop::Term, false).await;
+    stop_mid_load(&MqttBackend, "mqtt", Stop::Term, false, &[]).await;
 }
 
 /// What the in-process apps record: events started and finished, per app.
