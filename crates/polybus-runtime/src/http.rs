@@ -38,14 +38,15 @@ const MAX_CONNECTIONS: usize = 64;
 /// ```
 #[derive(Clone)]
 pub struct HealthServer {
-    health: Health,
+    /// One per app; live and ready when every one is.
+    healths: Arc<[Health]>,
     metrics: Option<Render>,
 }
 
 impl std::fmt::Debug for HealthServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HealthServer")
-            .field("health", &self.health)
+            .field("healths", &self.healths)
             .field("metrics", &self.metrics.is_some())
             .finish()
     }
@@ -55,8 +56,34 @@ impl HealthServer {
     /// Serves `health`; `/metrics` answers 404 until [`metrics`](Self::metrics) is set.
     pub fn new(health: Health) -> Self {
         HealthServer {
-            health,
+            healths: Arc::new([health]),
             metrics: None,
+        }
+    }
+
+    /// Answers for another app too (a process that runs several, like `polybus bridge` with
+    /// an app per route): `/healthz` and `/readyz` say yes when every app is live or ready,
+    /// and their bodies list each app's status in the order added.
+    ///
+    /// ```
+    /// use polybus_runtime::App;
+    /// use polybus_runtime::http::HealthServer;
+    /// # async fn handle() {}
+    /// # #[tokio::main] async fn main() -> std::io::Result<()> {
+    /// let orders = App::new().route("orders", handle);
+    /// let payments = App::new().route("payments", handle);
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let server = HealthServer::new(orders.health()).with(payments.health());
+    /// tokio::spawn(server.serve(listener, std::future::pending()));
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with(self, health: Health) -> Self {
+        let mut healths = self.healths.to_vec();
+        healths.push(health);
+        HealthServer {
+            healths: healths.into(),
+            ..self
         }
     }
 
@@ -122,13 +149,18 @@ impl HealthServer {
         if method != "GET" && method != "HEAD" {
             return respond(&mut stream, 405, "text/plain", "GET only\n").await;
         }
-        let status = self.health.status();
+        let status = self
+            .healths
+            .iter()
+            .map(|h| format!("{:?}", h.status()))
+            .collect::<Vec<_>>()
+            .join(" ");
         match path {
-            "/healthz" if self.health.is_live() => {
-                respond(&mut stream, 200, "text/plain", &format!("ok {status:?}\n")).await
+            "/healthz" if self.healths.iter().all(Health::is_live) => {
+                respond(&mut stream, 200, "text/plain", &format!("ok {status}\n")).await
             }
-            "/healthz" => respond(&mut stream, 503, "text/plain", &format!("{status:?}\n")).await,
-            "/readyz" if self.health.is_ready() => {
+            "/healthz" => respond(&mut stream, 503, "text/plain", &format!("{status}\n")).await,
+            "/readyz" if self.healths.iter().all(Health::is_ready) => {
                 respond(&mut stream, 200, "text/plain", "ready\n").await
             }
             "/readyz" => {
@@ -136,7 +168,7 @@ impl HealthServer {
                     &mut stream,
                     503,
                     "text/plain",
-                    &format!("not ready: {status:?}\n"),
+                    &format!("not ready: {status}\n"),
                 )
                 .await
             }

@@ -3,7 +3,6 @@
 //! acknowledged it; retry with backoff; dead letters), with /healthz, /readyz and /metrics.
 
 mod config;
-mod http;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use std::time::Instant;
 use clap::Args;
 use polybus::dlq::DeadLetterTopic;
 use polybus::{BoxPublisher, Event, Publisher as _};
+use polybus_runtime::http::HealthServer;
 use polybus_runtime::{App, HandlerError, Message, RetryPolicy};
 use tokio::sync::watch;
 
@@ -155,7 +155,6 @@ pub(crate) async fn run(args: BridgeArgs) -> Result<(), Failure> {
     for route in &config.routes {
         starting.push(start_route(route, &config).await?);
     }
-    let healths: Vec<_> = starting.iter().map(|s| s.app.health()).collect();
     let http = match config.listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -165,7 +164,13 @@ pub(crate) async fn run(args: BridgeArgs) -> Result<(), Failure> {
                 .local_addr()
                 .map_err(|e| Failure::failed(e.to_string()))?;
             eprintln!("polybus bridge: http on http://{local} (/healthz /readyz /metrics)");
-            let server = http::Server::new(healths.clone(), move || handle.render());
+            let mut healths = starting.iter().map(|s| s.app.health());
+            let first = healths
+                .next()
+                .ok_or_else(|| Failure::usage("the config has no [[route]]"))?;
+            let server = healths
+                .fold(HealthServer::new(first), HealthServer::with)
+                .metrics(move || handle.render());
             let mut stop = stop_rx.clone();
             Some(tokio::spawn(server.serve(listener, async move {
                 let _ = stop.wait_for(|s| *s).await;

@@ -161,3 +161,28 @@ for f in text_string_to_metric_families(sys.stdin.read()):
         "families parsed: {families:?}"
     );
 }
+
+/// One server for several apps (`HealthServer::with`): ready only when every app is, and the
+/// bodies list each app's status in order.
+#[tokio::test]
+async fn one_server_answers_for_several_apps() {
+    async fn handle_event() {}
+    let running = App::new().route("orders", handle_event);
+    let idle = App::new().route("payments", handle_event);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = HealthServer::new(running.health()).with(idle.health());
+    tokio::spawn(server.serve(listener, std::future::pending()));
+
+    let _t = TestApp::start(running).await.unwrap();
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body, "not ready: Running Starting\n");
+    assert_eq!(
+        get(addr, "/healthz").await,
+        (200, "ok Running Starting\n".to_owned())
+    );
+
+    let _u = TestApp::start(idle).await.unwrap();
+    assert_eq!(get(addr, "/readyz").await, (200, "ready\n".to_owned()));
+}
