@@ -26,7 +26,9 @@ pub(crate) const CONTENT_TYPE: &str = "content-type";
 pub(crate) struct Encoded {
     pub(crate) key: Option<Bytes>,
     pub(crate) value: Bytes,
-    pub(crate) headers: OwnedHeaders,
+    /// `None` for a record without headers (a lean record of a bare event): librdkafka then
+    /// allocates no header list for it.
+    pub(crate) headers: Option<OwnedHeaders>,
     /// key + value + header names and values, in bytes.
     pub(crate) size: usize,
 }
@@ -144,7 +146,7 @@ pub(crate) fn encode(ev: &Event, mode: Mode, keys: &KeyMapper) -> Result<Encoded
     Ok(Encoded {
         key,
         value,
-        headers,
+        headers: Some(headers),
         size,
     })
 }
@@ -168,7 +170,7 @@ pub(crate) fn encode_lean(ev: &Event, keys: &KeyMapper) -> Result<Encoded> {
         return Ok(Encoded {
             key,
             value,
-            headers: OwnedHeaders::new(),
+            headers: None,
             size,
         });
     }
@@ -188,7 +190,7 @@ pub(crate) fn encode_lean(ev: &Event, keys: &KeyMapper) -> Result<Encoded> {
     Ok(Encoded {
         key,
         value,
-        headers,
+        headers: Some(headers),
         size,
     })
 }
@@ -321,8 +323,9 @@ pub(crate) fn millis(t: SystemTime) -> Option<i64> {
 mod tests {
     use super::*;
 
-    fn names(h: &OwnedHeaders) -> Vec<(String, String)> {
+    fn names(h: &Option<OwnedHeaders>) -> Vec<(String, String)> {
         h.iter()
+            .flat_map(|h| h.iter())
             .map(|h| {
                 (
                     h.key.to_owned(),
@@ -645,8 +648,9 @@ mod lean_tests {
         offset: 7,
     };
 
-    fn pairs(h: &OwnedHeaders) -> Vec<(String, Option<Vec<u8>>)> {
+    fn pairs(h: &Option<OwnedHeaders>) -> Vec<(String, Option<Vec<u8>>)> {
         h.iter()
+            .flat_map(|h| h.iter())
             .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
             .collect()
     }
@@ -671,7 +675,7 @@ mod lean_tests {
     fn a_bare_event_is_the_value_and_nothing_else() {
         let ev = Event::builder().data("hot").build().unwrap();
         let enc = encode_lean(&ev, &KeyMapper::EventKey).unwrap();
-        assert_eq!(enc.headers.count(), 0);
+        assert!(enc.headers.is_none(), "no header list at all");
         assert_eq!(enc.key, None);
         assert_eq!(enc.value, "hot");
         assert_eq!(enc.size, 3);

@@ -31,6 +31,7 @@ pub fn encode(event: &Event, mode: Mode) -> Result<Record> {
     let headers = enc
         .headers
         .iter()
+        .flat_map(|h| h.iter())
         .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
         .collect();
     Ok(Record {

@@ -235,7 +235,10 @@ impl KafkaProducer {
                 headers,
                 ..
             } = record;
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+            let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+            if let Some(headers) = headers {
+                record = record.headers(headers);
+            }
             if !value.is_empty() {
                 record = record.payload(&value[..]);
             }
@@ -289,7 +292,10 @@ impl KafkaProducer {
             headers,
             ..
         } = encoded;
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
         // Binary mode without data is a record without value (a tombstone), as the binding
         // says; structured mode always has a value.
         if !value.is_empty() {
