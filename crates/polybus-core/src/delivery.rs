@@ -184,6 +184,7 @@ pub struct Delivery {
     topic: Arc<str>,
     partition: Option<i32>,
     sequence: Option<u64>,
+    reply_to: Option<Arc<str>>,
     delivery_count: u32,
     acker: AckerSlot,
     span: Span,
@@ -263,6 +264,7 @@ impl Delivery {
             topic: topic.into(),
             partition: None,
             sequence: None,
+            reply_to: None,
             delivery_count: 1,
             acker: AckerSlot::new(acker),
             span: Span::none(),
@@ -277,6 +279,11 @@ impl Delivery {
     /// Sets the sequence / offset.
     pub fn with_sequence(mut self, sequence: u64) -> Self {
         self.sequence = Some(sequence);
+        self
+    }
+    /// Sets where the sender waits for a reply (the reply subject of a NATS request).
+    pub fn with_reply_to(mut self, reply_to: impl Into<Arc<str>>) -> Self {
+        self.reply_to = Some(reply_to.into());
         self
     }
     /// Sets how many times this message has been delivered (1 = first time).
@@ -362,6 +369,18 @@ impl Delivery {
     /// The sequence or offset, where the broker has one.
     pub fn sequence(&self) -> Option<u64> {
         self.sequence
+    }
+    /// Where the sender waits for a reply, when it sent a request the broker carries as such
+    /// (core NATS request-reply: the request's reply subject); `None` for a plain publish.
+    ///
+    /// ```
+    /// use polybus_core::{Delivery, Event, NoopAcker};
+    /// let d = Delivery::new(Event::new("ping"), "svc.echo", NoopAcker("nats"))
+    ///     .with_reply_to("_INBOX.abc.1");
+    /// assert_eq!(d.reply_to(), Some("_INBOX.abc.1"));
+    /// ```
+    pub fn reply_to(&self) -> Option<&str> {
+        self.reply_to.as_deref()
     }
     /// How many times this message has been delivered, 1 for the first time.
     pub fn delivery_count(&self) -> u32 {
@@ -463,6 +482,7 @@ impl fmt::Debug for Delivery {
             .field("topic", &self.topic)
             .field("partition", &self.partition)
             .field("sequence", &self.sequence)
+            .field("reply_to", &self.reply_to)
             .field("delivery_count", &self.delivery_count)
             .field("event", &self.event)
             .finish()

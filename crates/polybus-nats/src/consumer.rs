@@ -249,7 +249,14 @@ fn delivery(
         }
     };
     match decode_event(msg.headers.as_ref(), msg.payload, BACKEND) {
-        Ok(event) => Ok(telemetry.delivered(Delivery::new(event, topic, NoopAcker(BACKEND)))),
+        Ok(event) => {
+            let mut d = Delivery::new(event, topic, NoopAcker(BACKEND));
+            // A request: the requester waits on this subject (an allocation only for requests).
+            if let Some(reply) = msg.reply {
+                d = d.with_reply_to(reply.as_str());
+            }
+            Ok(telemetry.delivered(d))
+        }
         Err(e) => {
             telemetry.decode_failed(&e);
             Err(e)

@@ -1207,11 +1207,16 @@ async fn publish_all<P: Publisher>(publisher: &P, out: Vec<Outbound>) -> Result<
     Ok(())
 }
 
-/// Where a [`Reply`](crate::Reply) to `delivery` goes: its `x-reply-to` topic, with the
-/// request's id as the correlation id; a permanent `unsupported` failure without one.
+/// Where a [`Reply`](crate::Reply) to `delivery` goes: the broker's reply address when the
+/// request came as one (a core NATS request: [`Delivery::reply_to`]), else its `x-reply-to`
+/// topic, with the request's id as the correlation id; a permanent `unsupported` failure
+/// without either.
 fn reply_to(delivery: &Delivery, mut reply: Event) -> Result<Outbound, HandlerError> {
     let request = delivery.event();
-    let Some(topic) = request.headers().get(crate::REPLY_TO) else {
+    let Some(topic) = delivery
+        .reply_to()
+        .or_else(|| request.headers().get(crate::REPLY_TO))
+    else {
         return Err(HandlerError::permanent(polybus_core::Error::unsupported(
             "polybus-runtime",
             format!(

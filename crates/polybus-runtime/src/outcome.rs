@@ -88,10 +88,13 @@ pub const REPLY_TO: &str = "x-reply-to";
 /// The header a reply carries the request's `id` in (unless the handler set one).
 pub const CORRELATION_ID: &str = "x-correlation-id";
 
-/// A handler's reply to a request ([`Outcome::Reply`]): the event is published to the topic
-/// the request names in its [`REPLY_TO`] header, with the request's `id` in
-/// [`CORRELATION_ID`], and then the request is acknowledged. A request without a reply topic
-/// fails permanently (kind `unsupported`: dead-lettered), since nobody could get the answer.
+/// A handler's reply to a request ([`Outcome::Reply`]): the event is published to the
+/// request's reply address, with the request's `id` in [`CORRELATION_ID`], and then the
+/// request is acknowledged. The reply address is the broker's own where the request came as
+/// one (a core NATS request, as `NatsProducer::request` or `nats req` send it:
+/// [`Delivery::reply_to`](polybus_core::Delivery::reply_to)), else the topic the request names
+/// in its [`REPLY_TO`] header. A request with neither fails permanently (kind `unsupported`:
+/// dead-lettered), since nobody could get the answer.
 ///
 /// ```
 /// use polybus_core::Event;

@@ -9,4 +9,5 @@ mod conformance;
 #[cfg(feature = "http")]
 mod http;
 mod lifecycle;
+mod reply;
 mod support;
