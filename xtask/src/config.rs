@@ -173,6 +173,12 @@ impl Paths {
         self.venv().join("bin/python")
     }
 
+    /// `promtool` (Prometheus' checker of the text format), taken out of Debian's
+    /// `prometheus` package by [`crate::install::ensure_promtool`].
+    pub(crate) fn promtool(&self) -> PathBuf {
+        self.cache.join("promtool/promtool")
+    }
+
     /// The `--root` of `cargo install tansu`.
     pub(crate) fn tansu_root(&self) -> PathBuf {
         self.cache.join("tansu")
@@ -221,6 +227,7 @@ pub(crate) fn test_env(paths: &Paths) -> Result<Vec<(String, String)>> {
         ),
         ("POLYBUS_TANSU_BIN".into(), path(paths.bin(Broker::Kafka))),
         ("POLYBUS_PYTHON".into(), path(paths.python())),
+        ("POLYBUS_PROMTOOL".into(), path(paths.promtool())),
     ])
 }
 

@@ -164,6 +164,51 @@ pub(crate) fn ensure_python_packages(sh: &Shell, paths: &Paths) -> Result<()> {
     Ok(())
 }
 
+/// Makes sure `promtool` is in the cache: the CLI's bridge test checks its `/metrics` with
+/// `promtool check metrics`. Taken out of Debian's `prometheus` package (`apt-get download`,
+/// `dpkg-deb -x`: nothing installed system-wide, no service started).
+pub(crate) fn ensure_promtool(sh: &Shell, paths: &Paths) -> Result<()> {
+    let promtool = paths.promtool();
+    if promtool.exists() {
+        println!("promtool already installed at {}", promtool.display());
+        return Ok(());
+    }
+    println!(
+        "installing promtool (checks the bridge's /metrics) from Debian's prometheus package \
+         into {} (apt-get download + dpkg-deb -x, ~19 MB, a few seconds)",
+        promtool.display()
+    );
+    let dir = promtool
+        .parent()
+        .context("promtool path without a parent")?
+        .to_path_buf();
+    let work = dir.join("download");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let _cd = sh.push_dir(&work);
+    if cmd!(sh, "apt-get download prometheus").run().is_err() {
+        // No package lists yet on a fresh machine.
+        cmd!(sh, "apt-get update")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()?;
+        cmd!(sh, "apt-get download prometheus")
+            .run()
+            .context("apt-get download prometheus failed (needs the Debian mirrors)")?;
+    }
+    let deb = fs::read_dir(&work)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    cmd!(sh, "dpkg-deb -x {deb} extracted").run()?;
+    fs::rename(work.join("extracted/usr/bin/promtool"), &promtool)
+        .context("the prometheus package has no usr/bin/promtool")?;
+    fs::remove_dir_all(&work)?;
+    let v = version(&promtool, "--version").unwrap_or_default();
+    println!("promtool installed at {} ({v})", promtool.display());
+    Ok(())
+}
+
 fn ensure_mosquitto(sh: &Shell) -> Result<()> {
     let sub = ["/usr/bin/mosquitto_sub", "/usr/local/bin/mosquitto_sub"]
         .into_iter()

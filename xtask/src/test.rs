@@ -52,6 +52,7 @@ pub(crate) fn run_tests(sh: &Shell, paths: &Paths, extra: &[String]) -> Result<(
     }
     ensure_nextest(sh)?;
     install::ensure_python_packages(sh, paths)?;
+    install::ensure_promtool(sh, paths)?;
     let cargo = cargo();
 
     // The exactly-once Kafka test needs Apache Kafka (tansu has no transactions). Without one

@@ -410,6 +410,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         P: Publisher + 'static,
         F: Future<Output = ()> + Send,
     {
+        crate::metrics::describe();
         let caps = consumer.capabilities();
         let redeliver = match self.retry_mode {
             RetryMode::Redeliver => true,

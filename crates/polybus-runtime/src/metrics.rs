@@ -12,6 +12,24 @@ pub const HANDLER_DURATION: &str = "polybus_runtime_handler_duration_seconds";
 /// Counter: handler calls that panicked (caught; the event failed).
 pub const PANICS: &str = "polybus_runtime_handler_panics_total";
 
+/// Registers the description and unit of the runtime's metrics with the installed recorder
+/// (Prometheus `# HELP` lines). Every app calls it when it starts running.
+pub fn describe() {
+    metrics::describe_counter!(
+        SETTLED,
+        "Events settled by the runtime, by what was done (label outcome)"
+    );
+    metrics::describe_histogram!(
+        HANDLER_DURATION,
+        metrics::Unit::Seconds,
+        "How long handler calls took (a batch handler's call counts once)"
+    );
+    metrics::describe_counter!(
+        PANICS,
+        "Handler calls that panicked (caught; the event failed)"
+    );
+}
+
 pub(crate) fn settled(s: &Settlement) {
     let outcome = match s {
         Settlement::Acked => "acked",

@@ -52,6 +52,31 @@ const PUBLISH_SECONDS: &str = "polybus_bridge_publish_duration_seconds";
 /// Gauge, label `route`: 1 while the route runs (subscribed), 0 otherwise.
 const UP: &str = "polybus_bridge_route_up";
 
+/// The bridge's `# HELP` lines (the runtime and the adapters describe their own).
+fn describe_metrics() {
+    metrics::describe_counter!(
+        FORWARDED,
+        "Events published to the sink and then acked at the source (label route)"
+    );
+    metrics::describe_counter!(
+        FILTERED,
+        "Events the route's filter skipped: acked, not forwarded (label route)"
+    );
+    metrics::describe_counter!(
+        FAILED,
+        "Sink publishes that failed, each retried or dead-lettered (label route)"
+    );
+    metrics::describe_histogram!(
+        PUBLISH_SECONDS,
+        metrics::Unit::Seconds,
+        "How long a sink publish took until acknowledged (label route)"
+    );
+    metrics::describe_gauge!(
+        UP,
+        "1 while the route runs (subscribed), 0 otherwise (label route)"
+    );
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct BridgeArgs {
     /// The config file (TOML).
@@ -148,6 +173,7 @@ pub(crate) async fn run(args: BridgeArgs) -> Result<(), Failure> {
     let handle = recorder.handle();
     // Only fails when a recorder is already set, which nothing else here does.
     let _ = metrics::set_global_recorder(recorder);
+    describe_metrics();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // Connect every route first: a broker that cannot be reached fails the start.
