@@ -235,19 +235,7 @@ impl KafkaProducer {
                 headers,
                 ..
             } = record;
-            let mut record = FutureRecord::<[u8], [u8]>::to(topic);
-            if let Some(headers) = headers {
-                record = record.headers(headers);
-            }
-            if !value.is_empty() {
-                record = record.payload(&value[..]);
-            }
-            if let Some(k) = key.as_deref() {
-                record = record.key(k);
-            }
-            if let Some(ms) = timestamp {
-                record = record.timestamp(ms);
-            }
+            let mut record = future_record(topic, key.as_deref(), &value, headers, timestamp);
             loop {
                 match self.inner.producer.send_result(record) {
                     Ok(delivery) => {
@@ -292,21 +280,13 @@ impl KafkaProducer {
             headers,
             ..
         } = encoded;
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic);
-        if let Some(headers) = headers {
-            record = record.headers(headers);
-        }
-        // Binary mode without data is a record without value (a tombstone), as the binding
-        // says; structured mode always has a value.
-        if !value.is_empty() {
-            record = record.payload(&value[..]);
-        }
-        if let Some(k) = key.as_deref() {
-            record = record.key(k);
-        }
-        if let Some(ms) = convert::millis(event.time()) {
-            record = record.timestamp(ms);
-        }
+        let record = future_record(
+            topic,
+            key.as_deref(),
+            &value,
+            headers,
+            convert::millis(event.time()),
+        );
         // Timeout::Never: when the local queue is full, wait and retry; never drop.
         match self.inner.producer.send(record, Timeout::Never).await {
             Ok(d) => {
@@ -380,4 +360,31 @@ impl Publisher for KafkaProducer {
     async fn close(&self) -> Result<()> {
         KafkaProducer::close(self).await
     }
+}
+
+/// The librdkafka record for `topic`: the headers moved in, key and value borrowed. An empty
+/// value is a record without value (a tombstone: binary mode without data, as the binding
+/// says; structured mode always has a value).
+#[inline]
+fn future_record<'a>(
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    headers: Option<rdkafka::message::OwnedHeaders>,
+    timestamp: Option<i64>,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic);
+    if let Some(headers) = headers {
+        record = record.headers(headers);
+    }
+    if !value.is_empty() {
+        record = record.payload(value);
+    }
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(ms) = timestamp {
+        record = record.timestamp(ms);
+    }
+    record
 }
