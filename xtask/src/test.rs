@@ -61,15 +61,15 @@ pub(crate) fn run_tests(sh: &Shell, paths: &Paths, extra: &[String]) -> Result<(
     for what in &skipped {
         println!("test: skipping {what}");
     }
-    let filter = if skipped.is_empty() {
-        Vec::new()
+    let args = if skipped.is_empty() {
+        extra.to_vec()
     } else {
-        vec!["-E".to_owned(), format!("not test({TXN_TEST})")]
+        excluding(extra, &format!("test({TXN_TEST})"))
     };
     println!("test: cargo nextest run (all features, ignored tests included)");
     let nextest = cmd!(
         sh,
-        "{cargo} nextest run --workspace --all-features --run-ignored all --no-fail-fast {filter...} {extra...}"
+        "{cargo} nextest run --workspace --all-features --run-ignored all --no-fail-fast {args...}"
     )
     .envs(env.iter().map(|(k, v)| (k, v)))
     .run();
@@ -85,6 +85,41 @@ pub(crate) fn run_tests(sh: &Shell, paths: &Paths, extra: &[String]) -> Result<(
         (Ok(()), Err(_)) => bail!("doc tests failed (see above)"),
         (Err(_), Err(_)) => bail!("nextest and the doc tests failed (see above)"),
     }
+}
+
+/// `args` (nextest's) with `skip` filtered out. nextest ORs several `-E` filters, so a
+/// separate `-E "not ..."` would run every test beside the caller's selection: the caller's
+/// expressions are joined and ANDed with it instead.
+fn excluding(args: &[String], skip: &str) -> Vec<String> {
+    let mut rest = Vec::with_capacity(args.len() + 2);
+    let mut chosen = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-E" | "--filterset" | "--filter-expr" => chosen.extend(it.next().cloned()),
+            _ => match a
+                .strip_prefix("-E=")
+                .or_else(|| a.strip_prefix("--filterset="))
+                .or_else(|| a.strip_prefix("--filter-expr="))
+            {
+                Some(expr) => chosen.push(expr.to_owned()),
+                None => rest.push(a.clone()),
+            },
+        }
+    }
+    let expr = if chosen.is_empty() {
+        format!("not {skip}")
+    } else {
+        let any = chosen
+            .iter()
+            .map(|e| format!("({e})"))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        format!("({any}) and not {skip}")
+    };
+    rest.push("-E".to_owned());
+    rest.push(expr);
+    rest
 }
 
 fn ensure_nextest(sh: &Shell) -> Result<()> {
@@ -105,4 +140,27 @@ fn ensure_nextest(sh: &Shell) -> Result<()> {
     );
     cmd!(sh, "{cargo} install cargo-nextest --locked").run()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::excluding;
+
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn the_skip_is_anded_with_the_callers_filters() {
+        let skip = "test(txn)";
+        assert_eq!(excluding(&[], skip), strings(&["-E", "not test(txn)"]));
+        assert_eq!(
+            excluding(&strings(&["-E", "test(a)", "--no-capture"]), skip),
+            strings(&["--no-capture", "-E", "((test(a))) and not test(txn)"])
+        );
+        assert_eq!(
+            excluding(&strings(&["-E=test(a)", "--filterset", "test(b)"]), skip),
+            strings(&["-E", "((test(a)) or (test(b))) and not test(txn)"])
+        );
+    }
 }
