@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kafka_host, mqtt_host, nats_host, polybus, python, unique};
+use common::{kafka_host, mqtt_host, nats_host, polybus, python, stderr_lines, unique};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())
@@ -58,15 +58,7 @@ impl Bridge {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn polybus bridge");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stderr_lines(&mut child);
         let mut seen = Vec::new();
         let mut http = String::new();
         loop {

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
-use common::{env_or, kafka_host, mqtt_host, nats_host, polybus, python, unique};
+use common::{env_or, kafka_host, mqtt_host, nats_host, polybus, python, stderr_lines, unique};
 
 /// A running `polybus tail ... --ready`: spawned, and subscribed once `start` returns.
 struct Tail {
@@ -26,15 +26,7 @@ impl Tail {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn polybus tail");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = stderr_lines(&mut child);
         // The signal: tail saw its own probe come back, so it is subscribed.
         let mut seen = Vec::new();
         loop {

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)] // each test binary uses its own part
 
-use std::process::Command;
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command};
+use std::sync::mpsc;
 
 /// The built `polybus`, without credentials from the environment.
 pub(crate) fn polybus() -> Command {
@@ -58,4 +60,18 @@ pub(crate) fn unique(prefix: &str) -> String {
         std::process::id(),
         nanos % 1_000_000_000_000
     )
+}
+
+/// The lines `child` writes to its piped stderr, as they come (read on a thread of their own).
+pub(crate) fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
