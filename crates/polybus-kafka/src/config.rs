@@ -163,6 +163,7 @@ pub struct KafkaConfig {
     key_mapper: KeyMapper,
     lag_interval: Duration,
     max_in_flight: usize,
+    start_time: Option<std::time::SystemTime>,
 }
 
 /// The default `message.max.bytes`.
@@ -202,7 +203,40 @@ impl KafkaConfig {
             key_mapper: KeyMapper::EventKey,
             lag_interval: Duration::from_secs(10),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            start_time: None,
         }
+    }
+
+    /// Starts consumers at a point in time: a partition for which the group has no committed
+    /// offset starts at the first record whose timestamp is at or after `time` (Kafka's
+    /// ListOffsets by timestamp, librdkafka's `offsets_for_times`), or at the end of the
+    /// partition when there is no such record. Partitions with a committed offset resume
+    /// there, as always; `None` (the default) leaves new partitions to `auto.offset.reset`.
+    ///
+    /// The lookup runs when partitions are assigned (on the thread polling the consumer,
+    /// bounded by the [connect timeout](Self::with_connect_timeout)). If the broker cannot
+    /// answer it, the subscription yields one error ([`ErrorKind::Unsupported`] when the
+    /// broker does not know the request) and the partitions start at `auto.offset.reset`.
+    ///
+    /// A record's timestamp is its producer's `CreateTime` unless the topic says
+    /// `LogAppendTime`; producers that set times of their own make "after `time`" mean what
+    /// they wrote.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use polybus_kafka::KafkaConfig;
+    /// let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    /// let cfg = KafkaConfig::new("localhost:9092", "audit").with_start_time(Some(an_hour_ago));
+    /// assert_eq!(cfg.start_time(), Some(an_hour_ago));
+    /// ```
+    pub fn with_start_time(mut self, time: Option<std::time::SystemTime>) -> Self {
+        self.start_time = time;
+        self
+    }
+
+    /// The start time set with [`with_start_time`](Self::with_start_time).
+    pub fn start_time(&self) -> Option<std::time::SystemTime> {
+        self.start_time
     }
 
     /// At most `n` deliveries of one subscription are unsettled at once (default
@@ -803,6 +837,7 @@ impl fmt::Debug for KafkaConfig {
             .field("key_mapper", &self.key_mapper)
             .field("lag_interval", &self.lag_interval)
             .field("max_in_flight", &self.max_in_flight)
+            .field("start_time", &self.start_time)
             .finish()
     }
 }

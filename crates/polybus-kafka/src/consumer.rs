@@ -15,10 +15,11 @@ use polybus_core::{
 };
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, ConsumerGroupMetadata, Rebalance,
-    StreamConsumer,
+    RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -139,6 +140,111 @@ struct Ctx {
     tracker: Arc<Mutex<Tracker>>,
     flight: Arc<Flight>,
     telemetry: polybus_core::telemetry::Telemetry,
+    start: Option<Arc<StartAt>>,
+}
+
+/// [`KafkaConfig::with_start_time`]: where newly assigned partitions without a committed
+/// offset start, and the error of the last lookup for the reader to yield.
+struct StartAt {
+    /// Milliseconds since the Unix epoch (Kafka record timestamps).
+    millis: i64,
+    timeout: Duration,
+    error: Mutex<Option<Error>>,
+    /// Partitions positioned by time that have not yet delivered a record at or after it:
+    /// records before the time are skipped there (settled, not delivered). Kafka answers
+    /// the first offset at or after the time, so this skips nothing; tansu 0.6.0 answers
+    /// offset 0 when no record is that late (docs/BROKER-NOTES.md), and this keeps the
+    /// subscription from replaying the partition then.
+    seeking: Mutex<std::collections::HashSet<(String, i32)>>,
+}
+
+impl StartAt {
+    fn new(time: std::time::SystemTime, timeout: Duration) -> StartAt {
+        let millis = match time.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            Err(_) => 0, // before 1970: every record is after it
+        };
+        StartAt {
+            millis,
+            timeout,
+            error: Mutex::new(None),
+            seeking: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// Whether a record of `timestamp` (milliseconds) on a partition positioned by time is
+    /// before the start time and so skipped; the first one that is not ends the skipping on
+    /// its partition.
+    fn skips(&self, topic: &str, partition: i32, timestamp: Option<i64>) -> bool {
+        let Ok(mut seeking) = self.seeking.lock() else {
+            return false;
+        };
+        if seeking.is_empty() || !seeking.contains(&(topic.to_owned(), partition)) {
+            return false;
+        }
+        if timestamp.is_some_and(|t| t < self.millis) {
+            return true;
+        }
+        seeking.remove(&(topic.to_owned(), partition));
+        false
+    }
+
+    /// Sets the offset of every partition of `tpl` the group has no committed offset for to
+    /// the first record at or after the start time (the end when there is none).
+    fn apply(&self, base: &BaseConsumer<Ctx>, tpl: &mut TopicPartitionList) -> Result<()> {
+        if let Ok(mut seeking) = self.seeking.lock() {
+            for e in tpl.elements() {
+                seeking.remove(&(e.topic().to_owned(), e.partition()));
+            }
+        }
+        let committed = base
+            .committed_offsets(tpl.clone(), self.timeout)
+            .map_err(|e| start_error(e, "reading committed offsets"))?;
+        let mut times = TopicPartitionList::new();
+        for e in committed.elements() {
+            if !matches!(e.offset(), Offset::Offset(_)) {
+                times
+                    .add_partition_offset(e.topic(), e.partition(), Offset::Offset(self.millis))
+                    .map_err(|e| start_error(e, "listing offsets by time"))?;
+            }
+        }
+        if times.count() == 0 {
+            return Ok(());
+        }
+        let offsets = base
+            .offsets_for_times(times, self.timeout)
+            .map_err(|e| start_error(e, "listing offsets by time"))?;
+        for e in offsets.elements() {
+            if let Err(err) = e.error() {
+                return Err(start_error(err, "listing offsets by time"));
+            }
+            // librdkafka answers -1 (End) for a partition without a record that late.
+            let offset = match e.offset() {
+                Offset::Offset(o) if o >= 0 => Offset::Offset(o),
+                _ => Offset::End,
+            };
+            tpl.set_partition_offset(e.topic(), e.partition(), offset)
+                .map_err(|e| start_error(e, "setting the start offsets"))?;
+            if let Ok(mut seeking) = self.seeking.lock() {
+                seeking.insert((e.topic().to_owned(), e.partition()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error of the start-time lookup: `Unsupported` when the broker does not know the
+/// request (or its version).
+fn start_error(e: KafkaError, doing: &str) -> Error {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    match crate::error::code_of(&e) {
+        Some(C::UnsupportedVersion | C::UnsupportedFeature | C::InvalidRequest) => {
+            Error::new(ErrorKind::Unsupported, BACKEND).with_message(format!(
+                "{doing} for the start time: the broker does not support it ({e})"
+            ))
+        }
+        _ => from_kafka(e, format!("{doing} for the start time")),
+    }
 }
 
 impl ClientContext for Ctx {
@@ -159,6 +265,48 @@ impl ClientContext for Ctx {
 }
 
 impl ConsumerContext for Ctx {
+    /// rdkafka's default rebalance (pre-rebalance, assign or unassign for the group's
+    /// protocol, post-rebalance), with the start time applied to an assignment first.
+    fn rebalance(
+        &self,
+        base: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        if assign
+            && let Some(start) = &self.start
+            && let Err(e) = start.apply(base, tpl)
+        {
+            tracing::warn!(target: "polybus_kafka", "start time: {e}");
+            if let Ok(mut slot) = start.error.lock() {
+                *slot = Some(e);
+            }
+            self.flight.changed.notify_one();
+        }
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            other => {
+                let code: rdkafka::error::RDKafkaErrorCode = other.into();
+                tracing::error!(target: "polybus_kafka", "rebalance error: {code}");
+                Rebalance::Error(KafkaError::Rebalance(code))
+            }
+        };
+        self.pre_rebalance(base, &rebalance);
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let done = match (assign, cooperative) {
+            (true, true) => base.incremental_assign(tpl),
+            (true, false) => base.assign(tpl),
+            (false, true) => base.incremental_unassign(tpl),
+            (false, false) => base.unassign(),
+        };
+        if let Err(e) = done {
+            tracing::error!(target: "polybus_kafka", "rebalance: {e}");
+        }
+        self.post_rebalance(base, &rebalance);
+    }
+
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             // Commit what was acknowledged before the partitions go to another member. Async:
@@ -196,6 +344,8 @@ struct Core {
     group: String,
     timeout: Duration,
     telemetry: polybus_core::telemetry::Telemetry,
+    /// The start time's lookup, shared with the context (which records its errors).
+    start: Option<Arc<StartAt>>,
 }
 
 impl Core {
@@ -208,12 +358,16 @@ impl Core {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let flight = Flight::new(cfg.max_in_flight());
         let telemetry = polybus_core::telemetry::Telemetry::new(BACKEND);
+        let start = cfg
+            .start_time()
+            .map(|t| Arc::new(StartAt::new(t, cfg.connect_timeout())));
         let consumer: Native = cfg
             .consumer_client_config(group)
             .create_with_context(Ctx {
                 tracker: Arc::clone(&tracker),
                 flight: Arc::clone(&flight),
                 telemetry: telemetry.clone(),
+                start: start.clone(),
             })
             .map_err(|e| from_kafka(e, "creating the consumer"))?;
         Ok(Arc::new(Core {
@@ -224,6 +378,7 @@ impl Core {
             group: group.to_owned(),
             timeout: cfg.connect_timeout(),
             telemetry,
+            start,
         }))
     }
 
@@ -598,6 +753,16 @@ impl Reader {
             self.subscribed = true;
         }
         loop {
+            // A failed start-time lookup is reported once; the partitions went on from
+            // auto.offset.reset.
+            if let Some(e) = self
+                .core
+                .start
+                .as_ref()
+                .and_then(|s| s.error.lock().ok()?.take())
+            {
+                return Some(Err(e));
+            }
             // Due local redeliveries first, in the order they became due.
             let (wake, read) = match self.flight.step(Instant::now()) {
                 Step::Redeliver(p) => {
@@ -637,6 +802,10 @@ impl Reader {
                         let topic: Arc<str> = Arc::from(m.topic());
                         let (partition, offset) = (m.partition(), m.offset());
                         let epoch = self.core.tracker.lock().map(|mut t| t.delivered(&topic, partition, offset)).unwrap_or(0);
+                        if self.core.start.as_ref().is_some_and(|s| s.skips(&topic, partition, m.timestamp().to_millis())) {
+                            settle_offset(&self.core, &topic, partition, offset, epoch);
+                            continue;
+                        }
                         match convert::decode(&m) {
                             Ok(ev) => {
                                 self.flight.taken();

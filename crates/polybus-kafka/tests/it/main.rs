@@ -11,5 +11,6 @@ mod hostile;
 mod interop;
 mod resilience;
 mod security;
+mod start_time;
 mod tansu;
 mod transactions;

@@ -99,3 +99,72 @@ async fn memory_storage_skips_the_rest_of_a_batch_fetched_from_inside_it() -> an
     );
     Ok(())
 }
+
+/// tansu 0.6.0 answers ListOffsets by timestamp (librdkafka's `offsets_for_times`) for a time
+/// after every record of a partition with offset 0, where Kafka answers -1 (the end); for a
+/// time between records it answers the first record at or after it, as Kafka does. The
+/// polybus consumer's start time (`KafkaConfig::with_start_time`) skips records before the
+/// time because of it (test `a_start_time_after_every_record_reads_only_newer_ones`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs brokers: cargo xtask test"]
+async fn offsets_for_a_time_after_every_record_are_zero() -> anyhow::Result<()> {
+    let brokers = crate::common::brokers();
+    let t = topic("tansu-times");
+    KafkaAdmin::new(&KafkaConfig::new(&brokers, "admin"))?
+        .create_topic(&t, 1, 1)
+        .await?;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()?;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    let send = async |payload: &str| -> anyhow::Result<i64> {
+        let d = producer
+            .send(
+                FutureRecord::<(), _>::to(&t).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        Ok(d.offset)
+    };
+    send("a").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let between = now_ms();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let b = send("b").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = now_ms();
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "tansu-times")
+        .create()?;
+    let lookup = move |ms: i64| -> anyhow::Result<Offset> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&t, 0, Offset::Offset(ms))?;
+        let got = consumer.offsets_for_times(tpl, Duration::from_secs(10))?;
+        let e = got.elements();
+        let e = e.first().ok_or_else(|| anyhow::anyhow!("no partition"))?;
+        e.error()?;
+        Ok(e.offset())
+    };
+    let (at_between, at_after) = tokio::task::spawn_blocking(move || {
+        Ok::<_, anyhow::Error>((lookup(between)?, lookup(after)?))
+    })
+    .await??;
+    ensure!(
+        at_between == Offset::Offset(b),
+        "between: {at_between:?}, b is at {b}"
+    );
+    ensure!(
+        at_after == Offset::Offset(0),
+        "tansu now answers {at_after:?} for a time after every record: if that is the end \
+         (Offset::End), the quirk is gone; update docs/BROKER-NOTES.md and the comment of \
+         StartAt::seeking in polybus-kafka's consumer"
+    );
+    Ok(())
+}
