@@ -8,11 +8,11 @@
 use std::time::Instant;
 
 use anyhow::{Result, anyhow};
-use async_nats::jetstream::{self, stream::StorageType};
 use polybus_core::{Event, Publisher};
 use polybus_jetstream::JsOptions;
 use polybus_kafka::{KafkaAdmin, KafkaConfig, KafkaProducer};
 
+use super::jetstream::fresh_stream;
 use super::{Env, payload, windowed};
 use crate::child::{ChildArgs, Outcome};
 use crate::hist::Latency;
@@ -62,18 +62,7 @@ pub(crate) async fn jetstream(env: &Env, a: &ChildArgs, meter: &Meter) -> Result
         format!("BENCH_BATCH_{}", a.tag),
         format!("bench.batch.{}", a.tag),
     );
-    let client = async_nats::connect(env.nats_url.as_str()).await?;
-    let admin = jetstream::new(client);
-    let _ = admin.delete_stream(&stream).await;
-    admin
-        .create_stream(jetstream::stream::Config {
-            name: stream.clone(),
-            subjects: vec![subject.clone()],
-            storage: StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| anyhow!("creating stream {stream}: {e}"))?;
+    let admin = fresh_stream(env, &stream, &subject).await?;
     let js = JsOptions::new(env.nats_url.as_str()).connect().await?;
     let p = js.producer();
     let elapsed = run(&p, &subject, a, meter).await;

@@ -36,21 +36,33 @@ async fn raw_context(env: &Env) -> Result<jetstream::Context> {
     Ok(jetstream::new(client))
 }
 
-/// Publishes N messages with `window` publishes awaiting their ack at once, into a fresh
-/// stream (file storage, polybus' default) that the harness creates for both sides alike.
-pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<Outcome> {
-    let (stream, subject) = names(&a.tag);
+/// Connects a raw JetStream context and makes `stream` (file storage, polybus' default) over
+/// `subject` afresh: a stream of that name left by an earlier run is deleted first. The
+/// workloads that store events make their stream with it and delete it with the context.
+pub(crate) async fn fresh_stream(
+    env: &Env,
+    stream: &str,
+    subject: &str,
+) -> Result<jetstream::Context> {
     let admin = raw_context(env).await?;
-    let _ = admin.delete_stream(&stream).await;
+    let _ = admin.delete_stream(stream).await;
     admin
         .create_stream(jetstream::stream::Config {
-            name: stream.clone(),
-            subjects: vec![subject.clone()],
+            name: stream.to_owned(),
+            subjects: vec![subject.to_owned()],
             storage: StorageType::File,
             ..Default::default()
         })
         .await
         .map_err(|e| anyhow!("creating stream {stream}: {e}"))?;
+    Ok(admin)
+}
+
+/// Publishes N messages with `window` publishes awaiting their ack at once, into a fresh
+/// stream (file storage, polybus' default) that the harness creates for both sides alike.
+pub(crate) async fn publish(env: &Env, a: &ChildArgs, meter: &Meter) -> Result<Outcome> {
+    let (stream, subject) = names(&a.tag);
+    let admin = fresh_stream(env, &stream, &subject).await?;
 
     let data = payload(a.size);
     let mut latency = Latency::new();

@@ -22,14 +22,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, anyhow, bail};
-use async_nats::jetstream::{self, stream::StorageType};
+use anyhow::{Result, anyhow, bail};
+use async_nats::jetstream;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use polybus_core::{Consumer as _, Delivery, Event, Publisher as _};
 use polybus_jetstream::JsOptions;
 use polybus_runtime::{App, Data, Json, Key, State};
 
+use super::jetstream::fresh_stream;
 use super::{Consumed, Env, consume_n, decode_order};
 use crate::child::{ChildArgs, Outcome};
 use crate::meter::Meter;
@@ -50,20 +51,7 @@ fn names(tag: &str) -> (String, String) {
 /// another (each key's events stored in `id` order), else 256 at once.
 async fn prefill(env: &Env, tag: &str, n: u64, in_order: bool) -> Result<jetstream::Context> {
     let (stream, subject) = names(tag);
-    let client = async_nats::connect(env.nats_url.as_str())
-        .await
-        .with_context(|| format!("connecting to {}", env.nats_url))?;
-    let admin = jetstream::new(client);
-    let _ = admin.delete_stream(&stream).await;
-    admin
-        .create_stream(jetstream::stream::Config {
-            name: stream.clone(),
-            subjects: vec![subject.clone()],
-            storage: StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| anyhow!("creating stream {stream}: {e}"))?;
+    let admin = fresh_stream(env, &stream, &subject).await?;
     let js = JsOptions::new(env.nats_url.as_str()).connect().await?;
     let p = js.producer();
     let event = |id: u64| {
