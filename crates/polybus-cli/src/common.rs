@@ -199,10 +199,9 @@ impl Target {
         let fail = |e: polybus::Error| self.fail(&e, doing);
         let tls = Tls::get();
         match self.scheme() {
-            "kafka" if tls.is_some() => Err(Failure::usage(
-                "TLS flags are not supported for kafka:// yet (polybus::connect's Kafka URL has \
-                 no TLS settings); use a plain listener or the library's KafkaConfig",
-            )),
+            "kafka" if tls.is_some() || self.param("start_time").is_some() => {
+                self.connect_kafka(tls).map_err(fail)
+            }
             "nats" if tls.is_some() => self.connect_nats().await.map_err(fail),
             "mqtt" if self.param("session_expiry").is_some() || tls.is_some() => {
                 self.connect_mqtt().await.map_err(fail)
@@ -231,6 +230,54 @@ impl Target {
     fn bad(&self, what: &str) -> polybus::Error {
         polybus::Error::new(ErrorKind::Unsupported, "polybus")
             .with_message(format!("{what} in {}", self.shown))
+    }
+
+    /// The Kafka configuration of a `kafka://` URL as [`polybus::connect`] reads it (`group`,
+    /// default `polybus`; `offset`; credentials as SASL with `sasl=plain|scram-sha-256|
+    /// scram-sha-512`, default SCRAM-SHA-512), plus what the command adds: the TLS flags
+    /// (`security.protocol` SSL or SASL_SSL, `ssl.ca.location`, `ssl.certificate.location`,
+    /// `ssl.key.location`) and `start_time=<RFC 3339>` (`tail --from <time>`).
+    pub(crate) fn kafka_config(
+        &self,
+        tls: Option<&Tls>,
+    ) -> polybus::Result<polybus::kafka::KafkaConfig> {
+        use polybus::kafka::{KafkaConfig, SaslMechanism};
+        let (host, info) = self.parts();
+        let group = self.param("group").map_or("polybus".into(), percent_decode);
+        let mut cfg = KafkaConfig::new(host, group)
+            .with_auto_offset_reset(self.param("offset").unwrap_or("earliest"));
+        if let Some(info) = info {
+            let (u, p) = info.split_once(':').unwrap_or((info, ""));
+            let mechanism = match self.param("sasl").unwrap_or("scram-sha-512") {
+                "plain" => SaslMechanism::Plain,
+                "scram-sha-256" => SaslMechanism::ScramSha256,
+                "scram-sha-512" => SaslMechanism::ScramSha512,
+                _ => return Err(self.bad("sasl is not plain, scram-sha-256 or scram-sha-512")),
+            };
+            cfg = cfg.with_sasl(mechanism, percent_decode(u), percent_decode(p));
+        }
+        if let Some(tls) = tls {
+            cfg = cfg.with_tls(true);
+            if let Some(ca) = &tls.ca {
+                cfg = cfg.with_tls_ca(ca.to_string_lossy());
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                cfg = cfg.with_tls_client_cert(cert.to_string_lossy(), key.to_string_lossy(), None);
+            }
+        }
+        if let Some(t) = self.param("start_time") {
+            let t = polybus::time::parse_rfc3339(&percent_decode(t))
+                .ok_or_else(|| self.bad("start_time is not an RFC 3339 time"))?;
+            cfg = cfg.with_start_time(Some(t));
+        }
+        Ok(cfg)
+    }
+
+    fn connect_kafka(&self, tls: Option<&Tls>) -> polybus::Result<(BoxPublisher, BoxConsumer)> {
+        let cfg = self.kafka_config(tls)?;
+        let publisher = polybus::kafka::KafkaProducer::new_with_config(&cfg)?;
+        let consumer = polybus::kafka::KafkaConsumer::new(&cfg)?;
+        Ok((publisher.boxed(), BoxConsumer::new(consumer)))
     }
 
     async fn connect_mqtt(&self) -> polybus::Result<(BoxPublisher, BoxConsumer)> {
@@ -406,6 +453,75 @@ mod tests {
         assert!(!f.message.contains("hunter2"), "{}", f.message);
         assert!(f.message.contains("kafka refused"), "{}", f.message);
         assert_eq!(Target::new("nope", None).unwrap_err().code, 2);
+    }
+
+    #[test]
+    fn kafka_tls_flags_and_credentials_map_to_librdkafka_properties() {
+        let tls = Tls {
+            ca: Some("/etc/ca.pem".into()),
+            cert: Some("/etc/client.pem".into()),
+            key: Some("/etc/client.key".into()),
+        };
+        let plain = Target::new("kafka://h:9093", None).unwrap();
+        let c = plain
+            .kafka_config(Some(&tls))
+            .unwrap()
+            .common_client_config();
+        assert_eq!(c.get("bootstrap.servers"), Some("h:9093"));
+        assert_eq!(c.get("security.protocol"), Some("SSL"));
+        assert_eq!(c.get("ssl.ca.location"), Some("/etc/ca.pem"));
+        assert_eq!(c.get("ssl.certificate.location"), Some("/etc/client.pem"));
+        assert_eq!(c.get("ssl.key.location"), Some("/etc/client.key"));
+        assert_eq!(c.get("sasl.mechanism"), None);
+
+        // Only a CA: server verification, no client certificate.
+        let ca_only = Tls {
+            ca: tls.ca.clone(),
+            ..Tls::default()
+        };
+        let c = plain
+            .kafka_config(Some(&ca_only))
+            .unwrap()
+            .common_client_config();
+        assert_eq!(c.get("security.protocol"), Some("SSL"));
+        assert_eq!(c.get("ssl.certificate.location"), None);
+
+        // Credentials and TLS: SASL over TLS, the mechanism from ?sasl=.
+        let sasl = Target::new("kafka://svc%40eu:p%3Ass@h:9093?sasl=plain&group=g", None).unwrap();
+        let cfg = sasl.kafka_config(Some(&tls)).unwrap();
+        assert_eq!(cfg.group_id(), "g");
+        let c = cfg.common_client_config();
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("sasl.mechanism"), Some("PLAIN"));
+        assert_eq!(c.get("sasl.username"), Some("svc@eu"));
+        assert_eq!(c.get("sasl.password"), Some("p:ss"));
+        assert!(!format!("{cfg:?}").contains("p:ss"));
+
+        // Credentials without TLS: SASL_PLAINTEXT, SCRAM-SHA-512 by default; no flags, no TLS.
+        let c = Target::new("kafka://u:p@h:9092", None)
+            .unwrap()
+            .kafka_config(None)
+            .unwrap()
+            .common_client_config();
+        assert_eq!(c.get("security.protocol"), Some("SASL_PLAINTEXT"));
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        let c = plain.kafka_config(None).unwrap().common_client_config();
+        assert_eq!(c.get("security.protocol"), None);
+
+        let bad = Target::new("kafka://u:p@h:9092?sasl=rot13", None).unwrap();
+        assert!(bad.kafka_config(None).is_err());
+    }
+
+    #[test]
+    fn kafka_start_time_comes_from_the_url() {
+        let t = Target::new("kafka://h:9092?start_time=2026-12-04T09%3A00%3A00Z", None).unwrap();
+        let cfg = t.kafka_config(None).unwrap();
+        assert_eq!(
+            cfg.start_time(),
+            polybus::time::parse_rfc3339("2026-12-04T09:00:00Z")
+        );
+        let bad = Target::new("kafka://h:9092?start_time=yesterday", None).unwrap();
+        assert!(bad.kafka_config(None).is_err());
     }
 
     #[test]

@@ -33,7 +33,7 @@ Exit codes:
   0  success (tail: --count events printed, or stopped with Ctrl-C; bridge: drained)
   1  the broker failed an operation (publish rejected, payload too large, ...)
   2  usage: bad arguments, bad config file, unknown URL scheme, invalid topic or header,
-     something the backend cannot do (tail --from <time> on Kafka, ...)
+     something the backend cannot do (tail --from earliest on core NATS or MQTT, ...)
   3  the broker could not be reached (connection refused, DNS, timeout)
   4  the broker refused the credentials or a permission
   5  tail --timeout expired before --count events arrived
@@ -41,7 +41,7 @@ Exit codes:
 Credentials go in the URL (scheme://user:password@host:port) or in POLYBUS_USER and
 POLYBUS_PASSWORD; they are never printed (errors show user:***@host). TLS: --tls-ca,
 --tls-cert, --tls-key (or POLYBUS_TLS_CA, POLYBUS_TLS_CERT, POLYBUS_TLS_KEY) on nats,
-jetstream and mqtt.";
+jetstream, kafka and mqtt (kafka: SSL, or SASL_SSL with credentials).";
 
 const COMPLETIONS_EXAMPLES: &str = "\
 Examples:
@@ -65,7 +65,8 @@ Examples:
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// CA certificate (PEM) to verify the broker with; turns TLS on (nats, jetstream, mqtt).
+    /// CA certificate (PEM) to verify the broker with; turns TLS on (nats, jetstream, kafka,
+    /// mqtt).
     #[arg(long, global = true, env = "POLYBUS_TLS_CA", value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
     /// Client certificate (PEM) for mutual TLS, with --tls-key.

@@ -17,6 +17,7 @@ Examples:
   polybus tail kafka://127.0.0.1:9092 orders --group debug --count 10 --json | jq .data
   polybus tail kafka://127.0.0.1:9092 orders --from latest
   polybus tail jetstream://127.0.0.1:4222 orders --from 2026-12-04T09:00:00Z --count 5
+  polybus tail kafka://127.0.0.1:9092 orders --from 10m --json
   polybus tail mqtt://user:secret@broker:1883 'sensors/+/temp' --no-ack
   polybus tail jetstream://127.0.0.1:4222 orders --count 1 --timeout 30";
 
@@ -40,9 +41,10 @@ pub(crate) struct TailArgs {
     /// fresh group of its own and reads from --from (earliest by default).
     #[arg(long, value_name = "G")]
     pub(crate) group: Option<String>,
-    /// Where to start: earliest, latest, or an RFC 3339 time. Kafka: earliest or latest
-    /// (for a group without committed offsets); JetStream: all three (for a new consumer);
-    /// core NATS and MQTT keep no history: latest only. Anything else exits 2.
+    /// Where to start: earliest, latest, an RFC 3339 time or a span back from now (10m, 2h,
+    /// 1d). Kafka: all (for partitions the group has no committed offset for; a time starts
+    /// at the first record at or after it); JetStream: all (for a new consumer); core NATS and
+    /// MQTT keep no history: latest only. Anything else exits 2.
     #[arg(long, value_name = "WHERE")]
     pub(crate) from: Option<String>,
     /// Do not settle what is printed, where the backend redelivers unsettled messages
@@ -59,6 +61,24 @@ pub(crate) struct TailArgs {
     pub(crate) ready: bool,
 }
 
+/// A `--from` time: RFC 3339, or a span back from now (`90s`, `10m`, `2h`, `1d`).
+pub(crate) fn parse_time(from: &str) -> Option<std::time::SystemTime> {
+    if let Some(t) = polybus::time::parse_rfc3339(from) {
+        return Some(t);
+    }
+    let unit = from.chars().last()?;
+    let secs_per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    let n: u64 = from[..from.len() - 1].parse().ok()?;
+    let back = Duration::from_secs(n.checked_mul(secs_per)?);
+    std::time::SystemTime::now().checked_sub(back)
+}
+
 /// `url` with `--from` turned into the backend's parameter, or a usage error where the
 /// backend cannot start there.
 pub(crate) fn with_from(url: &str, from: Option<&str>) -> Result<String, Failure> {
@@ -66,21 +86,28 @@ pub(crate) fn with_from(url: &str, from: Option<&str>) -> Result<String, Failure
         return Ok(url.to_owned());
     };
     let scheme = url.split_once("://").map_or("", |(s, _)| s);
-    let is_time = polybus::time::parse_rfc3339(from).is_some();
-    if !matches!(from, "earliest" | "latest") && !is_time {
-        return Err(Failure::usage(format!(
-            "--from {from:?}: give earliest, latest or an RFC 3339 time (2026-12-04T09:00:00Z)"
-        )));
-    }
+    let time = match from {
+        "earliest" | "latest" => None,
+        _ => Some(parse_time(from).ok_or_else(|| {
+            Failure::usage(format!(
+                "--from {from:?}: give earliest, latest, an RFC 3339 time \
+                 (2026-12-04T09:00:00Z) or a span back from now (90s, 10m, 2h, 1d)"
+            ))
+        })?),
+    };
     let sep = if url.contains('?') { '&' } else { '?' };
-    match (scheme, from) {
-        ("kafka", "earliest" | "latest") => Ok(format!("{url}{sep}offset={from}")),
-        ("kafka", _) => Err(Failure::usage(
-            "--from <time> is not supported on kafka yet (offsets by time are not exposed by \
-             polybus-kafka): use earliest or latest",
+    match (scheme, time) {
+        ("kafka", None) => Ok(format!("{url}{sep}offset={from}")),
+        ("kafka", Some(t)) => Ok(format!(
+            "{url}{sep}start_time={}",
+            percent_encode(&polybus::time::format_rfc3339(t))
         )),
-        ("jetstream", _) => Ok(format!("{url}{sep}deliver={}", percent_encode(from))),
-        (_, "latest") => Ok(url.to_owned()),
+        ("jetstream", None) => Ok(format!("{url}{sep}deliver={from}")),
+        ("jetstream", Some(t)) => Ok(format!(
+            "{url}{sep}deliver={}",
+            percent_encode(&polybus::time::format_rfc3339(t))
+        )),
+        (_, None) if from == "latest" => Ok(url.to_owned()),
         (s, _) => Err(Failure::usage(format!(
             "--from {from}: {s} keeps no history, a subscription sees what is published after \
              it (latest); kafka and jetstream can start earlier"
@@ -274,4 +301,44 @@ pub(crate) fn block(delivery: &polybus::Delivery, terminal: bool) -> String {
     }
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_becomes_the_backends_parameter() {
+        assert_eq!(
+            with_from("kafka://h:9092", Some("latest")).unwrap(),
+            "kafka://h:9092?offset=latest"
+        );
+        assert_eq!(
+            with_from("kafka://h:9092?group=g", Some("2026-12-04T09:00:00Z")).unwrap(),
+            "kafka://h:9092?group=g&start_time=2026-12-04T09%3A00%3A00.000000Z"
+        );
+        assert_eq!(
+            with_from("jetstream://h", Some("2026-12-04T09:00:00Z")).unwrap(),
+            "jetstream://h?deliver=2026-12-04T09%3A00%3A00.000000Z"
+        );
+        assert_eq!(with_from("mqtt://h", Some("latest")).unwrap(), "mqtt://h");
+        assert_eq!(with_from("mqtt://h", Some("10m")).unwrap_err().code, 2);
+        assert_eq!(with_from("kafka://h", Some("soon")).unwrap_err().code, 2);
+    }
+
+    #[test]
+    fn relative_times_count_back_from_now() {
+        let now = std::time::SystemTime::now();
+        for (text, secs) in [("90s", 90), ("10m", 600), ("2h", 7200), ("1d", 86_400)] {
+            let t = parse_time(text).unwrap();
+            let back = now.duration_since(t).unwrap_or_default().as_secs();
+            assert!(
+                (secs - 1..secs + 5).contains(&back),
+                "{text}: {back} s back"
+            );
+        }
+        for bad in ["", "m", "10", "10w", "-5m", "1.5h", "99999999999999999999d"] {
+            assert!(parse_time(bad).is_none(), "{bad}");
+        }
+    }
 }
