@@ -46,6 +46,8 @@ struct Bridge {
     child: Child,
     stderr: mpsc::Receiver<String>,
     http: String,
+    /// What it printed before `running`.
+    startup: Vec<String>,
 }
 
 impl Bridge {
@@ -80,6 +82,7 @@ impl Bridge {
             child,
             stderr: rx,
             http,
+            startup: seen,
         }
     }
 
@@ -257,8 +260,15 @@ enum Stop {
 
 /// Load through a bridge from `source` to Kafka; the bridge is stopped with `stop` once a
 /// quarter of the load came through, and restarted. Every event `pub` had acknowledged must
-/// reach the sink; duplicates are counted and printed.
-fn bridge_under_load(source_url: &str, source_topic: &str, pub_topic: &str, stop: Stop) {
+/// reach the sink; duplicates are counted and printed. `route_extra` is added to the route
+/// (`delivery = "spool"` ...).
+fn bridge_under_load(
+    source_url: &str,
+    source_topic: &str,
+    pub_topic: &str,
+    stop: Stop,
+    route_extra: &str,
+) {
     const N: usize = 2000;
     let kafka = format!("kafka://{}", kafka_host());
     let sink_topic = unique("cli-bridge-");
@@ -274,6 +284,7 @@ topic = "{source_topic}"
 to = "{kafka}"
 to_topic = "{sink_topic}"
 concurrency = 16
+{route_extra}
 "#
     ));
     // Creates the sink topic, so the reader can subscribe before the bridge writes.
@@ -283,6 +294,13 @@ concurrency = 16
         &sink_topic,
     );
     let bridge = Bridge::start(&config);
+    if route_extra.contains("spool") {
+        assert!(
+            bridge.startup.iter().any(|l| l.contains("(spool in ")),
+            "{:?}",
+            bridge.startup
+        );
+    }
     // The publishers connect without the bridge's parameters: an MQTT client with the
     // bridge's `client_id` would take its session over (the broker disconnects the holder of a
     // client id when another connects with it), receive its events without acking them and
@@ -314,6 +332,7 @@ concurrency = 16
         quarter >= N / 4,
         "only {quarter} events came through before the stop"
     );
+    let mut stop_log = Vec::new();
     let bridge = match stop {
         Stop::Kill => {
             bridge.kill();
@@ -321,6 +340,7 @@ concurrency = 16
         }
         Stop::Term => {
             let (status, stderr) = bridge.terminate();
+            stop_log.clone_from(&stderr);
             assert!(
                 status.success(),
                 "bridge after SIGTERM: {status:?} {stderr:?}"
@@ -352,11 +372,17 @@ concurrency = 16
     }
     let duplicates = ids.len() - per_id.len();
     eprintln!(
-        "bridge {source_url} -> kafka, {stop:?} mid-run: {N} acknowledged by the source, \
+        "bridge {source_url} -> kafka {}, {stop:?} mid-run: {N} acknowledged by the source, \
          {got} distinct at the sink ({} lost), {duplicates} duplicates, {:.1}s",
+        route_extra.replace('\n', " "),
         N - got,
         elapsed.as_secs_f64()
     );
+    for line in stop_log.iter().chain(&bridge.startup) {
+        if line.contains("spool") {
+            eprintln!("  {line}");
+        }
+    }
     assert_eq!(got, N, "events lost: {} of {N}", N - got);
     let (status, stderr) = bridge.terminate();
     assert!(status.success(), "{stderr:?}");
@@ -371,7 +397,13 @@ fn bridge_mqtt_to_kafka_loses_nothing_when_sigkilled_mid_run() {
         mqtt_host()
     );
     let topic = format!("cli/bridge/{u}/dev7");
-    bridge_under_load(&source, &format!("cli/bridge/{u}/+"), &topic, Stop::Kill);
+    bridge_under_load(
+        &source,
+        &format!("cli/bridge/{u}/+"),
+        &topic,
+        Stop::Kill,
+        "",
+    );
 }
 
 #[test]
@@ -383,7 +415,13 @@ fn bridge_mqtt_to_kafka_drains_on_sigterm() {
         mqtt_host()
     );
     let topic = format!("cli/bridge/{u}/dev7");
-    bridge_under_load(&source, &format!("cli/bridge/{u}/+"), &topic, Stop::Term);
+    bridge_under_load(
+        &source,
+        &format!("cli/bridge/{u}/+"),
+        &topic,
+        Stop::Term,
+        "",
+    );
 }
 
 #[test]
@@ -391,7 +429,7 @@ fn bridge_mqtt_to_kafka_drains_on_sigterm() {
 fn bridge_nats_to_kafka_loses_nothing_when_sigkilled_mid_run() {
     let topic = unique("cli_bridge_js_");
     let source = format!("jetstream://{}?group={topic}&ack_wait=2", nats_host());
-    bridge_under_load(&source, &topic, &topic, Stop::Kill);
+    bridge_under_load(&source, &topic, &topic, Stop::Kill, "");
 }
 
 #[test]
@@ -399,7 +437,44 @@ fn bridge_nats_to_kafka_loses_nothing_when_sigkilled_mid_run() {
 fn bridge_nats_to_kafka_drains_on_sigterm() {
     let topic = unique("cli_bridge_js_");
     let source = format!("jetstream://{}?group={topic}&ack_wait=2", nats_host());
-    bridge_under_load(&source, &topic, &topic, Stop::Term);
+    bridge_under_load(&source, &topic, &topic, Stop::Term, "");
+}
+
+/// `delivery = "spool"` in a fresh directory of the test's own (kept for the restart).
+fn spool_route() -> String {
+    let dir = std::env::temp_dir().join(unique("polybus-bridge-spool-"));
+    format!("delivery = \"spool\"\nspool_dir = \"{}\"", dir.display())
+}
+
+/// A spool route: events are acked at the MQTT source once in the spool; SIGKILL loses what
+/// the spool had not forwarded yet only until the restart forwards it.
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn bridge_mqtt_to_kafka_with_spool_loses_nothing_when_sigkilled_mid_run() {
+    let u = unique("b");
+    let source = format!(
+        "mqtt://{}?client_id=cli-bridge-{u}&session_expiry=300",
+        mqtt_host()
+    );
+    let topic = format!("cli/bridge/{u}/dev7");
+    let spool = spool_route();
+    bridge_under_load(
+        &source,
+        &format!("cli/bridge/{u}/+"),
+        &topic,
+        Stop::Kill,
+        &spool,
+    );
+}
+
+/// A spool route stopped with SIGTERM: the source drains into the spool, the spool forwards
+/// what it can within drain_timeout and keeps the rest for the next start.
+#[test]
+#[ignore = "needs brokers: cargo xtask test"]
+fn bridge_nats_to_kafka_with_spool_drains_on_sigterm() {
+    let topic = unique("cli_bridge_js_spool_");
+    let source = format!("jetstream://{}?group={topic}&ack_wait=2", nats_host());
+    bridge_under_load(&source, &topic, &topic, Stop::Term, &spool_route());
 }
 
 /// /healthz, /readyz and /metrics of a running bridge; /metrics parsed by prometheus_client's

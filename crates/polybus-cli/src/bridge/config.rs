@@ -50,6 +50,9 @@ struct RawRoute {
     max_backoff: Option<Spanned<f64>>,
     dead_letter: Option<Spanned<String>>,
     dead_letter_to: Option<Spanned<String>>,
+    delivery: Option<Spanned<String>>,
+    spool_dir: Option<Spanned<String>>,
+    spool_capacity: Option<Spanned<i64>>,
 }
 
 /// A checked config.
@@ -70,6 +73,19 @@ pub(crate) enum DeadLetters {
     Sink(String),
 }
 
+/// How a route delivers (`delivery = ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// `"at-least-once"` (the default): acked at the source after the sink acknowledged.
+    AtLeastOnce,
+    /// `"spool"`: acked at the source once durably in the route's spool (the composed bus's),
+    /// which forwards to the sink (Kafka).
+    Spool {
+        dir: std::path::PathBuf,
+        capacity: u64,
+    },
+}
+
 /// One checked route.
 #[derive(Debug, Clone)]
 pub(crate) struct RouteConfig {
@@ -87,6 +103,7 @@ pub(crate) struct RouteConfig {
     pub(crate) backoff: Duration,
     pub(crate) max_backoff: Duration,
     pub(crate) dead_letters: DeadLetters,
+    pub(crate) delivery: Delivery,
 }
 
 /// A part of a [`Template`].
@@ -399,6 +416,18 @@ impl Checker<'_> {
                 ),
             ));
         }
+        let delivery = self.delivery(&name, raw, &to)?;
+        if matches!(delivery, Delivery::Spool { .. }) && dead_letters == DeadLetters::Off {
+            let span = raw.dead_letter.as_ref().map_or(r.span(), Spanned::span);
+            return Err(self.error(
+                span,
+                format!(
+                    "route {name:?}, field `dead_letter`: a spool route cannot turn dead letters \
+                     off (the spool writes an event it cannot forward after `attempts` to the \
+                     sink's dead-letter topic); give a topic or leave the field out"
+                ),
+            ));
+        }
         Ok(RouteConfig {
             name,
             from,
@@ -418,6 +447,79 @@ impl Checker<'_> {
             backoff,
             max_backoff,
             dead_letters,
+            delivery,
+        })
+    }
+
+    fn delivery(&self, name: &str, raw: &RawRoute, to: &str) -> Result<Delivery, Failure> {
+        let spool = match &raw.delivery {
+            None => false,
+            Some(d) => match d.get_ref().as_str() {
+                "at-least-once" => false,
+                "spool" => true,
+                _ => {
+                    return Err(self.error(
+                        d.span(),
+                        format!(
+                            "route {name:?}, field `delivery`: \"at-least-once\" (the default) or \
+                             \"spool\""
+                        ),
+                    ));
+                }
+            },
+        };
+        if !spool {
+            let stray = [
+                raw.spool_dir.as_ref().map(|d| ("spool_dir", d.span())),
+                raw.spool_capacity
+                    .as_ref()
+                    .map(|c| ("spool_capacity", c.span())),
+            ];
+            if let Some((field, span)) = stray.into_iter().flatten().next() {
+                return Err(self.error(
+                    span,
+                    format!(
+                        "route {name:?}, field `{field}`: only for delivery = \"spool\" (this \
+                         route is at-least-once)"
+                    ),
+                ));
+            }
+            return Ok(Delivery::AtLeastOnce);
+        }
+        let delivery_span = raw.delivery.as_ref().map_or(0..0, Spanned::span);
+        if !to.starts_with("kafka://") {
+            let scheme = to.split_once("://").map_or(to, |(s, _)| s);
+            return Err(self.error(
+                delivery_span,
+                format!(
+                    "route {name:?}, field `delivery`: \"spool\" forwards to Kafka only (the \
+                     composed bus's spool is the durable edge in front of Kafka), and `to` is \
+                     {scheme}://; use delivery = \"at-least-once\" for this sink"
+                ),
+            ));
+        }
+        let Some(dir) = &raw.spool_dir else {
+            return Err(self.error(
+                delivery_span,
+                format!(
+                    "route {name:?}, field `delivery`: \"spool\" needs `spool_dir`, a directory \
+                     of this route's own that survives restarts"
+                ),
+            ));
+        };
+        if dir.get_ref().trim().is_empty() {
+            return Err(self.error(
+                dir.span(),
+                format!("route {name:?}, field `spool_dir`: empty"),
+            ));
+        }
+        let capacity = match &raw.spool_capacity {
+            Some(c) => self.count(name, "spool_capacity", c, 1_000_000_000)? as u64,
+            None => 1_000_000,
+        };
+        Ok(Delivery::Spool {
+            dir: std::path::PathBuf::from(dir.get_ref()),
+            capacity,
         })
     }
 }
@@ -449,6 +551,7 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Config, Failure> {
         None => Duration::from_secs(10),
     };
     let mut names = HashSet::new();
+    let mut spools = HashSet::new();
     let mut routes = Vec::new();
     for r in &raw.routes {
         let route = checker.route(r)?;
@@ -456,6 +559,20 @@ pub(crate) fn parse(path: &Path, text: &str) -> Result<Config, Failure> {
             return Err(checker.error(
                 r.get_ref().name.span(),
                 format!("field `name`: a second route named {:?}", route.name),
+            ));
+        }
+        if let (Delivery::Spool { dir, .. }, Some(span)) = (
+            &route.delivery,
+            r.get_ref().spool_dir.as_ref().map(Spanned::span),
+        ) && !spools.insert(dir.clone())
+        {
+            return Err(checker.error(
+                span,
+                format!(
+                    "route {:?}, field `spool_dir`: another route's spool is there already (a \
+                     spool belongs to one route)",
+                    route.name
+                ),
             ));
         }
         routes.push(route);
@@ -536,6 +653,80 @@ dead_letter = "sensors.dead"
         assert!(e.contains("missing field `from`"), "{e}");
         let e = err(&format!("{OK}\n{}", &OK[OK.find("[[route]]").unwrap()..]));
         assert!(e.contains("a second route named"), "{e}");
+    }
+
+    const SPOOL: &str = r#"
+[[route]]
+name = "s"
+from = "mqtt://127.0.0.1:1883?client_id=b2&session_expiry=600"
+topic = "a/+"
+to = "kafka://127.0.0.1:9092"
+to_topic = "a-{2}"
+delivery = "spool"
+spool_dir = "/var/lib/polybus/s"
+"#;
+
+    #[test]
+    fn a_spool_route_parses_and_its_mistakes_name_line_and_field() {
+        let c = parse(Path::new("b.toml"), SPOOL).unwrap();
+        assert_eq!(
+            c.routes[0].delivery,
+            Delivery::Spool {
+                dir: "/var/lib/polybus/s".into(),
+                capacity: 1_000_000
+            }
+        );
+        let c = parse(
+            Path::new("b.toml"),
+            &format!("{SPOOL}spool_capacity = 50\n"),
+        )
+        .unwrap();
+        assert!(matches!(
+            c.routes[0].delivery,
+            Delivery::Spool { capacity: 50, .. }
+        ));
+        assert_eq!(
+            parse(Path::new("b.toml"), OK).unwrap().routes[0].delivery,
+            Delivery::AtLeastOnce
+        );
+
+        let e = err(&SPOOL.replace("kafka://", "mqtt://"));
+        assert!(
+            e.starts_with("b.toml:8:12: route \"s\", field `delivery`")
+                && e.contains("Kafka only")
+                && e.contains("mqtt://"),
+            "{e}"
+        );
+        let e = err(&SPOOL.replace("spool_dir = \"/var/lib/polybus/s\"\n", ""));
+        assert!(
+            e.starts_with("b.toml:8:12:") && e.contains("needs `spool_dir`"),
+            "{e}"
+        );
+        let e = err(&SPOOL.replace("\"spool\"", "\"spoool\""));
+        assert!(
+            e.starts_with("b.toml:8:12:") && e.contains("\"at-least-once\""),
+            "{e}"
+        );
+        let e = err(&SPOOL.replace("delivery = \"spool\"\n", ""));
+        assert!(
+            e.starts_with("b.toml:8:13: route \"s\", field `spool_dir`")
+                && e.contains("only for delivery = \"spool\""),
+            "{e}"
+        );
+        let e = err(&format!("{SPOOL}dead_letter = \"off\"\n"));
+        assert!(
+            e.starts_with("b.toml:10:15:") && e.contains("cannot turn dead letters"),
+            "{e}"
+        );
+        let e = err(&format!("{SPOOL}spool_capacity = 0\n"));
+        assert!(e.starts_with("b.toml:10:18:"), "{e}");
+        let second = SPOOL.replace("name = \"s\"", "name = \"t\"");
+        let e = err(&format!("{SPOOL}{second}"));
+        assert!(
+            e.starts_with("b.toml:18:13: route \"t\", field `spool_dir`")
+                && e.contains("another route's spool"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `polybus bridge`: a daemon that moves events between backends, route by route, on the
 //! polybus runtime (at-least-once: an event is acknowledged at its source only after the sink
 //! acknowledged it; retry with backoff; dead letters), with /healthz, /readyz and /metrics.
+//! A route with `delivery = "spool"` acknowledges at the source once the event is durably in
+//! the route's spool (the composed bus's), which forwards it to Kafka.
 
 mod config;
 
@@ -17,7 +19,7 @@ use polybus_runtime::{App, HandlerError, Message, RetryPolicy};
 use tokio::sync::watch;
 
 use crate::common::{Failure, Target};
-use config::{Config, DeadLetters, RouteConfig, Template};
+use config::{Config, DeadLetters, Delivery, RouteConfig, Template};
 
 pub(crate) const EXAMPLES: &str = "\
 Examples:
@@ -37,11 +39,14 @@ A config with one route (see docs/CLI.md for every field):
   types = [\"com.example.*\"]           # filter by CloudEvents type (optional)
   headers = { region = \"eu\" }         # filter by headers (optional)
   attempts = 5                        # then a dead letter on <topic>.dlq (dead_letter = ...)
+  # delivery = \"spool\"                # ack at the source once in a local spool (Kafka sinks)
+  # spool_dir = \"/var/lib/polybus/sensors\"
 
 SIGTERM or Ctrl-C drains: in-flight events finish (drain_timeout, default 10 s), the rest
 stays unacknowledged at the source for the next run.";
 
-/// Counter, label `route`: events published to the sink (and then acked at the source).
+/// Counter, label `route`: events published to the sink (and then acked at the source); on a
+/// spool route, events committed to the spool (and then acked at the source).
 const FORWARDED: &str = "polybus_bridge_forwarded_total";
 /// Counter, label `route`: events the route's filter skipped (acked, not forwarded).
 const FILTERED: &str = "polybus_bridge_filtered_total";
@@ -56,7 +61,8 @@ const UP: &str = "polybus_bridge_route_up";
 fn describe_metrics() {
     metrics::describe_counter!(
         FORWARDED,
-        "Events published to the sink and then acked at the source (label route)"
+        "Events published to the sink (spool routes: committed to the spool) and then acked at \
+         the source (label route)"
     );
     metrics::describe_counter!(
         FILTERED,
@@ -87,10 +93,45 @@ pub(crate) struct BridgeArgs {
     check: bool,
 }
 
+/// Where a route's events go.
+enum Sink {
+    /// Straight to the sink's publisher (at-least-once).
+    Direct(BoxPublisher),
+    /// Into the route's spool, which forwards to the sink (Kafka) in the background.
+    Spool(polybus::compose::Bus),
+}
+
+impl Sink {
+    async fn publish(&self, topic: &str, event: Event) -> polybus::Result<()> {
+        match self {
+            Sink::Direct(p) => p.publish(topic, event).await.map(drop),
+            Sink::Spool(bus) => bus.publish(topic, event).await.map(drop),
+        }
+    }
+
+    /// Flushes and closes; a spool first forwards what it holds for up to the drain timeout
+    /// and keeps the rest for the next start.
+    async fn close(&self) -> polybus::Result<()> {
+        match self {
+            Sink::Direct(p) => p.close().await,
+            Sink::Spool(bus) => {
+                let left = bus.spool_depth();
+                let r = bus.close().await;
+                let now = bus.spool_depth();
+                eprintln!(
+                    "polybus bridge: spool had {left} event(s) to forward at the stop, {now} \
+                     kept for the next start"
+                );
+                r
+            }
+        }
+    }
+}
+
 /// What a running route needs per event.
 struct Forwarder {
     name: String,
-    sink: BoxPublisher,
+    sink: Sink,
     to_topic: Template,
     key: Option<Template>,
     separator: char,
@@ -271,10 +312,91 @@ pub(crate) async fn run(args: BridgeArgs) -> Result<(), Failure> {
 fn describe(r: &RouteConfig) -> Result<String, Failure> {
     let from = Target::new(&r.from, None)?;
     let to = Target::new(&r.to, None)?;
+    let delivery = match &r.delivery {
+        Delivery::AtLeastOnce => String::new(),
+        Delivery::Spool { dir, .. } => format!(" (spool in {})", dir.display()),
+    };
     Ok(format!(
-        "{}: {} {} -> {} {}",
+        "{}: {} {} -> {} {}{delivery}",
         r.name, from.shown, r.topic, to.shown, r.to_topic.text
     ))
+}
+
+/// The route's spool: a composed bus in Kafka-only mode (no NATS side) whose Kafka publisher
+/// is the route's sink, retrying and dead-lettering as the route says; on start it first
+/// forwards what an earlier run left.
+async fn open_spool(
+    route: &RouteConfig,
+    config: &Config,
+    dir: &std::path::Path,
+    capacity: u64,
+    sink: BoxPublisher,
+) -> Result<polybus::compose::Bus, Failure> {
+    use polybus::compose::{Bus, Channel, RetryPolicy, SpoolConfig, Switches, TopicMap};
+    use polybus::{MemoryBroker, PublisherExt as _};
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Failure::usage(format!(
+            "route {}: cannot create spool_dir {}: {e}",
+            route.name,
+            dir.display()
+        ))
+    })?;
+    let naming = match &route.dead_letters {
+        DeadLetters::Source(t) | DeadLetters::Sink(t) if !t.is_empty() => {
+            DeadLetterTopic::Fixed(t.clone())
+        }
+        _ => DeadLetterTopic::default(),
+    };
+    // Never written to: the switches keep the bus off NATS.
+    let no_nats = MemoryBroker::new().publisher().boxed();
+    let bus = Bus::builder()
+        .spool(SpoolConfig::new(dir).capacity(capacity))
+        .initial_switches(
+            Switches::default()
+                .with_dual_write(false)
+                .with_single_channel(Channel::Kafka),
+        )
+        // The rendered to_topic is the Kafka topic, checked, never rewritten.
+        .topic_map(TopicMap::new().with_fn(|t| Ok(t.to_owned())))
+        .retry(
+            RetryPolicy::default()
+                .max_attempts(route.attempts)
+                .initial_backoff(route.backoff)
+                .max_backoff(route.max_backoff),
+        )
+        .dead_letter_topic(naming)
+        .drain_timeout(config.drain_timeout)
+        .build_with(no_nats, sink)
+        .await
+        .map_err(|e| {
+            let text = e.to_string();
+            Failure {
+                code: if e.kind() == polybus::ErrorKind::Rejected {
+                    2
+                } else {
+                    1
+                },
+                message: format!(
+                    "route {}: cannot open the spool in {}: {text}{}",
+                    route.name,
+                    dir.display(),
+                    if e.kind() == polybus::ErrorKind::Rejected {
+                        " (is another bridge running with this spool_dir?)"
+                    } else {
+                        ""
+                    }
+                ),
+            }
+        })?;
+    let left = bus.spool_depth();
+    if left > 0 {
+        eprintln!(
+            "polybus bridge: route {}: {left} event(s) in the spool from an earlier run, \
+             forwarding them first",
+            route.name
+        );
+    }
+    Ok(bus)
 }
 
 struct StartedRoute {
@@ -291,9 +413,15 @@ async fn start_route(route: &RouteConfig, config: &Config) -> Result<StartedRout
     let doing = format!("connecting route {}", route.name);
     let (source_pub, consumer) = source.connect(&doing).await?;
     let (sink_pub, _sink_consumer) = sink.connect(&doing).await?;
+    let route_sink = match &route.delivery {
+        Delivery::AtLeastOnce => Sink::Direct(sink_pub.clone()),
+        Delivery::Spool { dir, capacity } => {
+            Sink::Spool(open_spool(route, config, dir, *capacity, sink_pub.clone()).await?)
+        }
+    };
     let forwarder = Arc::new(Forwarder {
         name: route.name.clone(),
-        sink: sink_pub.clone(),
+        sink: route_sink,
         to_topic: route.to_topic.clone(),
         key: route.key.clone(),
         separator: config::separator(&route.from),
