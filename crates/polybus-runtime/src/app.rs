@@ -459,39 +459,29 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         let mut batches: HashMap<usize, Buffered> = HashMap::new();
         'run: loop {
             // A slot for one more delivery: what the app holds is bounded.
-            let permit = loop {
-                if let Ok(p) = pending.clone().try_acquire_owned() {
-                    break p;
-                }
-                let next_flush = batches.values().map(|b| b.deadline).min();
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break 'run,
-                    () = tokio::time::sleep_until(next_flush.unwrap_or_else(far_future)),
-                        if next_flush.is_some() =>
-                    {
-                        flush_due(&ctx, &tables, &mut batches, &mut tasks, false);
+            let permit = match pending.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    let slot = pending.clone().acquire_owned();
+                    let waited =
+                        serve_until(slot, &mut shutdown, &ctx, &tables, &mut batches, &mut tasks);
+                    match waited.await {
+                        Some(Ok(p)) => p,
+                        // Shut down, or the semaphore closed.
+                        _ => break 'run,
                     }
-                    Some(()) = tasks.next(), if !tasks.is_empty() => {}
-                    p = pending.clone().acquire_owned() => match p {
-                        Ok(p) => break p,
-                        Err(_) => break 'run,
-                    },
                 }
             };
-            let item = loop {
-                let next_flush = batches.values().map(|b| b.deadline).min();
-                tokio::select! {
-                    biased;
-                    () = &mut shutdown => break 'run,
-                    () = tokio::time::sleep_until(next_flush.unwrap_or_else(far_future)),
-                        if next_flush.is_some() =>
-                    {
-                        flush_due(&ctx, &tables, &mut batches, &mut tasks, false);
-                    }
-                    Some(()) = tasks.next(), if !tasks.is_empty() => {}
-                    item = deliveries.next() => break item,
-                }
+            let waited = serve_until(
+                deliveries.next(),
+                &mut shutdown,
+                &ctx,
+                &tables,
+                &mut batches,
+                &mut tasks,
+            );
+            let Some(item) = waited.await else {
+                break 'run;
             };
             match item {
                 None => {
@@ -726,6 +716,37 @@ struct Buffered {
 
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Waits for `next` (a slot, or the next delivery) while the app goes on meanwhile: batches
+/// whose wait is over start, and finished lanes are collected. `None`: `shutdown` came first.
+///
+/// The run loop's one way of waiting for anything. Generic over what it waits for, so the
+/// run loop pays no allocation and no dynamic dispatch for it; `next` is one future polled
+/// across the turns, so a slot waited for keeps its place in the semaphore's queue.
+async fn serve_until<T, P: Publisher + 'static>(
+    next: impl Future<Output = T>,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ctx: &Arc<Ctx<P>>,
+    tables: &[TopicRoutes],
+    batches: &mut HashMap<usize, Buffered>,
+    tasks: &mut Runner,
+) -> Option<T> {
+    let mut next = std::pin::pin!(next);
+    loop {
+        let next_flush = batches.values().map(|b| b.deadline).min();
+        tokio::select! {
+            biased;
+            () = &mut *shutdown => return None,
+            () = tokio::time::sleep_until(next_flush.unwrap_or_else(far_future)),
+                if next_flush.is_some() =>
+            {
+                flush_due(ctx, tables, batches, tasks, false);
+            }
+            Some(()) = tasks.next(), if !tasks.is_empty() => {}
+            item = &mut next => return Some(item),
+        }
+    }
 }
 
 /// Starts the batches whose wait is over (all of them with `all`).
