@@ -16,12 +16,12 @@ use polybus_kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
 use polybus_nats::NatsConsumer;
 
 use crate::BACKEND;
+use crate::RetryPolicy;
 use crate::bus::Bus;
 use crate::consume::{ConsumerFactory, ConsumerSpec};
 use crate::dedup::{DedupKey, DedupStore, MemoryDedupStore};
 use crate::dlq::DeadLetterTopic;
 use crate::nats_kv::{KvDedupStore, KvSwitchSource};
-use crate::retry::RetryPolicy;
 use crate::spool::{SpoolConfig, WhenFull};
 use crate::switches::{SwitchHandle, SwitchSource, Switches};
 use crate::topic_map::TopicMap;
@@ -90,11 +90,28 @@ impl Default for BusBuilder {
     }
 }
 
+/// The bus's retry policy when [`BusBuilder::retry`] sets none: [`RetryPolicy::default`]
+/// (5 attempts, 20 % jitter, the default classification) with 100 ms doubling up to 5 s
+/// instead of 200 ms up to 30 s, so that forwarding resumes within 5 s of Kafka coming back
+/// from an outage (an outage does not count as an attempt; it is retried at this pace).
+///
+/// ```
+/// use std::time::Duration;
+/// use polybus_compose::{RetryPolicy, default_retry};
+/// let p = default_retry().jitter(0.0);
+/// assert_eq!(p.backoff(1), Duration::from_millis(100));
+/// assert_eq!(p.backoff(10), Duration::from_secs(5));
+/// assert_eq!(p.attempts_limit(), RetryPolicy::default().attempts_limit());
+/// ```
+pub fn default_retry() -> RetryPolicy {
+    RetryPolicy::exponential(Duration::from_millis(100)).max_backoff(Duration::from_secs(5))
+}
+
 impl BusBuilder {
     /// A builder with the defaults: spool in `./polybus-spool` (1 000 000 events, `block`
-    /// when full), 8 forwarders with 64 forwards in flight each, [`RetryPolicy::default`],
-    /// [`TopicMap::new`], dead letters in `<topic>.dlq`, dual-write switches, in-memory
-    /// consumer dedup for 10 minutes, 10 s drain timeout on close.
+    /// when full), 8 forwarders with 64 forwards in flight each, [`default_retry`] (100 ms
+    /// doubling up to 5 s), [`TopicMap::new`], dead letters in `<topic>.dlq`, dual-write
+    /// switches, in-memory consumer dedup for 10 minutes, 10 s drain timeout on close.
     pub fn new() -> Self {
         BusBuilder {
             nats_options: None,
@@ -107,7 +124,7 @@ impl BusBuilder {
                 spool: SpoolConfig::new(DEFAULT_SPOOL_DIR),
                 forwarders: 8,
                 max_in_flight: 64,
-                retry: RetryPolicy::default(),
+                retry: default_retry(),
                 topics: TopicMap::new(),
                 dead_letters: DeadLetterTopic::default(),
                 source: Cow::Borrowed(DEFAULT_SOURCE),
@@ -247,7 +264,10 @@ impl BusBuilder {
         self
     }
 
-    /// Retry and dead-letter policy of the forwarders.
+    /// Retry and dead-letter policy of the forwarders (default: [`default_retry`]).
+    ///
+    /// A policy built from [`RetryPolicy::default`] has the runtime's backoff (200 ms doubling
+    /// up to 30 s) unless it sets its own: [`default_retry`] is the bus's.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.parts.retry = policy;
         self

@@ -24,10 +24,10 @@ use polybus_core::{Error, ErrorKind, Event, Publisher};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::RetryPolicy;
 use crate::codec::{RecordState, now_ms};
 use crate::dlq::{self, DeadLetterTopic};
 use crate::metrics as m;
-use crate::retry::RetryPolicy;
 use crate::spool::{Entry, Spool};
 use crate::stats::Counters;
 use crate::switches::Switches;

@@ -87,13 +87,12 @@ mod forwarder;
 pub mod fuzzing;
 pub mod metrics;
 mod nats_kv;
-mod retry;
 mod spool;
 mod stats;
 mod switches;
 mod topic_map;
 
-pub use builder::{BusBuilder, DEFAULT_SPOOL_DIR};
+pub use builder::{BusBuilder, DEFAULT_SPOOL_DIR, default_retry};
 pub use bus::{Bus, BusReceipt, IntoEvent, RedriveOptions};
 pub use consume::{ConsumerFactory, ConsumerSpec, ReplayFrom, Start, Subscription};
 pub use dedup::{Dedup, DedupKey, DedupStore, MemoryDedupStore};
@@ -102,7 +101,8 @@ pub use dlq::{
     X_ORIGINAL_OFFSET, X_ORIGINAL_PARTITION, X_ORIGINAL_SUBJECT, X_ORIGINAL_TOPIC,
 };
 pub use nats_kv::{KvDedupStore, KvSwitchSource, SWITCH_KEYS, write_switches};
-pub use retry::RetryPolicy;
+/// The retry policy of the forwarders, shared with the runtime (defined in `polybus-core`).
+pub use polybus_core::RetryPolicy;
 pub use spool::{DEFAULT_SPOOL_CACHE_BYTES, SpoolConfig, WhenFull};
 pub use stats::BusStats;
 pub use switches::{Channel, SwitchHandle, SwitchSource, Switches};

@@ -12,7 +12,8 @@
 //! * [`BoxPublisher`] / [`BoxConsumer`]: erased types for brokers chosen at run time.
 //! * [`MemoryBroker`]: an in-process backend for tests and embedding.
 //! * [`cloudevents`]: the CloudEvents mapping the broker bindings share.
-//! * [`dlq`]: the dead-letter format (headers, topic naming) the bus and the runtime share.
+//! * [`dlq`]: the dead-letter format (headers, topic naming) the bus and the runtime share;
+//!   [`RetryPolicy`]: their retry policy (backoff, jitter, attempts, which failures count).
 //! * [`telemetry`]: a `tracing` span per publish and per delivery with the OpenTelemetry
 //!   messaging attributes, and W3C `traceparent` carried across brokers; [`metrics`]: counters,
 //!   gauges and histograms through the `metrics` facade.
@@ -55,6 +56,7 @@ mod event;
 mod headers;
 mod memory;
 pub mod metrics;
+mod retry;
 pub mod telemetry;
 pub mod time;
 pub mod topic;
@@ -70,6 +72,7 @@ pub use memory::{
     MemoryBroker, MemoryConfig, MemoryConsumer, MemoryMessageConsumer, MemoryPublisher,
     MemorySubscription,
 };
+pub use retry::RetryPolicy;
 pub use traits::{Consumer, MessageConsumer, Publisher, PublisherExt};
 
 /// The seed's module path: `mq::{MessageProducer, MessageConsumer}`.

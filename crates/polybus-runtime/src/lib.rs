@@ -141,6 +141,9 @@ pub use handler::{Handler, HandlerService};
 pub use harness::{TEST_GROUP, TestApp};
 pub use message::Message;
 pub use outcome::{CORRELATION_ID, HandlerError, IntoOutcome, Outbound, Outcome, REPLY_TO, Reply};
+/// The retry policy of apps and [`RetryLayer`](layers::RetryLayer), shared with the composed
+/// bus (defined in `polybus-core`).
+pub use polybus_core::RetryPolicy;
 pub use redrive::{RedriveOptions, RedriveReport, redrive};
 pub use report::{Health, Report, Settlement, Status};
-pub use retry::{RetryMode, RetryPolicy};
+pub use retry::RetryMode;
