@@ -19,8 +19,19 @@ pub const SWITCH_KEYS: [&str; 3] = ["dual_write", "single_channel", "pause_forwa
 /// Feeds the bus's switches from a NATS KV bucket, watched: a write to one of the keys
 /// [`SWITCH_KEYS`] takes effect at once (the server pushes it), without a restart. Values as
 /// [`Switches::apply`] reads them; unknown keys are ignored, unreadable values are logged and
-/// ignored. If the watch breaks (NATS restart) it is re-opened, which replays the current
-/// values.
+/// ignored.
+///
+/// **A watch that breaks or stalls is re-opened**, which replays the current values. Breaking
+/// is the easy case (the client reports it). Stalling is not: when the server holding the
+/// watch's consumer dies, async-nats re-creates that consumer under a fixed name, and if the
+/// first attempt was placed on the dead node, every retry reuses the dead assignment and the
+/// watch delivers nothing, without an error, until that node returns (seen on a 3-node
+/// cluster with the stream leader SIGKILLed). So every [`check_every`](Self::check_every)
+/// (default [`DEFAULT_CHECK_EVERY`](Self::DEFAULT_CHECK_EVERY), one `STREAM.INFO` request each) the source reads the
+/// bucket's latest revision; if the watch has not delivered a revision the bucket already had
+/// at the previous check, it is re-opened. A write therefore takes effect within about two
+/// check periods of the cluster being able to answer, whatever happened to the watch.
+/// Re-opening after errors backs off from 1 s to 16 s and resets once an entry arrives.
 ///
 /// ```no_run
 /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
@@ -39,12 +50,23 @@ pub const SWITCH_KEYS: [&str; 3] = ["dual_write", "single_channel", "pause_forwa
 /// ```
 pub struct KvSwitchSource {
     bucket: KvBucket,
+    check_every: Duration,
 }
 
+/// The first and the longest wait before re-opening a watch that failed.
+const REOPEN_MIN: Duration = Duration::from_secs(1);
+const REOPEN_MAX: Duration = Duration::from_secs(16);
+
 impl KvSwitchSource {
+    /// How often the source checks, by default, that its watch keeps up with the bucket.
+    pub const DEFAULT_CHECK_EVERY: Duration = Duration::from_secs(5);
+
     /// Watches `bucket`.
     pub fn new(bucket: KvBucket) -> Self {
-        KvSwitchSource { bucket }
+        KvSwitchSource {
+            bucket,
+            check_every: Self::DEFAULT_CHECK_EVERY,
+        }
     }
 
     /// Opens (creating if needed) the bucket `bucket` and watches it.
@@ -53,6 +75,31 @@ impl KvSwitchSource {
     /// As [`JetStream::kv`].
     pub async fn open(js: &JetStream, bucket: &str) -> Result<Self> {
         Ok(Self::new(js.kv(bucket).await?))
+    }
+
+    /// How often to check that the watch has delivered the bucket's latest revision (default
+    /// [`DEFAULT_CHECK_EVERY`](Self::DEFAULT_CHECK_EVERY); at least 100 ms). A stalled watch is noticed within two
+    /// periods; each check is one request to the bucket's stream leader.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// use std::time::Duration;
+    /// use polybus_compose::{Bus, KvSwitchSource};
+    /// let js = polybus_jetstream::JsOptions::new("nats://127.0.0.1:4222").connect().await?;
+    /// let source = KvSwitchSource::open(&js, "polybus-switches")
+    ///     .await?
+    ///     .check_every(Duration::from_secs(2));
+    /// let bus = Bus::builder()
+    ///     .nats("nats://127.0.0.1:4222")
+    ///     .kafka("localhost:9092")
+    ///     .switch_source(source)
+    ///     .build()
+    ///     .await?;
+    /// # bus.close().await?; Ok(()) }
+    /// ```
+    pub fn check_every(mut self, every: Duration) -> Self {
+        self.check_every = every.max(Duration::from_millis(100));
+        self
     }
 
     /// The watched bucket.
@@ -65,6 +112,7 @@ impl fmt::Debug for KvSwitchSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KvSwitchSource")
             .field("bucket", &self.bucket.name())
+            .field("check_every", &self.check_every)
             .finish()
     }
 }
@@ -73,25 +121,54 @@ impl SwitchSource for KvSwitchSource {
     fn run(self: Box<Self>, handle: SwitchHandle) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let name = self.bucket.name().to_owned();
+            // The highest revision the switches reflect.
+            let mut seen = 0;
+            let mut reopen = REOPEN_MIN;
             loop {
-                match self.bucket.watch_all().await {
+                // A new watch replays the latest value of every key, so it covers every
+                // revision the bucket has before it is opened.
+                let floor = self.bucket.last_revision().await.ok();
+                let why = match self.bucket.watch_all().await {
                     Ok(watch) => {
+                        seen = seen.max(floor.unwrap_or(0));
                         let mut watch = std::pin::pin!(watch);
-                        while let Some(item) = watch.next().await {
-                            match item {
-                                Ok(entry) => apply_entry(&handle, &name, &entry),
-                                Err(e) => {
-                                    tracing::warn!(bucket = %name, error = %e, "switch watch failed; re-opening");
-                                    break;
+                        let mut checks = tokio::time::interval_at(
+                            tokio::time::Instant::now() + self.check_every,
+                            self.check_every,
+                        );
+                        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        // A revision the bucket had at the previous check.
+                        let mut due: Option<u64> = None;
+                        loop {
+                            tokio::select! {
+                                item = watch.next() => match item {
+                                    Some(Ok(entry)) => {
+                                        seen = seen.max(entry.revision);
+                                        reopen = REOPEN_MIN;
+                                        apply_entry(&handle, &name, &entry);
+                                    }
+                                    Some(Err(e)) => break format!("the watch failed: {e}"),
+                                    None => break "the watch ended".to_owned(),
+                                },
+                                _ = checks.tick() => {
+                                    if let Some(rev) = due.filter(|rev| seen < *rev) {
+                                        break format!(
+                                            "the watch has not delivered revision {rev} after \
+                                             {:?} (last delivered: {seen})",
+                                            self.check_every
+                                        );
+                                    }
+                                    // Unanswered (no stream leader yet): check again next time.
+                                    due = self.bucket.last_revision().await.ok();
                                 }
                             }
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(bucket = %name, error = %e, "cannot watch the switch bucket; retrying");
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                    Err(e) => format!("cannot watch: {e}"),
+                };
+                tracing::warn!(bucket = %name, reason = %why, retry_in = ?reopen, "re-opening the switch watch");
+                tokio::time::sleep(reopen).await;
+                reopen = (reopen * 2).min(REOPEN_MAX);
             }
         })
     }

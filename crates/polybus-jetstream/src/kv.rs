@@ -131,6 +131,37 @@ impl KvBucket {
         &self.store
     }
 
+    /// The bucket's latest revision, asked of the server: the revision of the last write to any
+    /// key, deletes and purges included (0 for a bucket never written). A watch that has not
+    /// delivered this revision a while after it was read has stalled; the composed bus's
+    /// `KvSwitchSource` checks exactly that.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> polybus_core::Result<()> {
+    /// let js = polybus_jetstream::JsOptions::new("nats://127.0.0.1:4222").connect().await?;
+    /// let bucket = js.kv("switches").await?;
+    /// let rev = bucket.put("dual_write", "on").await?;
+    /// assert!(bucket.last_revision().await? >= rev);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// `Timeout` when nobody answers in time (the bucket's stream has no leader, e.g. during
+    /// an election after a node loss), `Connect` when no server serves JetStream,
+    /// `Rejected` when the server refuses (the bucket was deleted).
+    pub async fn last_revision(&self) -> Result<u64> {
+        use async_nats::jetstream::context::RequestErrorKind;
+        let info = self.store.stream.get_info().await.map_err(|e| {
+            let kind = match e.kind() {
+                RequestErrorKind::TimedOut => ErrorKind::Timeout,
+                RequestErrorKind::NoResponders => ErrorKind::Connect,
+                _ => ErrorKind::Rejected,
+            };
+            error::err(kind, format!("reading KV bucket {:?}", self.name), e)
+        })?;
+        Ok(info.state.last_sequence)
+    }
+
     /// The current value of `key`, `None` if it has none (never written, deleted or purged).
     ///
     /// # Errors
