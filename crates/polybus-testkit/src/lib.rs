@@ -12,6 +12,7 @@
 //! [`Capabilities`](polybus_core::Capabilities) and checks the declared answer where a
 //! capability is off. [`MemoryFixture`] runs them against the in-memory backend.
 
+pub mod batch;
 pub mod brokers;
 mod fixture;
 // One readiness probe for xtask and the tests: the file lives with xtask, which has no

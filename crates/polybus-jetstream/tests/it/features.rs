@@ -9,6 +9,7 @@ use polybus_core::{Consumer, ErrorKind, Event, Publisher};
 use polybus_jetstream::{
     ConsumerSettings, JsConsumer, JsOptions, JsProducer, StreamPolicy, StreamSettings,
 };
+use polybus_testkit::batch;
 
 fn topic() -> String {
     format!("polybus.test.{}", uuid::Uuid::new_v4().simple())
@@ -369,33 +370,9 @@ async fn publish_batch_stores_in_order_with_receipts_in_order() -> anyhow::Resul
     let js = per_topic(&url).connect().await?;
     let p = js.producer();
     let t = topic();
-    let events: Vec<Event> = (0..500).map(|i| Event::new(format!("{i}"))).collect();
-    let ids: Vec<String> = events.iter().map(|e| e.id().to_owned()).collect();
-    let receipts = p.publish_batch(&t, events.clone()).await?;
-    assert_eq!(receipts.len(), 500);
-    let sequences: Vec<u64> = receipts
-        .iter()
-        .map(|r| r.sequence().expect("a stream sequence"))
-        .collect();
-    let first = sequences[0];
-    assert_eq!(
-        sequences,
-        (first..first + 500).collect::<Vec<_>>(),
-        "receipts in the order of the events, stored one after the other"
-    );
-    assert!(receipts.iter().all(|r| !r.is_duplicate() && r.topic() == t));
-
-    // The stream holds them in the batch's order.
     let c = js.consumer(None);
-    let mut s = std::pin::pin!(c.subscribe(&t));
-    for (i, id) in ids.iter().enumerate() {
-        let d = next(&mut s, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|| panic!("event {i} not delivered"));
-        assert_eq!(d.payload(), format!("{i}").as_bytes());
-        assert_eq!(d.event().id(), id);
-        d.ack().await?;
-    }
+    let (events, receipts) =
+        batch::publish_batch_in_order(&p, &c, &t, 500, Duration::from_secs(10)).await?;
 
     // Sent again: every event is a duplicate (Nats-Msg-Id), with the stored sequence.
     let again = p.publish_batch(&t, events).await?;
@@ -412,34 +389,8 @@ async fn publish_batch_stores_in_order_with_receipts_in_order() -> anyhow::Resul
 async fn publish_batch_with_an_invalid_event_sends_nothing() -> anyhow::Result<()> {
     let url = crate::nats_url();
     let js = per_topic(&url).connect().await?;
-    let p = js.producer();
-    let t = topic();
     // A payload over the server's limit fails the check every event goes through before
-    // anything is sent.
+    // anything is sent; the stream's first sequence is 1.
     let max = js.connection().max_payload();
-    let events = vec![
-        Event::new("a"),
-        Event::new(vec![b'x'; max + 1]),
-        Event::new("c"),
-    ];
-    let err = p.publish_batch(&t, events).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge, "{err}");
-    let receipt = p.publish(&t, Event::new("after")).await?;
-    assert_eq!(
-        receipt.sequence(),
-        Some(1),
-        "nothing of the batch was stored"
-    );
-
-    // An empty batch is no error and sends nothing.
-    assert!(p.publish_batch(&t, Vec::new()).await?.is_empty());
-
-    // On a closed producer the batch fails with `Closed`.
-    p.close().await?;
-    let err = p
-        .publish_batch(&t, vec![Event::new("late")])
-        .await
-        .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Closed);
-    Ok(())
+    batch::publish_batch_all_or_nothing(&js.producer(), &topic(), max + 1, 1).await
 }
