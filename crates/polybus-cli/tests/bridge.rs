@@ -384,6 +384,16 @@ concurrency = 16
         }
     }
     assert_eq!(got, N, "events lost: {} of {N}", N - got);
+    if route_extra.contains("spool") {
+        // The spool's metrics (polybus_compose_*) are served beside the bridge's, described.
+        let (code, metrics) = bridge.get("/metrics");
+        assert_eq!(code, 200);
+        assert!(
+            metrics.contains("# HELP polybus_compose_forwarded_total"),
+            "{metrics}"
+        );
+        promtool_check(&metrics);
+    }
     let (status, stderr) = bridge.terminate();
     assert!(status.success(), "{stderr:?}");
 }
@@ -475,6 +485,41 @@ fn bridge_nats_to_kafka_with_spool_drains_on_sigterm() {
     let topic = unique("cli_bridge_js_spool_");
     let source = format!("jetstream://{}?group={topic}&ack_wait=2", nats_host());
     bridge_under_load(&source, &topic, &topic, Stop::Term, &spool_route());
+}
+
+/// `promtool check metrics` on a /metrics text. `cargo xtask test` installs promtool and
+/// names it in POLYBUS_PROMTOOL: then the check is required. Run by hand without it, a
+/// promtool on the PATH is used if there is one.
+fn promtool_check(metrics: &str) {
+    let required = std::env::var("POLYBUS_PROMTOOL").ok();
+    let promtool = required.clone().unwrap_or_else(|| "promtool".to_owned());
+    match Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(mut p) => {
+            p.stdin
+                .take()
+                .unwrap()
+                .write_all(metrics.as_bytes())
+                .unwrap();
+            let out = p.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool check metrics: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!("promtool check metrics: ok");
+        }
+        Err(e) => {
+            assert!(required.is_none(), "POLYBUS_PROMTOOL={promtool}: {e}");
+            eprintln!("promtool is not installed: checked with prometheus_client only");
+        }
+    }
 }
 
 /// /healthz, /readyz and /metrics of a running bridge; /metrics parsed by prometheus_client's
@@ -573,37 +618,7 @@ types = ["com.example.keep*"]
         "prometheus_client could not parse /metrics: {}\n{metrics}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // `cargo xtask test` installs promtool and names it in POLYBUS_PROMTOOL: then the check
-    // is required. Run by hand without it, a promtool on the PATH is used if there is one.
-    let required = std::env::var("POLYBUS_PROMTOOL").ok();
-    let promtool = required.clone().unwrap_or_else(|| "promtool".to_owned());
-    match Command::new(&promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    {
-        Ok(mut p) => {
-            p.stdin
-                .take()
-                .unwrap()
-                .write_all(metrics.as_bytes())
-                .unwrap();
-            let out = p.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool check metrics: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            eprintln!("promtool check metrics: ok");
-        }
-        Err(e) => {
-            assert!(required.is_none(), "POLYBUS_PROMTOOL={promtool}: {e}");
-            eprintln!("promtool is not installed: checked with prometheus_client only");
-        }
-    }
+    promtool_check(&metrics);
     let (status, _) = bridge.terminate();
     assert!(status.success());
 }

@@ -81,6 +81,64 @@ fn describe_metrics() {
         UP,
         "1 while the route runs (subscribed), 0 otherwise (label route)"
     );
+    describe_spool_metrics();
+}
+
+/// `# HELP` for what the spools of `delivery = "spool"` routes report (polybus-compose does
+/// not describe its metrics itself); shown only once a spool reported them.
+fn describe_spool_metrics() {
+    use metrics::Unit::Seconds;
+    use polybus::compose::metrics as m;
+    let counters = [
+        (m::PUBLISHED, "Events committed to a route's spool"),
+        (m::PUBLISH_ERRORS, "Spool commits that failed (label kind)"),
+        (m::FORWARDED, "Events the spools forwarded to Kafka"),
+        (
+            m::RETRIES,
+            "Failed forwards from a spool that will be retried",
+        ),
+        (
+            m::DEAD_LETTERS,
+            "Events a spool wrote to a dead-letter topic",
+        ),
+        (m::REDRIVEN, "Events moved back from a dead-letter topic"),
+        (
+            m::FORWARD_DEDUP,
+            "Spooled events not forwarded because Kafka already had them (same source and id)",
+        ),
+        (
+            m::CONSUME_DEDUP,
+            "Deliveries dropped by consumer-side dedup",
+        ),
+        (
+            m::SPOOL_FULL_WAITS,
+            "Spool commits that waited for room in a full spool",
+        ),
+        (m::SPOOL_REJECTED, "Spool commits rejected by a full spool"),
+        (m::SWITCH_CHANGES, "Switch changes applied to a spool"),
+        (
+            m::FORWARDER_RESTARTS,
+            "Spool forwarders restarted after a panic (label bucket)",
+        ),
+    ];
+    for (name, help) in counters {
+        metrics::describe_counter!(name, help);
+    }
+    metrics::describe_gauge!(m::SPOOL_DEPTH, "Events in the spools");
+    let histograms = [
+        (m::ACK_LATENCY, "Time to commit an event to a spool"),
+        (
+            m::NATS_LATENCY,
+            "Time of the NATS publish of a spool (unused by the bridge)",
+        ),
+        (
+            m::FORWARD_LATENCY,
+            "Time from entering a spool to the Kafka acknowledgement",
+        ),
+    ];
+    for (name, help) in histograms {
+        metrics::describe_histogram!(name, Seconds, help);
+    }
 }
 
 #[derive(Debug, Args)]
