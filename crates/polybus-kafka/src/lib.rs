@@ -45,7 +45,7 @@
 //! | term | Kafka cannot delete a record: commits past it like `ack` |
 //! | dropped unsettled delivery | handed back to the subscription and redelivered (best effort); the capabilities say [`Unsettled::RedeliveredFromPosition`](polybus_core::Unsettled::RedeliveredFromPosition): once the subscription is gone, a record acked *after* an unsettled one on the same partition is redelivered too (Kafka commits one offset per partition) |
 //! | order | per partition, so per key; a nacked record comes back after later ones |
-//! | groups | durable consumer groups; a new group starts at `auto.offset.reset` (`earliest` by default here) |
+//! | groups | durable consumer groups; a new group starts at `auto.offset.reset` (`earliest` by default here), or at a point in time with [`KafkaConfig::with_start_time`] (ListOffsets by timestamp, for partitions without a committed offset) |
 //! | records of plain producers | a record without CloudEvents headers gets the id `kafka:<topic>:<partition>:<offset>` and the source `kafka:<topic>`, so every copy of it has the same id (see docs/WIRE-FORMAT.md) |
 //! | rebalance | acked offsets are committed on revoke; settling a revoked partition's delivery is a no-op; the new owner resumes from the committed offset |
 //!
