@@ -1,10 +1,14 @@
 //! `KafkaProducer`: an idempotent producer that publishes events as CloudEvents records.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use polybus_core::cloudevents::{Mode, WireFormat};
 use polybus_core::telemetry::PublishScope;
 use polybus_core::{
@@ -71,6 +75,8 @@ pub struct KafkaProducer {
 struct Inner {
     producer: FutureProducer,
     topics: Arc<TopicEnsurer>,
+    /// The last topic published to (checked and ensured): see `KafkaProducer::last_topic`.
+    last_topic: Mutex<Option<Arc<str>>>,
     closed: AtomicBool,
     mode: Mode,
     wire_format: WireFormat,
@@ -114,6 +120,7 @@ impl KafkaProducer {
             inner: Arc::new(Inner {
                 producer,
                 topics: TopicEnsurer::new(cfg),
+                last_topic: Mutex::new(None),
                 closed: AtomicBool::new(false),
                 mode: cfg.mode(),
                 wire_format: cfg.wire_format(),
@@ -141,24 +148,90 @@ impl KafkaProducer {
 
     /// Publishes `event` to `topic` and waits for the broker's acknowledgement.
     ///
+    /// When the future is first polled (inside the caller's span, so the publish span is its
+    /// child), the event is checked, encoded and handed to librdkafka; the future then waits
+    /// for its delivery report. A small hand-written future (no `async fn` state holding the
+    /// event, the topic check and librdkafka's send future at once), so the thousands a
+    /// producer keeps in flight stay small; the first publish to a topic (its check or
+    /// creation) and a full local queue take a boxed slow path.
+    ///
     /// # Errors
     /// `Closed` after [`close`](Self::close); `InvalidTopic`; `PayloadTooLarge` when key +
     /// value + headers exceed `message.max.bytes` (checked before sending); `Connect` when no
     /// broker answers while the topic is checked; `Timeout` when the record could not be
     /// delivered within `message.timeout.ms`; `Unauthorized` without permission.
-    pub async fn publish(&self, topic: &str, mut event: Event) -> Result<Receipt> {
-        let scope = self.inner.telemetry.publish(topic, &mut event);
-        scope.run(self.publish_traced(topic, event)).await
+    pub fn publish<'a, 't>(
+        &'a self,
+        topic: &'t str,
+        event: Event,
+    ) -> impl Future<Output = Result<Receipt>> + Send + use<'a, 't> {
+        PublishFuture {
+            producer: self,
+            topic,
+            scope: None,
+            step: Step::Start(event),
+        }
     }
 
-    async fn publish_traced(&self, topic: &str, mut event: Event) -> Result<Receipt> {
+    /// What `publish` does on the first poll: the closed and topic checks and the encoding. `known`: the topic's shared name when it is the last topic published to
+    /// (checked and ensured already).
+    fn prepare(
+        &self,
+        topic: &str,
+        event: &mut Event,
+    ) -> Result<(Encoded, Option<i64>, Option<Arc<str>>)> {
         if self.inner.closed.load(AtomicOrdering::Acquire) {
             return Err(closed("the producer"));
         }
-        validate_topic(topic)?;
-        let encoded = self.encode(&mut event)?;
-        self.inner.topics.ensure(topic).await?;
-        self.send_encoded(topic, encoded, &event).await
+        let known = self.last_topic(topic);
+        if known.is_none() {
+            validate_topic(topic)?;
+        }
+        let encoded = self.encode(event)?;
+        Ok((encoded, convert::millis(event.time()), known))
+    }
+
+    /// The last topic published to, if it is `topic`: valid and ensured, and the name its
+    /// receipts share (no allocation per receipt, no name check, no lookup in the ensurer's
+    /// set per publish).
+    fn last_topic(&self, topic: &str) -> Option<Arc<str>> {
+        let last = self.inner.last_topic.lock().ok()?;
+        last.as_ref().filter(|t| ***t == *topic).cloned()
+    }
+
+    /// The slow path of a publish: ensures the topic (the first publish to it), remembers it
+    /// as the last topic, then sends the record, waiting for room while the local queue is
+    /// full.
+    async fn publish_slow(
+        &self,
+        topic: &str,
+        record: Encoded,
+        timestamp: Option<i64>,
+        known: Option<Arc<str>>,
+    ) -> Result<Receipt> {
+        let shared = match known {
+            Some(t) => t,
+            None => {
+                self.inner.topics.ensure(topic).await?;
+                let shared: Arc<str> = Arc::from(topic);
+                if let Ok(mut last) = self.inner.last_topic.lock() {
+                    *last = Some(shared.clone());
+                }
+                shared
+            }
+        };
+        let Encoded {
+            key,
+            value,
+            headers,
+            ..
+        } = record;
+        let record = future_record(topic, key.as_deref(), &value, headers, timestamp);
+        // Timeout::Never: when the local queue is full, wait and retry; never drop.
+        match self.inner.producer.send(record, Timeout::Never).await {
+            Ok(d) => Ok(receipt(shared, d.partition, d.offset)),
+            Err((e, _)) => Err(from_kafka(e, format!("publishing to {topic:?}"))),
+        }
     }
 
     /// Checks and encodes one event (default source, size against `message.max.bytes`).
@@ -268,38 +341,6 @@ impl KafkaProducer {
         Ok(receipts)
     }
 
-    pub(crate) async fn send_encoded(
-        &self,
-        topic: &str,
-        encoded: Encoded,
-        event: &Event,
-    ) -> Result<Receipt> {
-        let Encoded {
-            key,
-            value,
-            headers,
-            ..
-        } = encoded;
-        let record = future_record(
-            topic,
-            key.as_deref(),
-            &value,
-            headers,
-            convert::millis(event.time()),
-        );
-        // Timeout::Never: when the local queue is full, wait and retry; never drop.
-        match self.inner.producer.send(record, Timeout::Never).await {
-            Ok(d) => {
-                let mut r = Receipt::new(topic).with_partition(d.partition);
-                if let Ok(off) = u64::try_from(d.offset) {
-                    r = r.with_sequence(off);
-                }
-                Ok(r)
-            }
-            Err((e, _)) => Err(from_kafka(e, format!("publishing to {topic:?}"))),
-        }
-    }
-
     /// Waits until every queued record has been delivered (or failed).
     ///
     /// # Errors
@@ -331,13 +372,7 @@ async fn report(
     delivery: DeliveryFuture,
 ) -> Result<Receipt> {
     let receipt = match delivery.await {
-        Ok(Ok(d)) => {
-            let r = Receipt::new(topic.clone()).with_partition(d.partition);
-            Ok(match u64::try_from(d.offset) {
-                Ok(off) => r.with_sequence(off),
-                Err(_) => r,
-            })
-        }
+        Ok(Ok(d)) => Ok(receipt(topic.clone(), d.partition, d.offset)),
         Ok(Err((e, _))) => Err(from_kafka(e, format!("publishing to {topic:?}"))),
         Err(_) => Err(closed("the producer (delivery report lost)")),
     };
@@ -345,9 +380,154 @@ async fn report(
     receipt
 }
 
+/// A receipt for the record written at `partition` / `offset` of `topic`.
+fn receipt(topic: Arc<str>, partition: i32, offset: i64) -> Receipt {
+    let r = Receipt::new(topic).with_partition(partition);
+    match u64::try_from(offset) {
+        Ok(off) => r.with_sequence(off),
+        Err(_) => r,
+    }
+}
+
+/// Where a [`PublishFuture`] is.
+enum Step<'a> {
+    /// Not polled yet.
+    Start(Event),
+    /// In librdkafka's queue: waiting for the delivery report.
+    Sent {
+        delivery: DeliveryFuture,
+        topic: Arc<str>,
+    },
+    /// The first publish to a topic, or a full local queue.
+    Slow(BoxFuture<'a, Result<Receipt>>),
+    Done,
+}
+
+/// One `KafkaProducer::publish` (see there). Every field is `Unpin`.
+struct PublishFuture<'a, 't> {
+    producer: &'a KafkaProducer,
+    topic: &'t str,
+    scope: Option<PublishScope<'a>>,
+    step: Step<'t>,
+}
+
+impl<'t> PublishFuture<'_, 't> {
+    /// Hands the record to librdkafka (inside the publish span): then its delivery report is
+    /// awaited, or, with the local queue full, the slow path waits for room.
+    fn enqueue(&mut self, record: Encoded, timestamp: Option<i64>, topic: Arc<str>) -> Result<()> {
+        let Encoded {
+            key,
+            value,
+            headers,
+            size,
+        } = record;
+        let sent = {
+            let span = self.scope.as_ref().map(PublishScope::span);
+            let _entered = span.filter(|s| !s.is_disabled()).map(|s| s.enter());
+            let record = future_record(self.topic, key.as_deref(), &value, headers, timestamp);
+            // Only the headers come back with a refused record (the key and value are
+            // borrowed).
+            self.producer
+                .inner
+                .producer
+                .send_result(record)
+                .map_err(|(e, back)| (e, back.headers))
+        };
+        self.step = match sent {
+            Ok(delivery) => Step::Sent { delivery, topic },
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), headers)) => {
+                let record = Encoded {
+                    key,
+                    value,
+                    headers,
+                    size,
+                };
+                self.slow(record, timestamp, Some(topic))
+            }
+            Err((e, _)) => return Err(from_kafka(e, format!("publishing to {:?}", self.topic))),
+        };
+        Ok(())
+    }
+
+    /// The slow path, boxed with its own handle on the producer (it borrows the topic only).
+    fn slow(&self, record: Encoded, timestamp: Option<i64>, known: Option<Arc<str>>) -> Step<'t> {
+        let (producer, topic) = (self.producer.clone(), self.topic);
+        Step::Slow(Box::pin(async move {
+            producer.publish_slow(topic, record, timestamp, known).await
+        }))
+    }
+
+    fn finish(&mut self, result: Result<Receipt>) -> Poll<Result<Receipt>> {
+        if let Some(scope) = self.scope.take() {
+            scope.finish(&result);
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl Future for PublishFuture<'_, '_> {
+    type Output = Result<Receipt>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Receipt>> {
+        let this = self.get_mut();
+        loop {
+            // The states polled more than once are polled in place (the enum is not moved).
+            match &mut this.step {
+                Step::Sent { delivery, topic } => {
+                    let result = match std::task::ready!(Pin::new(delivery).poll(cx)) {
+                        Ok(Ok(d)) => Ok(receipt(topic.clone(), d.partition, d.offset)),
+                        Ok(Err((e, _))) => {
+                            Err(from_kafka(e, format!("publishing to {:?}", this.topic)))
+                        }
+                        Err(_) => Err(closed("the producer (delivery report lost)")),
+                    };
+                    this.step = Step::Done;
+                    return this.finish(result);
+                }
+                Step::Slow(slow) => {
+                    let polled = {
+                        let span = this.scope.as_ref().map(PublishScope::span);
+                        let _entered = span.filter(|s| !s.is_disabled()).map(|s| s.enter());
+                        slow.as_mut().poll(cx)
+                    };
+                    let result = std::task::ready!(polled);
+                    this.step = Step::Done;
+                    return this.finish(result);
+                }
+                _ => {}
+            }
+            match std::mem::replace(&mut this.step, Step::Done) {
+                Step::Start(mut event) => {
+                    let producer = this.producer;
+                    let scope = producer.inner.telemetry.publish(this.topic, &mut event);
+                    this.scope = Some(scope);
+                    match producer.prepare(this.topic, &mut event) {
+                        Ok((record, timestamp, Some(topic))) => {
+                            drop(event);
+                            if let Err(e) = this.enqueue(record, timestamp, topic) {
+                                return this.finish(Err(e));
+                            }
+                        }
+                        Ok((record, timestamp, None)) => {
+                            this.step = this.slow(record, timestamp, None);
+                        }
+                        Err(e) => return this.finish(Err(e)),
+                    }
+                }
+                Step::Sent { .. } | Step::Slow(_) | Step::Done => {
+                    return Poll::Ready(Err(Error::closed(BACKEND)
+                        .with_message("publish future polled after it completed")));
+                }
+            }
+        }
+    }
+}
+
 impl Publisher for KafkaProducer {
-    async fn publish(&self, topic: &str, event: Event) -> Result<Receipt> {
-        KafkaProducer::publish(self, topic, event).await
+    /// See [`KafkaProducer::publish`]: the same small future, not wrapped in another.
+    #[inline]
+    fn publish(&self, topic: &str, event: Event) -> impl Future<Output = Result<Receipt>> + Send {
+        KafkaProducer::publish(self, topic, event)
     }
     /// See [`KafkaProducer::publish_batch`]: all records enqueued, then the delivery reports
     /// awaited in order.
