@@ -27,14 +27,58 @@ use crate::batch::{self, BatchFn};
 use crate::handler::ErrorsAsFailures;
 use crate::report::{Counted, HealthCounters};
 use crate::{
-    Batch, BatchHandler, Handler, HandlerError, HandlerService, Health, Message, Outbound, Outcome,
-    Report, RetryMode, RetryPolicy, Settlement, Status,
+    Batch, BatchHandler, Handler, HandlerError, Health, Message, Outbound, Outcome, Report,
+    RetryMode, RetryPolicy, Settlement, Status,
 };
 
 /// A route's handler with its layers: what the dispatcher calls.
 pub type RouteService = BoxCloneSyncService<Message, Outcome, Infallible>;
 
 type LayerFn = Arc<dyn Fn(RouteService) -> RouteService + Send + Sync>;
+/// A route's handler called straight: the handler's own future, nothing around it.
+type DirectFn = Arc<dyn Fn(Message) -> BoxFuture<'static, Outcome> + Send + Sync>;
+
+/// A route's handler as the dispatcher calls it: straight when the route has no layers (no
+/// tower service cloned and no second boxed future per event), else the layered service.
+#[derive(Clone)]
+enum RouteSvc {
+    Direct(DirectFn),
+    Layered(RouteService),
+}
+
+impl RouteSvc {
+    /// The handler as a tower service, for layers to wrap.
+    fn into_service(self) -> RouteService {
+        match self {
+            RouteSvc::Direct(f) => BoxCloneSyncService::new(DirectService(f)),
+            RouteSvc::Layered(s) => s,
+        }
+    }
+}
+
+/// A [`DirectFn`] as a tower service.
+#[derive(Clone)]
+struct DirectService(DirectFn);
+
+impl Service<Message> for DirectService {
+    type Response = Outcome;
+    type Error = Infallible;
+    type Future = futures_util::future::Map<
+        BoxFuture<'static, Outcome>,
+        fn(Outcome) -> std::result::Result<Outcome, Infallible>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, msg: Message) -> Self::Future {
+        (self.0)(msg).map(Ok as fn(Outcome) -> std::result::Result<Outcome, Infallible>)
+    }
+}
 type Observer = Arc<dyn Fn(&Report) + Send + Sync>;
 
 fn boxed_layer<L>(layer: L) -> LayerFn
@@ -65,7 +109,7 @@ where
 pub struct Route<S> {
     topic: String,
     kind: Option<String>,
-    make: Box<dyn FnOnce(S) -> RouteService + Send>,
+    make: Box<dyn FnOnce(S) -> RouteSvc + Send>,
 }
 
 impl<S: Clone + Send + Sync + 'static> Route<S> {
@@ -78,8 +122,10 @@ impl<S: Clone + Send + Sync + 'static> Route<S> {
         Route {
             topic: topic.into(),
             kind: None,
-            make: Box::new(move |state| {
-                BoxCloneSyncService::new(HandlerService::new(handler, state))
+            make: Box::new(move |state: S| {
+                RouteSvc::Direct(Arc::new(move |msg| {
+                    handler.clone().call(msg, state.clone())
+                }))
             }),
         }
     }
@@ -104,7 +150,7 @@ impl<S: Clone + Send + Sync + 'static> Route<S> {
         Route {
             topic: self.topic,
             kind: self.kind,
-            make: Box::new(move |state| wrap(make(state))),
+            make: Box::new(move |state| RouteSvc::Layered(wrap(make(state).into_service()))),
         }
     }
 }
@@ -436,14 +482,29 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
             counters: self.counters.clone(),
             cancel: cancel_rx,
             lanes: Mutex::new(HashMap::new()),
+            recording: polybus_core::metrics::recorder_installed(),
         });
 
-        let streams: Vec<BoxStream<'_, (usize, Result<Delivery>)>> = tables
+        let mut streams: Vec<BoxStream<'_, (usize, Result<Delivery>)>> = tables
             .iter()
             .enumerate()
             .map(|(i, t)| consumer.subscribe(&t.topic).map(move |r| (i, r)).boxed())
             .collect();
-        let mut deliveries = stream::select_all(streams);
+        // One topic (the common case) needs no merging.
+        let mut deliveries = match streams.pop() {
+            Some(only) if streams.is_empty() => only,
+            last => {
+                streams.extend(last);
+                stream::select_all(streams).boxed()
+            }
+        };
+        // Concurrency 1 without batch routes: a delivery that finds nothing in flight is
+        // handled right here on the run loop, to its settlement, like a hand-written loop (no
+        // lane, no handler slot, no future boxed per event). Only an in-process retry goes to
+        // a lane, so other keys go on during its wait.
+        let inline = concurrency == 1 && tables.iter().all(|t| t.batch.is_none());
+        // Set when the shutdown came during an inline delivery, which was drained there.
+        let mut drain_deadline = None;
         self.status.send_replace(Status::Running);
         tracing::info!(
             routes = tables.len(),
@@ -508,8 +569,14 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                     last_error = Some(e);
                 }
                 Some((i, Ok(delivery))) => {
+                    // The job is made once, with its route: a delivery is large, and every
+                    // move of it is a copy.
+                    let service = match &tables[i].batch {
+                        Some(_) => None,
+                        None => tables[i].route_for(delivery.event().kind()),
+                    };
                     let job = Job {
-                        service: None,
+                        service,
                         delivery,
                         _permit: permit,
                         _held: Counted::new(&ctx.counters, |c| &c.held),
@@ -531,8 +598,45 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                             ));
                         }
                     } else {
-                        let service = tables[i].route_for(job.delivery.event().kind());
-                        dispatch(&ctx, &mut tasks, Job { service, ..job });
+                        if !(inline && tasks.is_empty()) {
+                            dispatch(&ctx, &mut tasks, job);
+                            continue;
+                        }
+                        // A panic outside the handler (which `call` catches) loses this
+                        // delivery unsettled, as a lane's would, not the app.
+                        // Pinned where it is made; the panic guard wraps the pinned
+                        // reference, so the (large) future is not moved into it.
+                        let mut process = std::pin::pin!(process(&ctx, job, None, true));
+                        let mut work = AssertUnwindSafe(process.as_mut()).catch_unwind();
+                        let handed_back = tokio::select! {
+                            biased;
+                            r = &mut work => r,
+                            () = &mut shutdown => {
+                                // Stop pulling; this delivery gets the drain as if in flight.
+                                let deadline = tokio::time::Instant::now() + self.drain_timeout;
+                                drain_deadline = Some(deadline);
+                                self.status.send_replace(Status::Draining);
+                                let r = match tokio::time::timeout_at(deadline, &mut work).await {
+                                    Ok(r) => r,
+                                    Err(_) => {
+                                        tracing::warn!("drain timeout: handing back the unfinished delivery");
+                                        cancel_tx.send_replace(true);
+                                        tokio::time::timeout(RELEASE_GRACE, &mut work).await.unwrap_or(Ok(None))
+                                    }
+                                };
+                                if let Ok(Some(retry)) = r {
+                                    start_retry(&ctx, &mut tasks, retry);
+                                }
+                                break 'run;
+                            }
+                        };
+                        match handed_back {
+                            Ok(Some(retry)) => start_retry(&ctx, &mut tasks, retry),
+                            Ok(None) => {}
+                            Err(_) => tracing::error!(
+                                "a lane panicked; its deliveries are released unsettled"
+                            ),
+                        }
                     }
                 }
             }
@@ -543,10 +647,9 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         // Drain: no more pulls; in-flight and queued deliveries get until the deadline.
         self.status.send_replace(Status::Draining);
         let drain = async { while tasks.next().await.is_some() {} };
-        if tokio::time::timeout(self.drain_timeout, drain)
-            .await
-            .is_err()
-        {
+        let deadline =
+            drain_deadline.unwrap_or_else(|| tokio::time::Instant::now() + self.drain_timeout);
+        if tokio::time::timeout_at(deadline, drain).await.is_err() {
             tracing::warn!(
                 in_flight = tasks.len(),
                 "drain timeout: handing back unfinished deliveries"
@@ -689,8 +792,8 @@ pub async fn shutdown_signal() {
 /// The routes of one subscribed topic.
 struct TopicRoutes {
     topic: String,
-    by_kind: Vec<(String, RouteService)>,
-    fallback: Option<RouteService>,
+    by_kind: Vec<(String, RouteSvc)>,
+    fallback: Option<RouteSvc>,
     batch: Option<BoundBatch>,
 }
 
@@ -738,7 +841,8 @@ async fn serve_until<T, P: Publisher + 'static>(
         tokio::select! {
             biased;
             () = &mut *shutdown => return None,
-            () = tokio::time::sleep_until(next_flush.unwrap_or_else(far_future)),
+            // Made only when polled: no clock read and no timer per turn without batches.
+            () = async { tokio::time::sleep_until(next_flush.unwrap_or_else(far_future)).await },
                 if next_flush.is_some() =>
             {
                 flush_due(ctx, tables, batches, tasks, false);
@@ -776,7 +880,7 @@ fn flush_due<P: Publisher + 'static>(
 }
 
 impl TopicRoutes {
-    fn route_for(&self, kind: &str) -> Option<RouteService> {
+    fn route_for(&self, kind: &str) -> Option<RouteSvc> {
         self.by_kind
             .iter()
             .find(|(k, _)| k == kind)
@@ -795,7 +899,7 @@ fn build_tables<S: Clone>(
     for route in routes {
         let mut svc = (route.make)(state.clone());
         for layer in layers {
-            svc = layer(svc);
+            svc = RouteSvc::Layered(layer(svc.into_service()));
         }
         let idx = match tables.iter().position(|t| t.topic == route.topic) {
             Some(i) => i,
@@ -852,11 +956,14 @@ pub(crate) struct Ctx<P> {
     counters: Arc<HealthCounters>,
     cancel: watch::Receiver<bool>,
     lanes: Mutex<HashMap<Bytes, VecDeque<Job>>>,
+    /// A `metrics` recorder was installed when the app started: without one, no metric work
+    /// (not even the clock read for the handler duration) per event.
+    recording: bool,
 }
 
 struct Job {
     delivery: Delivery,
-    service: Option<RouteService>,
+    service: Option<RouteSvc>,
     /// Held until the delivery is settled: bounds what the app holds.
     _permit: OwnedSemaphorePermit,
     _held: Counted,
@@ -877,13 +984,40 @@ fn dispatch<P: Publisher + 'static>(ctx: &Arc<Ctx<P>>, tasks: &mut Runner, job: 
         }
         lanes.insert(k.clone(), VecDeque::new());
     }
-    tasks.spawn(run_lane(ctx.clone(), key, job));
+    tasks.spawn(run_lane(ctx.clone(), key, job, None));
 }
 
-/// Handles `job`, then what queued behind it for the same key, in order.
-async fn run_lane<P: Publisher>(ctx: Arc<Ctx<P>>, key: Option<Bytes>, mut job: Job) {
+/// A delivery to be retried in process after `delay`, handed back by an inline [`process`].
+struct Retry {
+    job: Job,
+    /// The attempt that failed.
+    attempt: u32,
+    delay: Duration,
+}
+
+/// Puts a retry handed back by the inline path in a lane of its key (which has none: nothing
+/// else is in flight on the inline path), so later events of the key queue behind it while
+/// other keys go on.
+fn start_retry<P: Publisher + 'static>(ctx: &Arc<Ctx<P>>, tasks: &mut Runner, retry: Retry) {
+    let key = retry.job.delivery.event().key_bytes().cloned();
+    if let Some(k) = &key {
+        lock(&ctx.lanes).insert(k.clone(), VecDeque::new());
+    }
+    let resume = Some((retry.attempt, retry.delay));
+    tasks.spawn(run_lane(ctx.clone(), key, retry.job, resume));
+}
+
+/// Handles `job` (from a retry wait with `resume`), then what queued behind it for the same
+/// key, in order.
+async fn run_lane<P: Publisher>(
+    ctx: Arc<Ctx<P>>,
+    key: Option<Bytes>,
+    mut job: Job,
+    mut resume: Option<(u32, Duration)>,
+) {
     loop {
-        process(&ctx, job).await;
+        // Not inline: `process` settles everything itself and hands nothing back.
+        let _ = process(&ctx, job, resume.take(), false).await;
         let Some(k) = &key else { return };
         let mut lanes = lock(&ctx.lanes);
         match lanes.get_mut(k).and_then(VecDeque::pop_front) {
@@ -908,7 +1042,9 @@ impl<P: Publisher> Ctx<P> {
     }
 
     fn report(&self, d: &Delivery, attempt: u32, settlement: Settlement) {
-        crate::metrics::settled(&settlement);
+        if self.recording {
+            crate::metrics::settled(&settlement);
+        }
         if let Some(observer) = &self.observer {
             notify(observer, &Origin::of(d).report(attempt, settlement));
         }
@@ -916,60 +1052,90 @@ impl<P: Publisher> Ctx<P> {
 }
 
 /// Runs the handler on one delivery and settles it: ack, retry (redelivery or in process),
-/// dead letter, or release at a cancelled drain.
+/// dead letter, or release at a cancelled drain. With `resume` (the attempt that failed and
+/// the delay) it first waits for an in-process retry.
+///
+/// `inline`: the run loop's own path at concurrency 1 with nothing else in flight. No
+/// handler slot is taken (none can be busy), and an in-process retry is handed back as a
+/// [`Retry`] instead of waited for here, so the run loop can give the key a lane and go on
+/// with other keys meanwhile. Otherwise it always returns `None`.
 ///
 /// Everything but the handler call and the ack is boxed where it happens (the rare paths):
 /// this future is part of every lane's, which is moved when a lane starts, so its size is
 /// paid per event.
-async fn process<P: Publisher>(ctx: &Ctx<P>, job: Job) {
-    let Job {
-        mut delivery,
-        service,
-        _permit,
-        _held,
-    } = job;
-    let mut attempt = delivery.delivery_count();
-    let span = delivery.span().clone();
+async fn process<P: Publisher>(
+    ctx: &Ctx<P>,
+    job: Job,
+    resume: Option<(u32, Duration)>,
+    inline: bool,
+) -> Option<Retry> {
+    // The job is kept whole (not taken apart into locals: each move of the delivery is a
+    // copy of a few hundred bytes).
+    let mut job = job;
+    let (mut attempt, mut wait) = match resume {
+        Some((attempt, delay)) => (attempt, Some(delay)),
+        None => (job.delivery.delivery_count(), None),
+    };
+    let span = job.delivery.span().clone();
     loop {
-        if ctx.cancelled() {
-            return Box::pin(release(ctx, delivery, attempt)).await;
+        if let Some(delay) = wait.take() {
+            let waited = Box::pin(async {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => true,
+                    () = ctx.wait_cancelled() => false,
+                }
+            });
+            if !waited.await {
+                Box::pin(release(ctx, job.delivery, attempt)).await;
+                return None;
+            }
+            attempt = attempt.saturating_add(1);
         }
-        let Some(outcome) = call(ctx, &delivery, service.as_ref(), attempt, &span).await else {
-            return Box::pin(release(ctx, delivery, attempt)).await;
+        if ctx.cancelled() {
+            Box::pin(release(ctx, job.delivery, attempt)).await;
+            return None;
+        }
+        let (delivery, service) = (&job.delivery, job.service.as_mut());
+        let Some(outcome) = call(ctx, delivery, service, attempt, &span, inline).await else {
+            Box::pin(release(ctx, job.delivery, attempt)).await;
+            return None;
         };
         if let Outcome::Ack = outcome {
-            return ack(ctx, delivery, attempt).await;
+            // Dropped first: not kept in this future's state across the ack.
+            drop(outcome);
+            ack(ctx, job.delivery, attempt).await;
+            return None;
         }
-        match Box::pin(settle(ctx, delivery, attempt, outcome, &span)).await {
-            None => return,
-            Some((d, delay)) => {
-                delivery = d;
-                let wait = Box::pin(async {
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => true,
-                        () = ctx.wait_cancelled() => false,
-                    }
-                });
-                if !wait.await {
-                    return Box::pin(release(ctx, delivery, attempt)).await;
-                }
-                attempt = attempt.saturating_add(1);
-            }
+        let (delivery, delay) =
+            Box::pin(settle(ctx, job.delivery, attempt, outcome, &span)).await?;
+        job = Job { delivery, ..job };
+        if inline {
+            return Some(Retry {
+                job,
+                attempt,
+                delay,
+            });
         }
+        wait = Some(delay);
     }
 }
 
 /// Calls the route's service on `delivery` when a handler slot is free; a panic is a
 /// failure. `None`: the drain was cancelled first (the delivery is to be released).
+///
+/// `inline`: no handler slot is taken (see [`process`]).
 async fn call<P: Publisher>(
     ctx: &Ctx<P>,
     delivery: &Delivery,
-    service: Option<&RouteService>,
+    service: Option<&mut RouteSvc>,
     attempt: u32,
     span: &tracing::Span,
+    inline: bool,
 ) -> Option<Outcome> {
-    let Ok(_running) = ctx.running.acquire().await else {
-        return None;
+    let _running = if inline {
+        None
+    } else {
+        Some(ctx.running.acquire().await.ok()?)
     };
     if ctx.cancelled() {
         return None;
@@ -977,9 +1143,14 @@ async fn call<P: Publisher>(
     let _counted = Counted::new(&ctx.counters, |c| &c.running);
     let call = async {
         match service {
-            Some(svc) => {
-                let msg = Message::from_delivery(delivery, attempt);
-                match svc.clone().oneshot(msg).await {
+            Some(RouteSvc::Direct(f)) => f(Message::from_delivery(delivery, attempt)).await,
+            Some(RouteSvc::Layered(svc)) => {
+                // The message is made once the service is ready: not kept across that wait.
+                let result = match svc.ready().await {
+                    Ok(svc) => svc.call(Message::from_delivery(delivery, attempt)).await,
+                    Err(never) => match never {},
+                };
+                match result {
                     Ok(outcome) => outcome,
                     Err(never) => match never {},
                 }
@@ -1002,10 +1173,16 @@ async fn call<P: Publisher>(
     } else {
         futures_util::future::Either::Right(call.instrument(span.clone()))
     };
-    let started = std::time::Instant::now();
+    // No clock read without a metrics recorder.
+    let started = ctx.recording.then(std::time::Instant::now);
     tokio::select! {
+        // The call first: a handler that is done at its first poll never sets up the wait
+        // for a cancellation.
+        biased;
         r = call => {
-            crate::metrics::handler_call(started, r.is_err());
+            if let Some(started) = started {
+                crate::metrics::handler_call(started, r.is_err());
+            }
             Some(r.unwrap_or_else(|panic| Outcome::Fail(HandlerError::panic(panic_message(&*panic)))))
         }
         () = ctx.wait_cancelled() => None,
@@ -1142,10 +1319,12 @@ async fn run_batch<P: Publisher>(
                 .collect();
             let len = batch.len();
             let call = AssertUnwindSafe(handler(batch)).catch_unwind();
-            let started = std::time::Instant::now();
+            let started = ctx.recording.then(std::time::Instant::now);
             tokio::select! {
                 r = call => {
-                    crate::metrics::handler_call(started, r.is_err());
+                    if let Some(started) = started {
+                        crate::metrics::handler_call(started, r.is_err());
+                    }
                     r.unwrap_or_else(|panic| {
                         let message = panic_message(&*panic);
                         (0..len).map(|_| Outcome::Fail(HandlerError::panic(message.clone()))).collect()
@@ -1266,28 +1445,30 @@ fn ack<'a, P: Publisher>(
 ) -> impl Future<Output = ()> + Send + 'a {
     // The delivery is consumed by the ack: take what the report needs first.
     let origin = ctx.observer.as_ref().map(|_| Origin::of(&delivery));
-    let acked = delivery.ack();
-    async move {
-        match acked.await {
-            Ok(()) => {
+    // A combinator, not an `async` block awaiting `acked`: that would keep the ack future
+    // twice in its state (the captured one and the awaited one), ~1.8 KB instead of ~0.9 KB
+    // in every lane's future.
+    delivery.ack().map(move |acked| match acked {
+        Ok(()) => {
+            if ctx.recording {
                 crate::metrics::settled(&Settlement::Acked);
-                if let (Some(observer), Some(o)) = (&ctx.observer, origin) {
-                    notify(observer, &o.report(attempt, Settlement::Acked));
-                }
             }
-            Err(e) => {
-                let (error, delivery) = e.into_parts();
-                tracing::warn!(error = %error, "ack failed; the backend may redeliver");
-                ctx.report(
-                    &delivery,
-                    attempt,
-                    Settlement::SettleFailed {
-                        error: error.to_string(),
-                    },
-                );
+            if let (Some(observer), Some(o)) = (&ctx.observer, origin) {
+                notify(observer, &o.report(attempt, Settlement::Acked));
             }
         }
-    }
+        Err(e) => {
+            let (error, delivery) = e.into_parts();
+            tracing::warn!(error = %error, "ack failed; the backend may redeliver");
+            ctx.report(
+                &delivery,
+                attempt,
+                Settlement::SettleFailed {
+                    error: error.to_string(),
+                },
+            );
+        }
+    })
 }
 
 /// Calls the observer; a panic in it is logged, it must not break a lane.

@@ -335,6 +335,52 @@ async fn in_process_retry_keeps_per_key_order() {
     t.stop().await.unwrap();
 }
 
+/// At concurrency 1 the app handles a delivery on its own task while nothing else is in
+/// flight; an in-process retry then waits in a lane of its key: later events of that key
+/// queue behind it, other keys go on meanwhile.
+#[tokio::test(start_paused = true)]
+async fn in_process_retry_at_concurrency_1_lets_other_keys_go_on() {
+    let order = Arc::new(Mutex::new(Vec::<String>::new()));
+    async fn handle(
+        State(order): State<Arc<Mutex<Vec<String>>>>,
+        Attempt(n): Attempt,
+        ev: Event,
+    ) -> Result<(), HandlerError> {
+        let name = String::from_utf8_lossy(ev.data()).into_owned();
+        if name == "first" && n < 3 {
+            return Err(HandlerError::transient("not yet"));
+        }
+        order.lock().unwrap().push(name);
+        Ok(())
+    }
+    let app = App::with_state(order.clone())
+        .route("t", handle)
+        .retry(fast_retry(5))
+        .retry_mode(RetryMode::InProcess);
+    let mut t = TestApp::start(app).await.unwrap();
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for (key, data) in [("k1", "first"), ("k2", "other"), ("k1", "second")] {
+        let ev = keyed(key, data);
+        ids.push(ev.id().to_owned());
+        t.publish("t", ev).await.unwrap();
+    }
+    let other = t.settled(&ids[1]).await.unwrap();
+    assert_eq!(other.settlement(), &Settlement::Acked);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the other key did not wait for the retry"
+    );
+    let second = t.settled(&ids[2]).await.unwrap();
+    assert_eq!(second.settlement(), &Settlement::Acked);
+    assert_eq!(t.settled(&ids[0]).await.unwrap().attempt(), 3);
+    assert_eq!(
+        order.lock().unwrap().as_slice(),
+        ["other", "first", "second"]
+    );
+    t.stop().await.unwrap();
+}
+
 #[tokio::test(start_paused = true)]
 async fn per_key_order_under_concurrency_with_random_latency() {
     #[derive(Clone, Default)]
