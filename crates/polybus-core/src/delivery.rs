@@ -350,6 +350,18 @@ impl Delivery {
     pub fn event(&self) -> &Event {
         &self.event
     }
+    /// The event, to change or take in place (a consumer wrapper that rewrites it; the
+    /// runtime lends it to a handler by value for the call, without a copy).
+    ///
+    /// ```
+    /// use polybus_core::{Delivery, Event, NoopAcker};
+    /// let mut d = Delivery::new(Event::new("a"), "t", NoopAcker("doc"));
+    /// let taken = std::mem::replace(d.event_mut(), Event::new("b"));
+    /// assert_eq!((taken.data().as_ref(), d.payload()), (&b"a"[..], &b"b"[..]));
+    /// ```
+    pub fn event_mut(&mut self) -> &mut Event {
+        &mut self.event
+    }
     /// The payload bytes.
     pub fn payload(&self) -> &[u8] {
         self.event.data()
@@ -361,6 +373,17 @@ impl Delivery {
     /// The topic or subject the message arrived on.
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+    /// The topic as the shared string the delivery holds: a clone is a reference count, not
+    /// a copy of the name.
+    ///
+    /// ```
+    /// use polybus_core::{Delivery, Event, NoopAcker};
+    /// let d = Delivery::new(Event::new("a"), "orders", NoopAcker("doc"));
+    /// assert_eq!(&*d.shared_topic(), "orders");
+    /// ```
+    pub fn shared_topic(&self) -> Arc<str> {
+        self.topic.clone()
     }
     /// The partition, where the broker has partitions.
     pub fn partition(&self) -> Option<i32> {

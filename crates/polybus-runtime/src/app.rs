@@ -519,18 +519,24 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
         let mut last_error = None;
         let mut batches: HashMap<usize, Buffered> = HashMap::new();
         'run: loop {
-            // A slot for one more delivery: what the app holds is bounded.
-            let permit = match pending.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    let slot = pending.clone().acquire_owned();
-                    let waited =
-                        serve_until(slot, &mut shutdown, &ctx, &tables, &mut batches, &mut tasks);
-                    match waited.await {
-                        Some(Ok(p)) => p,
-                        // Shut down, or the semaphore closed.
-                        _ => break 'run,
-                    }
+            // A slot for one more delivery: what the app holds is bounded. The inline path
+            // needs none: with nothing in flight the app holds only the delivery it handles
+            // (a retry it hands to a lane takes a slot then).
+            // (Nothing is spawned between here and the dispatch below, so `handle_here` holds
+            // there too.)
+            let handle_here = inline && tasks.is_empty();
+            let permit = if handle_here {
+                None
+            } else if let Ok(p) = pending.clone().try_acquire_owned() {
+                Some(p)
+            } else {
+                let slot = pending.clone().acquire_owned();
+                let waited =
+                    serve_until(slot, &mut shutdown, &ctx, &tables, &mut batches, &mut tasks);
+                match waited.await {
+                    Some(Ok(p)) => Some(p),
+                    // Shut down, or the semaphore closed.
+                    _ => break 'run,
                 }
             };
             let waited = serve_until(
@@ -598,7 +604,7 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                             ));
                         }
                     } else {
-                        if !(inline && tasks.is_empty()) {
+                        if !handle_here {
                             dispatch(&ctx, &mut tasks, job);
                             continue;
                         }
@@ -625,13 +631,13 @@ impl<S: Clone + Send + Sync + 'static> App<S> {
                                     }
                                 };
                                 if let Ok(Some(retry)) = r {
-                                    start_retry(&ctx, &mut tasks, retry);
+                                    start_retry(&ctx, &pending, &mut tasks, retry);
                                 }
                                 break 'run;
                             }
                         };
                         match handed_back {
-                            Ok(Some(retry)) => start_retry(&ctx, &mut tasks, retry),
+                            Ok(Some(retry)) => start_retry(&ctx, &pending, &mut tasks, retry),
                             Ok(None) => {}
                             Err(_) => tracing::error!(
                                 "a lane panicked; its deliveries are released unsettled"
@@ -965,7 +971,8 @@ struct Job {
     delivery: Delivery,
     service: Option<RouteSvc>,
     /// Held until the delivery is settled: bounds what the app holds.
-    _permit: OwnedSemaphorePermit,
+    /// `None` on the inline path (see `App::run_until`).
+    _permit: Option<OwnedSemaphorePermit>,
     _held: Counted,
 }
 
@@ -998,7 +1005,16 @@ struct Retry {
 /// Puts a retry handed back by the inline path in a lane of its key (which has none: nothing
 /// else is in flight on the inline path), so later events of the key queue behind it while
 /// other keys go on.
-fn start_retry<P: Publisher + 'static>(ctx: &Arc<Ctx<P>>, tasks: &mut Runner, retry: Retry) {
+fn start_retry<P: Publisher + 'static>(
+    ctx: &Arc<Ctx<P>>,
+    pending: &Arc<Semaphore>,
+    tasks: &mut Runner,
+    mut retry: Retry,
+) {
+    // A held delivery now: it takes a slot (free: nothing else was in flight).
+    if retry.job._permit.is_none() {
+        retry.job._permit = pending.clone().try_acquire_owned().ok();
+    }
     let key = retry.job.delivery.event().key_bytes().cloned();
     if let Some(k) = &key {
         lock(&ctx.lanes).insert(k.clone(), VecDeque::new());
@@ -1065,13 +1081,12 @@ impl<P: Publisher> Ctx<P> {
 /// paid per event.
 async fn process<P: Publisher>(
     ctx: &Ctx<P>,
-    job: Job,
+    // Kept whole, where it was passed (not moved into locals: each move of the delivery is a
+    // copy of a few hundred bytes).
+    mut job: Job,
     resume: Option<(u32, Duration)>,
     inline: bool,
 ) -> Option<Retry> {
-    // The job is kept whole (not taken apart into locals: each move of the delivery is a
-    // copy of a few hundred bytes).
-    let mut job = job;
     let (mut attempt, mut wait) = match resume {
         Some((attempt, delay)) => (attempt, Some(delay)),
         None => (job.delivery.delivery_count(), None),
@@ -1095,7 +1110,7 @@ async fn process<P: Publisher>(
             Box::pin(release(ctx, job.delivery, attempt)).await;
             return None;
         }
-        let (delivery, service) = (&job.delivery, job.service.as_mut());
+        let (delivery, service) = (&mut job.delivery, job.service.as_mut());
         let Some(outcome) = call(ctx, delivery, service, attempt, &span, inline).await else {
             Box::pin(release(ctx, job.delivery, attempt)).await;
             return None;
@@ -1103,7 +1118,10 @@ async fn process<P: Publisher>(
         if let Outcome::Ack = outcome {
             // Dropped first: not kept in this future's state across the ack.
             drop(outcome);
-            ack(ctx, job.delivery, attempt).await;
+            // The delivery's own ack future, awaited here (not wrapped: one copy of it less).
+            let origin = ctx.observer.as_ref().map(|_| Origin::of(&job.delivery));
+            let result = job.delivery.ack().await;
+            acked(ctx, result, origin, attempt);
             return None;
         }
         let (delivery, delay) =
@@ -1126,7 +1144,7 @@ async fn process<P: Publisher>(
 /// `inline`: no handler slot is taken (see [`process`]).
 async fn call<P: Publisher>(
     ctx: &Ctx<P>,
-    delivery: &Delivery,
+    delivery: &mut Delivery,
     service: Option<&mut RouteSvc>,
     attempt: u32,
     span: &tracing::Span,
@@ -1140,14 +1158,30 @@ async fn call<P: Publisher>(
     if ctx.cancelled() {
         return None;
     }
+    let Some(service) = service else {
+        return Some(Outcome::Terminate(
+            HandlerError::permanent(format!(
+                "no route for type {} on {}",
+                delivery.event().kind(),
+                delivery.topic()
+            ))
+            .with_kind("unrouted"),
+        ));
+    };
     let _counted = Counted::new(&ctx.counters, |c| &c.running);
-    let call = async {
+    // The delivery's event is lent to the handler (moved into the `Arc` its message shares,
+    // an empty event in its place), not copied; it is put back below.
+    let event = Arc::new(std::mem::replace(
+        delivery.event_mut(),
+        Event::new(Bytes::new()),
+    ));
+    let msg = Message::lent(event.clone(), delivery, attempt);
+    let call = async move {
         match service {
-            Some(RouteSvc::Direct(f)) => f(Message::from_delivery(delivery, attempt)).await,
-            Some(RouteSvc::Layered(svc)) => {
-                // The message is made once the service is ready: not kept across that wait.
+            RouteSvc::Direct(f) => f(msg).await,
+            RouteSvc::Layered(svc) => {
                 let result = match svc.ready().await {
-                    Ok(svc) => svc.call(Message::from_delivery(delivery, attempt)).await,
+                    Ok(svc) => svc.call(msg).await,
                     Err(never) => match never {},
                 };
                 match result {
@@ -1155,14 +1189,6 @@ async fn call<P: Publisher>(
                     Err(never) => match never {},
                 }
             }
-            None => Outcome::Terminate(
-                HandlerError::permanent(format!(
-                    "no route for type {} on {}",
-                    delivery.event().kind(),
-                    delivery.topic()
-                ))
-                .with_kind("unrouted"),
-            ),
         }
     };
     let call = AssertUnwindSafe(call).catch_unwind();
@@ -1175,7 +1201,7 @@ async fn call<P: Publisher>(
     };
     // No clock read without a metrics recorder.
     let started = ctx.recording.then(std::time::Instant::now);
-    tokio::select! {
+    let outcome = tokio::select! {
         // The call first: a handler that is done at its first poll never sets up the wait
         // for a cancellation.
         biased;
@@ -1186,7 +1212,13 @@ async fn call<P: Publisher>(
             Some(r.unwrap_or_else(|panic| Outcome::Fail(HandlerError::panic(panic_message(&*panic)))))
         }
         () = ctx.wait_cancelled() => None,
+    };
+    // The event back into the delivery, unless it is only acked and nobody reads it then (an
+    // observer's report does). A handler that kept a clone of its message gets a copy.
+    if !matches!(outcome, Some(Outcome::Ack)) || ctx.observer.is_some() {
+        *delivery.event_mut() = Arc::unwrap_or_clone(event);
     }
+    outcome
 }
 
 /// Settles `delivery` by `outcome`: ack (after publishing), dead letter, or a retry by
@@ -1437,7 +1469,8 @@ fn reply_to(delivery: &Delivery, mut reply: Event) -> Result<Outbound, HandlerEr
 }
 
 /// Acks `delivery` and reports it. Not an `async fn`: that would keep the delivery in its
-/// state next to the ack's own copy (this future is inside every lane's).
+/// Acks `delivery` and reports it. Not an `async fn`: that would keep the delivery in its
+/// state next to the ack's own copy.
 fn ack<'a, P: Publisher>(
     ctx: &'a Ctx<P>,
     delivery: Delivery,
@@ -1445,10 +1478,21 @@ fn ack<'a, P: Publisher>(
 ) -> impl Future<Output = ()> + Send + 'a {
     // The delivery is consumed by the ack: take what the report needs first.
     let origin = ctx.observer.as_ref().map(|_| Origin::of(&delivery));
-    // A combinator, not an `async` block awaiting `acked`: that would keep the ack future
-    // twice in its state (the captured one and the awaited one), ~1.8 KB instead of ~0.9 KB
-    // in every lane's future.
-    delivery.ack().map(move |acked| match acked {
+    // A combinator, not an `async` block awaiting the ack: that would keep the ack future
+    // twice in its state (the captured one and the awaited one).
+    delivery
+        .ack()
+        .map(move |result| acked(ctx, result, origin, attempt))
+}
+
+/// Reports an ack's result (`origin`: what the observer's report needs, taken before).
+fn acked<P: Publisher>(
+    ctx: &Ctx<P>,
+    result: std::result::Result<(), polybus_core::AckError>,
+    origin: Option<Origin>,
+    attempt: u32,
+) {
+    match result {
         Ok(()) => {
             if ctx.recording {
                 crate::metrics::settled(&Settlement::Acked);
@@ -1468,7 +1512,7 @@ fn ack<'a, P: Publisher>(
                 },
             );
         }
-    })
+    }
 }
 
 /// Calls the observer; a panic in it is logged, it must not break a lane.

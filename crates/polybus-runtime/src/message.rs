@@ -5,8 +5,8 @@ use std::sync::Arc;
 use polybus_core::{Delivery, Event};
 
 /// One event handed to a handler (and to the layers around it): the event, the topic it
-/// arrived on, its position and which attempt this is. Cheap to clone apart from the event's
-/// headers (the payload is `Bytes`).
+/// arrived on, its position and which attempt this is. Cheap to clone: the event and the
+/// topic are shared (the runtime lends the delivery's event for the call, without a copy).
 ///
 /// ```
 /// use polybus_core::Event;
@@ -16,7 +16,7 @@ use polybus_core::{Delivery, Event};
 /// ```
 #[derive(Debug, Clone)]
 pub struct Message {
-    event: Event,
+    event: Arc<Event>,
     topic: Arc<str>,
     partition: Option<i32>,
     sequence: Option<u64>,
@@ -27,7 +27,7 @@ impl Message {
     /// A first attempt of `event` on `topic` (for tests of layers and handlers).
     pub fn new(topic: impl Into<Arc<str>>, event: Event) -> Self {
         Message {
-            event,
+            event: Arc::new(event),
             topic: topic.into(),
             partition: None,
             sequence: None,
@@ -36,9 +36,14 @@ impl Message {
     }
 
     pub(crate) fn from_delivery(d: &Delivery, attempt: u32) -> Self {
+        Message::lent(Arc::new(d.event().clone()), d, attempt)
+    }
+
+    /// A message of `d` carrying `event` (the delivery's own, lent for the call).
+    pub(crate) fn lent(event: Arc<Event>, d: &Delivery, attempt: u32) -> Self {
         Message {
-            event: d.event().clone(),
-            topic: Arc::from(d.topic()),
+            event,
+            topic: d.shared_topic(),
             partition: d.partition(),
             sequence: d.sequence(),
             attempt,
@@ -72,8 +77,8 @@ impl Message {
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
-    /// The event, by value.
+    /// The event, by value (a copy if a clone of this message still shares it).
     pub fn into_event(self) -> Event {
-        self.event
+        Arc::unwrap_or_clone(self.event)
     }
 }
