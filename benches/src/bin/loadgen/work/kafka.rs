@@ -83,10 +83,17 @@ async fn send_bare(producer: &FutureProducer, topic: &str, data: &Bytes) -> Resu
 }
 
 /// Connects RustStream's Kafka broker outside an app (its documented one-off use).
+///
+/// Its producer is made idempotent, as polybus' default producer and the `raw` and `bare`
+/// sides (`KafkaConfig::producer_client_config`) are: RustStream leaves librdkafka's default
+/// (`enable.idempotence=false`), which allows up to a million requests in flight per
+/// connection, so unchanged it would measure a producer without polybus' ordering and
+/// no-duplicate guarantee (and with more in flight per partition than polybus' 5).
 async fn rs_connect(env: &Env) -> Result<ruststream_rdkafka::ConnectedKafkaBroker> {
     use ruststream::Broker as _;
     Ok(
         ruststream_rdkafka::KafkaBroker::new([env.kafka_brokers.as_str()])
+            .producer_config("enable.idempotence", "true")
             .connect()
             .await?,
     )
