@@ -208,13 +208,44 @@ impl Origin<'_> {
     /// the same for every copy of the record (a redelivery, another group, a replay), so
     /// consumer-side dedup works for it too. Topic names are `[a-zA-Z0-9._-]`, so the id has
     /// no control characters and no `:` besides the separators.
+    ///
+    /// Written by hand, not with `format!` (this runs for every such record received).
     pub(crate) fn id(&self) -> String {
-        format!("kafka:{}:{}:{}", self.topic, self.partition, self.offset)
+        let mut id = String::with_capacity(6 + self.topic.len() + 2 + 11 + 20);
+        id.push_str("kafka:");
+        id.push_str(self.topic);
+        id.push(':');
+        push_decimal(&mut id, i64::from(self.partition));
+        id.push(':');
+        push_decimal(&mut id, self.offset);
+        id
     }
 
     /// The source of such a record: `kafka:<topic>`.
     pub(crate) fn source(&self) -> String {
-        format!("kafka:{}", self.topic)
+        ["kafka:", self.topic].concat()
+    }
+}
+
+/// Appends `n` in decimal, as `Display` writes it.
+fn push_decimal(out: &mut String, n: i64) {
+    if n < 0 {
+        out.push('-');
+    }
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        // `v % 10` is below 10: the cast keeps it.
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
     }
 }
 
@@ -322,6 +353,31 @@ pub(crate) fn millis(t: SystemTime) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn position_ids_are_written_as_display_writes_them() {
+        for (partition, offset) in [
+            (0, 0),
+            (2, 9),
+            (10, 1_234_567),
+            (i32::MAX, i64::MAX),
+            (-1, -1),
+            (i32::MIN, i64::MIN),
+        ] {
+            let o = Origin {
+                topic: "orders.eu",
+                partition,
+                offset,
+            };
+            assert_eq!(o.id(), format!("kafka:orders.eu:{partition}:{offset}"));
+        }
+        let o = Origin {
+            topic: "t",
+            partition: 0,
+            offset: 0,
+        };
+        assert_eq!(o.source(), "kafka:t");
+    }
 
     fn names(h: &Option<OwnedHeaders>) -> Vec<(String, String)> {
         h.iter()
