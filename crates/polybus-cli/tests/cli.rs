@@ -574,7 +574,8 @@ fn tail_from_a_time_on_kafka() {
         ],
         None,
     );
-    let read = |from: &str, count: &str| {
+    // `tail --from <from> --json --count <count> --timeout <timeout>`: its exit code and events.
+    let read = |from: &str, count: &str, timeout: &str| {
         let out = run(
             polybus().args([
                 "tail",
@@ -586,12 +587,12 @@ fn tail_from_a_time_on_kafka() {
                 "--count",
                 count,
                 "--timeout",
-                "30",
+                timeout,
             ]),
             None,
         );
-        assert!(out.status.success(), "--from {from}: {out:?}");
-        json_lines(&String::from_utf8(out.stdout).unwrap())
+        let events = json_lines(&String::from_utf8(out.stdout).unwrap());
+        (out.status.code(), events)
     };
     let types = |events: Vec<serde_json::Value>| {
         let mut t: Vec<String> = events
@@ -603,30 +604,14 @@ fn tail_from_a_time_on_kafka() {
     };
     // Asking for one more than there are: the three later events, then --timeout (exit 5),
     // so an earlier event delivered last would be seen too.
-    let out = run(
-        polybus().args([
-            "tail",
-            &kafka,
-            &topic,
-            "--from",
-            &since,
-            "--json",
-            "--count",
-            "4",
-            "--timeout",
-            "4",
-        ]),
-        None,
-    );
-    assert_eq!(out.status.code(), Some(5), "--from {since}: {out:?}");
-    assert_eq!(
-        types(json_lines(&String::from_utf8(out.stdout).unwrap())),
-        ["com.example.after"; 3],
-        "--from {since}"
-    );
+    let (code, events) = read(&since, "4", "4");
+    assert_eq!(code, Some(5), "--from {since}");
+    assert_eq!(types(events), ["com.example.after"; 3], "--from {since}");
     let mut all = vec!["com.example.after"; 3];
     all.extend(["com.example.before"; 2]);
-    assert_eq!(types(read("1d", "5")), all);
+    let (code, events) = read("1d", "5", "30");
+    assert_eq!(code, Some(0), "--from 1d");
+    assert_eq!(types(events), all);
 }
 
 /// Runs `command` in a pseudo-terminal (util-linux `script`), so the binary sees a terminal

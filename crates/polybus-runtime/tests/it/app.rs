@@ -294,23 +294,26 @@ async fn a_panicking_handler_is_a_failure_and_the_app_survives() {
     t.stop().await.unwrap();
 }
 
+/// Records each event's data in `order`, failing (transiently) the first two attempts of the
+/// event whose data is `first`.
+async fn fail_first_twice(
+    State(order): State<Arc<Mutex<Vec<String>>>>,
+    Attempt(n): Attempt,
+    ev: Event,
+) -> Result<(), HandlerError> {
+    let name = String::from_utf8_lossy(ev.data()).into_owned();
+    if name == "first" && n < 3 {
+        return Err(HandlerError::transient("not yet"));
+    }
+    order.lock().unwrap().push(name);
+    Ok(())
+}
+
 #[tokio::test(start_paused = true)]
 async fn in_process_retry_keeps_per_key_order() {
     let order = Arc::new(Mutex::new(Vec::<String>::new()));
-    async fn handle(
-        State(order): State<Arc<Mutex<Vec<String>>>>,
-        Attempt(n): Attempt,
-        ev: Event,
-    ) -> Result<(), HandlerError> {
-        let name = String::from_utf8_lossy(ev.data()).into_owned();
-        if name == "first" && n < 3 {
-            return Err(HandlerError::transient("not yet"));
-        }
-        order.lock().unwrap().push(name);
-        Ok(())
-    }
     let app = App::with_state(order.clone())
-        .route("t", handle)
+        .route("t", fail_first_twice)
         .retry(fast_retry(5))
         .retry_mode(RetryMode::InProcess)
         .concurrency(4);
@@ -341,20 +344,8 @@ async fn in_process_retry_keeps_per_key_order() {
 #[tokio::test(start_paused = true)]
 async fn in_process_retry_at_concurrency_1_lets_other_keys_go_on() {
     let order = Arc::new(Mutex::new(Vec::<String>::new()));
-    async fn handle(
-        State(order): State<Arc<Mutex<Vec<String>>>>,
-        Attempt(n): Attempt,
-        ev: Event,
-    ) -> Result<(), HandlerError> {
-        let name = String::from_utf8_lossy(ev.data()).into_owned();
-        if name == "first" && n < 3 {
-            return Err(HandlerError::transient("not yet"));
-        }
-        order.lock().unwrap().push(name);
-        Ok(())
-    }
     let app = App::with_state(order.clone())
-        .route("t", handle)
+        .route("t", fail_first_twice)
         .retry(fast_retry(5))
         .retry_mode(RetryMode::InProcess);
     let mut t = TestApp::start(app).await.unwrap();
